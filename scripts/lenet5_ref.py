@@ -1,0 +1,506 @@
+"""LeNet-5 in PyTorch: the Python twin of the Rust crate, name for name.
+
+The one place the Python side defines the model (src/model.rs), the data pipeline
+(src/data.rs), the training step (src/train.rs) and readers for every file the Rust binary
+reads or writes (src/weights.rs, src/card.rs). scripts/crosscheck, scripts/train_reference,
+scripts/parity, scripts/compare.ipynb and tests/python all import it; none defines its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Constants. Each has a twin in Rust; change both or neither.
+
+IMAGE_SIZE = 28  # side of an MNIST image in the IDX files (data.rs IMAGE_SIZE)
+INPUT_SIZE = 32  # LeNet-5's input side, as in the 1998 paper (model.rs INPUT_SIZE)
+PAD = (INPUT_SIZE - IMAGE_SIZE) // 2  # zero padding on every side (data.rs PAD)
+NUM_CLASSES = 10  # model.rs NUM_CLASSES
+NUM_PARAMETERS = 61_706  # 156 + 2,416 + 48,120 + 10,164 + 850
+
+# Mean and std of the training pixels scaled to [0, 1] (data.rs DatasetKind::normalization).
+NORMALIZATION = {
+    "mnist": (0.1307, 0.3081),
+    "fashion-mnist": (0.2860, 0.3530),
+}
+CLASSES = {  # data.rs DatasetKind::class_names
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+}
+DEFAULT_DATA_DIR = {"mnist": "data/mnist", "fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+
+IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+MAX_IDX_BYTES = 512 << 20  # MNIST's largest file is 47 MB; bounds a gzip bomb or a bad header
+
+CARD_FORMAT, CARD_VERSION = "lenet5-model", 1  # card.rs CARD_VERSION
+# metrics.csv / metrics.jsonl columns, in order (train.rs EpochMetrics).
+METRICS_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
+
+# -----------------------------------------------------------------------------
+# Data: IDX files (plain or gzip'd), checked strictly; errors start with the file's name.
+
+
+class DataError(ValueError):
+    """A data file that is missing, truncated or not what its name says."""
+
+
+def read_maybe_gzip(path: Path) -> bytes:
+    """The file's bytes, gunzipped when they start with the gzip magic 1f 8b (not by extension)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from e
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            out = f.read(MAX_IDX_BYTES + 1)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: corrupt gzip data ({e})") from e
+    return out
+
+
+def parse_idx(data: bytes, expected_magic: int, name: str) -> np.ndarray:
+    """IDX bytes -> a uint8 array shaped as the header says. Mirrors data.rs parse_idx."""
+    if not data:
+        raise DataError(f"{name}: the file is empty")
+    if len(data) < 4:
+        raise DataError(f"{name}: truncated: {len(data)} bytes, too short for an IDX header")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != expected_magic:
+        kind = "image" if expected_magic == IMAGES_MAGIC else "label"
+        raise DataError(f"{name}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                        f"(is this an IDX {kind} file?)")
+    ndims = magic & 0xFF
+    header = 4 + 4 * ndims
+    if len(data) < header:
+        raise DataError(f"{name}: truncated inside its header ({len(data)} bytes)")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndims)]
+    expected = int(np.prod(dims, dtype=object))
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"{name}: header declares dimensions {dims}, more data than any IDX file holds")
+    body = len(data) - header
+    if body < expected:
+        raise DataError(f"{name}: truncated: header {dims} needs {expected} bytes of data, the file has {body}")
+    if body > expected:
+        raise DataError(f"{name}: {body - expected} bytes of trailing garbage after the {expected} bytes "
+                        f"its header {dims} declares")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()  # writable
+
+
+def _find(folder: Path, stem: str) -> Path:
+    """`stem` or `stem.gz` in `folder`, the plain one first (data.rs find_file)."""
+    for p in (folder / stem, folder / f"{stem}.gz"):
+        if p.is_file():
+            return p
+    raise DataError(f"{folder}: missing {stem} (or {stem}.gz)")
+
+
+def load_split_raw(folder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw images (N, 28, 28) uint8 and labels (N,) uint8 of `split` ("train" or "t10k")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist")
+    ip, lp = _find(folder, f"{split}-images-idx3-ubyte"), _find(folder, f"{split}-labels-idx1-ubyte")
+    images = parse_idx(read_maybe_gzip(ip), IMAGES_MAGIC, str(ip))
+    labels = parse_idx(read_maybe_gzip(lp), LABELS_MAGIC, str(lp))
+    n, rows, cols = images.shape
+    if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{ip}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    if n == 0:
+        raise DataError(f"{ip}: holds no images")
+    if labels.shape[0] != n:
+        raise DataError(f"{lp}: {labels.shape[0]} labels for the {n} images in {ip}")
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise DataError(f"{lp}: label {labels[bad[0]]} at index {bad[0]} is out of range 0..=9")
+    return images, labels
+
+
+def preprocess(images: np.ndarray | torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 32, 32): scale to [0, 1], zero-pad by 2, normalise.
+    Same operations in the same order as data.rs to_tensors, so the floats are identical."""
+    x = torch.as_tensor(np.asarray(images)).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)  # (N, 1, 28, 28) u8
+    x = x.float() / 255.0
+    x = F.pad(x, (PAD, PAD, PAD, PAD))  # (N, 1, 32, 32), black border before normalising
+    return (x - mean) / std
+
+
+def load_split(folder, split: str, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images (N, 1, 32, 32) float32 and labels (N,) int64 of one split."""
+    images, labels = load_split_raw(folder, split)
+    mean, std = NORMALIZATION[dataset]
+    return preprocess(images, mean, std), torch.from_numpy(labels.astype(np.int64))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with PyTorch's default initialisation; the parameter names are the contract
+    with model.rs (conv1, conv2, fc1, fc2, fc3)."""
+
+    def __init__(self, arch: str = "modern", head: str = "softmax"):
+        super().__init__()
+        if arch not in ("modern", "classic"):
+            raise ValueError(f"arch must be 'modern' or 'classic', not {arch!r}")
+        if head not in ("softmax", "sigmoid"):
+            raise ValueError(f"head must be 'softmax' or 'sigmoid', not {head!r}")
+        self.arch, self.head = arch, head  # modern: ReLU + max-pool; classic (1998): tanh + avg-pool
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, NUM_CLASSES)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x) if self.arch == "modern" else torch.tanh(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2) if self.arch == "modern" else F.avg_pool2d(x, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, 1, 32, 32)
+        x = self.pool(self.act(self.conv1(x)))  # C1 (B, 6, 28, 28) -> S2 (B, 6, 14, 14)
+        x = self.pool(self.act(self.conv2(x)))  # C3 (B, 16, 10, 10) -> S4 (B, 16, 5, 5)
+        x = torch.flatten(x, 1)  # (B, 400)
+        x = self.act(self.fc1(x))  # F5 (B, 120)
+        x = self.act(self.fc2(x))  # F6 (B, 84)
+        return self.fc3(x)  # logits (B, 10)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, head: str) -> torch.Tensor:
+    """Mean loss of logits (B, 10) against labels (B,) (model.rs Head::loss)."""
+    if head == "softmax":
+        return F.cross_entropy(logits, labels)
+    targets = F.one_hot(labels, NUM_CLASSES).to(logits.dtype)  # (B, 10)
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (train.rs evaluate)
+
+
+@dataclass
+class Metrics:
+    correct: int
+    total: int
+    loss: float
+    predictions: torch.Tensor  # (N,) int64
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+    def __iter__(self):  # `correct, total, loss = evaluate(...)`
+        return iter((self.correct, self.total, self.loss))
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, 10) of any module mapping (B, 1, 32, 32) -> (B, 10), in eval mode."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, head: str | None = None, batch_size: int = 1000) -> Metrics:
+    """Correct count, total and mean loss; `head` defaults to the model's own."""
+    head = head or getattr(model, "head", "softmax")
+    logits = predict(model, images, batch_size)  # (N, 10)
+    loss = sum(loss_fn(logits[i:i + batch_size], labels[i:i + batch_size], head).double().item()
+               * len(labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
+    predictions = logits.argmax(-1)
+    return Metrics(int((predictions == labels).sum()), len(labels), loss / max(len(labels), 1), predictions)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(10, 10) int64 counts, confusion[true][predicted] as in train.rs Metrics."""
+    return torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES)
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop over batches given as index tensors, shared by train_reference and
+# parity (train.rs Trainer::run, without augmentation or schedules).
+
+
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    """The optimizers with tch's settings (train.rs Trainer::optimizer): sgd(momentum, dampening 0,
+    wd, nesterov false); adam and adamw with betas (0.9, 0.999) and libtorch's eps 1e-8, wd an L2
+    penalty for sgd/adam and decoupled for adamw. foreach=False: one tensor at a time, as
+    libtorch's C++ optimizers do it."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=0, weight_decay=weight_decay,
+                               nesterov=False, foreach=False)
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=False)
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', not {name!r}")
+
+
+def make_schedule(name: str, optimizer, steps_per_epoch: int, epochs: int, gamma: float = 0.7):
+    """A per-step learning-rate scheduler matching schedule.rs ScheduleKind, or None (constant)."""
+    total = steps_per_epoch * epochs
+    sched = torch.optim.lr_scheduler
+    if name == "constant":
+        return None
+    if name == "step":  # times gamma after every epoch
+        return sched.StepLR(optimizer, step_size=steps_per_epoch, gamma=gamma)
+    if name == "cosine":  # lr -> 0 over the run
+        return sched.CosineAnnealingLR(optimizer, T_max=total)
+    if name == "onecycle":  # OneCycleLR's defaults, without its momentum cycling (as in Rust)
+        lr = optimizer.param_groups[0]["lr"]
+        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=total, cycle_momentum=False)
+    raise ValueError(f"schedule must be constant, step, cosine or onecycle, not {name!r}")
+
+
+def train_batches(model, optimizer, images, labels, batches, scheduler=None) -> tuple[float, float, float]:
+    """One optimizer step per index tensor in `batches` (then one scheduler step); returns the
+    mean loss, the accuracy over the images seen and the learning rate of the last step."""
+    model.train()
+    loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
+    for idx in batches:
+        lr = optimizer.param_groups[0]["lr"]
+        x, y = images[idx], labels[idx]  # (B, 1, 32, 32), (B,)
+        logits = model(x)  # (B, 10)
+        loss = loss_fn(logits, y, model.head)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        correct += int((logits.argmax(-1) == y).sum())
+        seen += len(idx)
+    return loss_sum / max(seen, 1), correct / max(seen, 1), lr
+
+
+# -----------------------------------------------------------------------------
+# Weights in every format, recognised by content (weights.rs detect), checked, then copied.
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit LeNet-5."""
+
+
+def detect_format(path) -> str:
+    """'safetensors', 'state-dict' (torch.save), 'torchscript' or 'tch-archive' (tch .ot)."""
+    path = Path(path)
+    head = path.read_bytes()[:9] if path.is_file() else b""
+    if not head:
+        raise WeightsError(f"{path}: missing or empty")
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head[:4] != b"PK\x03\x04":
+        raise WeightsError(f"{path}: not a model file (expected safetensors, a torch.save zip, TorchScript "
+                           f"or a tch .ot; it starts with bytes {head[:4].hex(' ')})")
+    entries = [n.split("/", 1)[1] for n in zipfile.ZipFile(path).namelist() if "/" in n]
+    if "data.pkl" not in entries:
+        raise WeightsError(f"{path}: a zip file, but not a PyTorch one (no data.pkl inside)")
+    if not any(e.startswith("code/") for e in entries):
+        return "state-dict"
+    # tch's VarStore::save writes libtorch's serialize::OutputArchive: a TorchScript module
+    # with parameters only, named `conv1|weight` since '.' separates submodules there.
+    names = [n for n, _ in torch.jit.load(str(path), map_location="cpu").named_parameters()]
+    return "tch-archive" if names and all("|" in n for n in names) else "torchscript"
+
+
+def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Named tensors (PyTorch names, CPU) from any format, renamed by `key_map`: {old: new}
+    replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`)."""
+    path, fmt = Path(path), detect_format(path)
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+        tensors = load_file(str(path))
+    elif fmt == "state-dict":
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickled nn.Module, or arbitrary objects
+            raise WeightsError(f"{path}: not a plain state dict ({str(e).splitlines()[0]}); "
+                               "save model.state_dict() instead") from e
+        if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
+            raise WeightsError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors")
+    else:  # TorchScript module or tch archive: its parameters and buffers
+        tensors = torch.jit.load(str(path), map_location="cpu").state_dict()
+    tensors = {k.replace("|", "."): v for k, v in tensors.items()}
+    return {_rename(k, key_map or {}): v for k, v in tensors.items()}
+
+
+def _rename(key: str, key_map: dict[str, str]) -> str:
+    for old, new in key_map.items():
+        old, new = old.rstrip("."), new.rstrip(".")
+        rest = "" if key == old else key[len(old) + 1:] if key.startswith(old + ".") else None
+        if rest is not None:
+            return ".".join(p for p in (new, rest) if p)
+    return key
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "weights") -> nn.Module:
+    """Copies `tensors` into `model` only if every name and shape fits; else names each problem
+    (weights.rs load_state_dict). Returns the model."""
+    wanted = model.state_dict()
+    problems = []
+    for name, w in sorted(wanted.items()):
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"missing {name} {list(w.shape)}")
+        elif t.shape != w.shape:
+            problems.append(f"wrong shape for {name}: expected {list(w.shape)}, got {list(t.shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"wrong dtype for {name}: {t.dtype}, expected a floating-point tensor")
+    problems += [f"unexpected {k} {list(t.shape)}" for k, t in sorted(tensors.items()) if k not in wanted]
+    if problems:
+        raise WeightsError(f"{source}: the state dict does not fit LeNet-5:\n  " + "\n  ".join(problems))
+    model.load_state_dict({k: t.float() for k, t in tensors.items()})
+    return model
+
+
+def load_model(path, arch: str = "modern", head: str = "softmax", key_map=None):
+    """A runnable model from any weights file: TorchScript as-is, anything else into LeNet5
+    (its arch/head from the card NAME.json beside it when there is one, else the arguments)."""
+    path = Path(path)
+    if detect_format(path) == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    card_path = path.with_suffix(".json")
+    if card_path.is_file():
+        card = read_card(card_path)
+        arch, head = card["model"]["arch"], card["model"]["head"]
+    return load_weights(LeNet5(arch, head), read_state_dict(path, key_map), str(path)).eval()
+
+
+# -----------------------------------------------------------------------------
+# Model cards and exports (card.rs): NAME.json beside NAME.{safetensors,pt,check.safetensors}
+
+
+def read_card(path) -> dict:
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a lenet5 model card ({e})") from e
+    if (card.get("format"), card.get("format_version")) != (CARD_FORMAT, CARD_VERSION):
+        raise WeightsError(f"{path}: model card format {card.get('format')} v{card.get('format_version')} "
+                           f"is not {CARD_FORMAT} v{CARD_VERSION}")
+    return card
+
+
+def model_from_card(card: dict) -> LeNet5:
+    """An untrained LeNet5 of the card's arch and head."""
+    return LeNet5(card["model"]["arch"], card["model"]["head"])
+
+
+def normalization_of(card: dict) -> tuple[float, float]:
+    n = card["input"]["normalization"]
+    return n["mean"], n["std"]
+
+
+def sha256_file(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Export:
+    """What `lenet5 export --out DIR/NAME` (or `lenet5 train --out DIR`) writes."""
+    card: dict
+    model: LeNet5  # rebuilt from the card, weights from NAME.safetensors
+    scripted: torch.jit.ScriptModule  # NAME.pt, traced by Rust
+    check_inputs: torch.Tensor  # (64, 1, 32, 32): the first test images, preprocessed by Rust
+    check_logits: torch.Tensor  # (64, 10): Rust's logits for them
+
+
+def resolve_prefix(path) -> Path:
+    """DIR/NAME of an export: `path` itself, or DIR/lenet5 when `path` is a run folder."""
+    path = Path(path)
+    return path / "lenet5" if path.is_dir() else Path(str(path).removesuffix(".json"))
+
+
+def load_exported(prefix, verify: bool = True) -> Export:
+    """Loads an export, first checking every file's sha256 against the card."""
+    prefix = resolve_prefix(prefix)
+    folder, card = prefix.parent, read_card(f"{prefix}.json")
+    files = card.get("files") or {}
+    for role in ("weights", "torchscript", "check"):
+        if role not in files:
+            raise WeightsError(f"{prefix}.json: the card lists no {role} file")
+    if verify:
+        for role, entry in files.items():
+            got = sha256_file(folder / entry["name"])
+            if got != entry["sha256"]:
+                raise WeightsError(f"{folder / entry['name']}: sha256 {got} differs from the card's "
+                                   f"{entry['sha256']} ({role})")
+    from safetensors.torch import load_file
+    model = load_weights(model_from_card(card), read_state_dict(folder / files["weights"]["name"]),
+                         str(folder / files["weights"]["name"])).eval()
+    scripted = torch.jit.load(str(folder / files["torchscript"]["name"]), map_location="cpu").eval()
+    check = load_file(str(folder / files["check"]["name"]))
+    return Export(card, model, scripted, check["inputs"], check["logits"])
+
+
+def write_card(path, model: LeNet5, dataset: str, metrics: Metrics | None, training: dict | None,
+               files: dict[str, Path], seed: int | None = None) -> dict:
+    """A card in card.rs's format for a PyTorch-trained model, so the same readers work."""
+    import sys
+    import time
+    mean, std = NORMALIZATION[dataset]
+    card = {
+        "format": CARD_FORMAT, "format_version": CARD_VERSION,
+        "model": {"arch": model.arch, "head": model.head},
+        "dataset": dataset, "classes": CLASSES[dataset],
+        "input": {"shape": [1, INPUT_SIZE, INPUT_SIZE], "pad": PAD, "normalization": {"mean": mean, "std": std}},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "metrics": None if metrics is None else {
+            "test_accuracy": metrics.accuracy, "test_loss": metrics.loss,
+            "test_correct": metrics.correct, "test_total": metrics.total},
+        "training": training,
+        "provenance": {"lenet5_version": "python-reference", "tch_version": "none (PyTorch)",
+                       "libtorch_version": torch.__version__, "command_line": sys.argv,
+                       "created_unix": int(time.time()), "seed": seed},
+        "files": {role: {"name": Path(p).name, "sha256": sha256_file(p)} for role, p in files.items()},
+    }
+    Path(path).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+# -----------------------------------------------------------------------------
+# Training metrics files (metrics.csv, metrics.jsonl in a run folder)
+
+
+def read_metrics(run_dir) -> dict[str, list]:
+    """metrics.csv as columns: {'epoch': [1, 2, ...], 'test_accuracy': [...], ...}."""
+    path = Path(run_dir) / "metrics.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or list(rows[0].keys()) != METRICS_COLUMNS:
+        raise DataError(f"{path}: expected columns {METRICS_COLUMNS}, got {list(rows[0].keys()) if rows else 'no rows'}")
+    return {c: [int(r[c]) if c == "epoch" else float(r[c]) for r in rows] for c in METRICS_COLUMNS}
+
+
+def append_metrics(run_dir, row: dict) -> None:
+    """Adds one epoch to metrics.csv (writing its header first) and metrics.jsonl."""
+    run_dir = Path(run_dir)
+    csv_path = run_dir / "metrics.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, METRICS_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({c: row[c] for c in METRICS_COLUMNS})
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({c: row[c] for c in METRICS_COLUMNS}) + "\n")

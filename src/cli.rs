@@ -1,0 +1,431 @@
+//! The command line: clap flags, validated into the library's configs, then the work.
+//! Flag names follow PyTorch's MNIST example where one exists.
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use crate::card::{CardMetrics, ModelCard};
+use crate::data::{self, DatasetKind};
+use crate::model::{Arch, Head, LeNet5, ModelConfig};
+use crate::run::RunDir;
+use crate::schedule::ScheduleKind;
+use crate::train::{self, OptimizerKind, TrainConfig, Trainer};
+use crate::weights::{self, Classifier, KeyMap, LoadOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "lenet5", version, about = "LeNet-5 on libtorch: train on MNIST, evaluate, export to PyTorch")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train LeNet-5, evaluating after every epoch; saves and exports the model into --out.
+    Train(TrainArgs),
+    /// Accuracy, loss, per-class accuracy and the confusion matrix of a model on the test set.
+    Eval(EvalArgs),
+    /// Write NAME.pt (TorchScript), NAME.safetensors, NAME.check.safetensors and NAME.json.
+    Export(ExportArgs),
+    /// The layer table: output shape and parameters of every layer.
+    Summary(SummaryArgs),
+    /// Versions of tch and libtorch, threads, CUDA devices and cuDNN.
+    Info(RuntimeArgs),
+    /// The classic convolution example, computed with libtorch and with a plain loop.
+    Conv(crate::conv::ConvArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Which data set to use.
+    #[arg(long, value_enum, default_value = "mnist")]
+    pub dataset: DatasetKind,
+    /// Folder holding the four IDX files, plain or gzip'd [default: data/mnist, or
+    /// /usr/share/datasets/fashion-mnist for fashion-mnist].
+    #[arg(long, value_name = "DIR", env = "LENET5_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Where to compute: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Intra-op CPU threads [default: libtorch's choice, one per core].
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+impl RuntimeArgs {
+    /// Applies the thread count and resolves the device.
+    fn apply(&self) -> Result<Device> {
+        if let Some(n) = self.threads {
+            ensure!(n > 0, "--threads {n}: must be at least 1");
+            tch::set_num_threads(n);
+        }
+        crate::device::parse(&self.device)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model file: safetensors, torch.save state dict, TorchScript or tch .ot (detected by content).
+    #[arg(long, value_name = "FILE", default_value = "models/mnist/lenet5.safetensors")]
+    pub model: PathBuf,
+    /// Architecture of a state dict without a model card beside it [default: the card's, else modern].
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+    /// Output head [default: the card's, else softmax].
+    #[arg(long, value_enum)]
+    pub head: Option<Head>,
+    /// Rename keys of a foreign state dict: OLD=NEW on dotted prefixes, repeatable
+    /// (`--key-map model=` strips `model.`; `--key-map features.0=conv1`).
+    #[arg(long = "key-map", value_name = "OLD=NEW")]
+    pub key_maps: Vec<KeyMap>,
+}
+
+impl ModelArgs {
+    fn load(&self, device: Device) -> Result<Classifier> {
+        let options = LoadOptions { arch: self.arch, head: self.head, key_maps: self.key_maps.clone() };
+        weights::load(&self.model, &options, device)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 8)]
+    pub epochs: usize,
+    /// Training batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: i64,
+    /// Evaluation batch size.
+    #[arg(long, default_value_t = 1000)]
+    pub test_batch_size: i64,
+    /// Learning rate (the peak rate for onecycle).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerKind,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// L2 penalty (sgd, adam) or decoupled weight decay (adamw).
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    #[arg(long, value_enum, default_value = "onecycle")]
+    pub schedule: ScheduleKind,
+    /// Learning-rate factor per epoch for --schedule step.
+    #[arg(long, default_value_t = 0.7)]
+    pub gamma: f64,
+    /// Random shifts of training images by up to this many pixels (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub shift: i64,
+    #[arg(long, value_enum, default_value = "modern")]
+    pub arch: Arch,
+    #[arg(long, value_enum, default_value = "softmax")]
+    pub head: Head,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Random seed: a CPU run with the same seed and threads repeats exactly.
+    #[arg(long, default_value_t = 1)]
+    pub seed: i64,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Run folder for metrics and the model [default: runs/DATASET-ARCH-HEAD].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// A few batches of one epoch and a 1,000-image test, for smoke tests.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Train on the first N training images only.
+    #[arg(long, value_name = "N")]
+    pub limit_train: Option<i64>,
+    /// Start from these weights (safetensors) instead of a fresh initialisation.
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// Take batches from tensor `order` (int64 [steps, batch]) of this safetensors file
+    /// instead of shuffling: one step per row, for parity checks against PyTorch.
+    #[arg(long, value_name = "FILE")]
+    pub batch_order: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// Checks every flag before any work starts.
+    fn config(&self) -> Result<TrainConfig> {
+        ensure!(self.epochs > 0, "--epochs {}: must be at least 1", self.epochs);
+        ensure!(self.batch_size > 0, "--batch-size {}: must be at least 1", self.batch_size);
+        ensure!(self.test_batch_size > 0, "--test-batch-size {}: must be at least 1", self.test_batch_size);
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {}: must be a positive number", self.lr);
+        ensure!((0.0..1.0).contains(&self.momentum), "--momentum {}: must be in [0, 1)", self.momentum);
+        ensure!(self.weight_decay >= 0.0, "--weight-decay {}: must not be negative", self.weight_decay);
+        ensure!(self.gamma > 0.0, "--gamma {}: must be positive", self.gamma);
+        ensure!((0..=4).contains(&self.shift), "--shift {}: must be between 0 and 4 pixels", self.shift);
+        if let Some(n) = self.limit_train {
+            ensure!(n > 0, "--limit-train {n}: must be at least 1");
+        }
+        Ok(TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            test_batch_size: self.test_batch_size,
+            lr: self.lr,
+            optimizer: self.optimizer,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            schedule: self.schedule,
+            gamma: self.gamma,
+            shift: self.shift,
+            seed: self.seed,
+            limit_train: self.limit_train,
+            dry_run: self.dry_run,
+        })
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let (d, a, h) = (value_name(&self.data.dataset), value_name(&self.arch), value_name(&self.head));
+            PathBuf::from(format!("runs/{d}-{a}-{h}"))
+        })
+    }
+}
+
+/// The command-line spelling of a value enum (`fashion-mnist`, `modern`).
+fn value_name(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Evaluation batch size.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: i64,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output prefix DIR/NAME: writes NAME.pt, NAME.safetensors, NAME.check.safetensors, NAME.json.
+    #[arg(long, value_name = "DIR/NAME")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Also write NAME.ot, tch's own archive format.
+    #[arg(long)]
+    pub ot: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SummaryArgs {
+    #[arg(long, value_enum, default_value = "modern")]
+    pub arch: Arch,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train_command(&args),
+        Command::Eval(args) => eval_command(&args),
+        Command::Export(args) => export_command(&args),
+        Command::Summary(args) => {
+            print!("{}", summary(args.arch));
+            Ok(())
+        }
+        Command::Info(runtime) => {
+            runtime.apply()?;
+            println!("{}", crate::device::report());
+            Ok(())
+        }
+        Command::Conv(args) => crate::conv::run(&args),
+    }
+}
+
+/// The first 64 test images: the fixed batch whose logits every export records.
+const CHECK_BATCH: i64 = 64;
+
+fn train_command(args: &TrainArgs) -> Result<()> {
+    let config = args.config()?;
+    let device = args.runtime.apply()?;
+    let run = RunDir::create(&args.out_dir())?;
+    let started = Instant::now();
+    tch::manual_seed(config.seed);
+    let data = data::load(args.data.dataset, args.data.data.as_deref())?;
+    let data = data::Splits { train: data.train.to_device(device), test: data.test.to_device(device) };
+    let model_config = ModelConfig { arch: args.arch, head: args.head };
+    let mut vs = VarStore::new(device);
+    let net = LeNet5::new(&vs.root(), model_config);
+    if let Some(init) = &args.init {
+        let format = weights::detect(init)?;
+        weights::load_state_dict(&mut vs, weights::read_tensors(init, format)?, &[], &init.display().to_string())?;
+    }
+    let batch_order = match &args.batch_order {
+        Some(path) => Some(read_batch_order(path, data.train.len())?),
+        None => None,
+    };
+    let norm = args.data.dataset.normalization();
+    let trainer = Trainer { config: &config, head: args.head, background: -norm.mean / norm.std, batch_order };
+    eprintln!(
+        "training LeNet-5 ({:?}, {:?}) on {:?} with {} on {}: {} epochs, batch {}, lr {}, {:?} schedule, {} threads",
+        args.arch,
+        args.head,
+        args.data.dataset,
+        format!("{:?}", config.optimizer).to_lowercase(),
+        crate::device::name(device),
+        config.epochs,
+        config.batch_size,
+        config.lr,
+        config.schedule,
+        tch::get_num_threads()
+    );
+    let history = trainer.run(&net, &vs, &data, &mut |_| Ok(()))
+        .and_then(|h| {
+            run.write_metrics(&h)?;
+            Ok(h)
+        })?;
+    let last = history.last().context("training ran no epoch")?;
+    let forward = |xs: &Tensor| -> Result<Tensor> { Ok(tch::nn::Module::forward(&net, xs)) };
+    let test = train::evaluate(&forward, args.head, &data.test, config.test_batch_size)?;
+    let mut card = ModelCard::new(model_config, args.data.dataset, parameter_count(&vs), Some(config.seed));
+    card.metrics = Some(CardMetrics {
+        test_accuracy: test.accuracy(),
+        test_loss: test.loss,
+        test_correct: test.correct,
+        test_total: test.total,
+    });
+    card.training = Some(serde_json::json!({
+        "recipe": config,
+        "device": crate::device::name(device),
+        "threads": tch::get_num_threads(),
+        "train_seconds": last.seconds,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "epochs_run": history.len(),
+    }));
+    let prefix = run.model_prefix();
+    crate::export::export(&vs, &net, &card, &prefix, &data.test.images.narrow(0, 0, CHECK_BATCH.min(data.test.len())), false)?;
+    println!(
+        "test accuracy {:.2}% ({}/{}), loss {:.4}; trained in {:.1}s ({:.1}s wall); model: {}.{{safetensors,json,pt}}",
+        100.0 * test.accuracy(),
+        test.correct,
+        test.total,
+        test.loss,
+        last.seconds,
+        started.elapsed().as_secs_f64(),
+        prefix.display()
+    );
+    Ok(())
+}
+
+fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {
+    let tensors = Tensor::read_safetensors(path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", path.display()))?;
+    let order = tensors
+        .into_iter()
+        .find_map(|(k, t)| (k == "order").then_some(t))
+        .with_context(|| format!("{}: no tensor named `order`", path.display()))?;
+    ensure!(
+        order.dim() == 2 && order.kind() == tch::Kind::Int64,
+        "{}: `order` must be int64 [steps, batch], got {:?} {:?}",
+        path.display(),
+        order.kind(),
+        order.size()
+    );
+    let (lo, hi) = (order.min().int64_value(&[]), order.max().int64_value(&[]));
+    ensure!(lo >= 0 && hi < train_len, "{}: indices {lo}..={hi} outside the {train_len} training images", path.display());
+    Ok(order)
+}
+
+fn eval_command(args: &EvalArgs) -> Result<()> {
+    ensure!(args.batch_size > 0, "--batch-size {}: must be at least 1", args.batch_size);
+    let device = args.runtime.apply()?;
+    let classifier = args.model.load(device)?;
+    let dataset = classifier.card().map(|c| c.dataset).unwrap_or(args.data.dataset);
+    let test = data::load(dataset, args.data.data.as_deref())?.test.to_device(device);
+    let forward = |xs: &Tensor| classifier.forward(xs);
+    let m = train::evaluate(&forward, classifier.head(), &test, args.batch_size)
+        .with_context(|| format!("evaluating {}", args.model.model.display()))?;
+    if args.json {
+        let json = serde_json::json!({
+            "model": args.model.model,
+            "format": weights::detect(&args.model.model)?.describe(),
+            "accuracy": m.accuracy(),
+            "correct": m.correct,
+            "total": m.total,
+            "loss": m.loss,
+            "per_class_accuracy": m.per_class_accuracy(),
+            "confusion": m.confusion,
+        });
+        println!("{json}");
+        return Ok(());
+    }
+    println!("{}: {}", args.model.model.display(), weights::detect(&args.model.model)?.describe());
+    println!("accuracy {:.2}% ({}/{})  loss {:.4}", 100.0 * m.accuracy(), m.correct, m.total, m.loss);
+    println!("\nper class:");
+    for (c, acc) in m.per_class_accuracy().iter().enumerate() {
+        println!("  {c}  {:6.2}%", 100.0 * acc);
+    }
+    println!("\nconfusion (rows: true class, columns: predicted):");
+    println!("     {}", (0..10).map(|c| format!("{c:>5}")).collect::<String>());
+    for (c, row) in m.confusion.iter().enumerate() {
+        println!("  {c}  {}", row.iter().map(|n| format!("{n:>5}")).collect::<String>());
+    }
+    Ok(())
+}
+
+fn export_command(args: &ExportArgs) -> Result<()> {
+    let classifier = args.model.load(Device::Cpu)?;
+    let Classifier::Native { vs, net, card } = &classifier else {
+        bail!("{}: already a TorchScript module; export needs weights (safetensors, state dict or .ot)", args.model.model.display());
+    };
+    let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);
+    let check_inputs = data::load(dataset, args.data.data.as_deref())?.test.images.narrow(0, 0, CHECK_BATCH);
+    let mut card = card.clone().unwrap_or_else(|| {
+        ModelCard::new(net.config, dataset, parameter_count(vs), None)
+    });
+    card.provenance = crate::card::Provenance { seed: card.provenance.seed, ..crate::card::Provenance::here(None) };
+    card.files.clear();
+    let card = crate::export::export(vs, net, &card, &args.out, &check_inputs, args.ot)?;
+    for entry in card.files.values() {
+        println!("{}", args.out.with_file_name(&entry.name).display());
+    }
+    println!("{}", crate::export::with_suffix(&args.out, ".json").display());
+    Ok(())
+}
+
+/// The layer table of `lenet5 summary`, from a forward pass of one blank image.
+pub fn summary(arch: Arch) -> String {
+    let vs = VarStore::new(Device::Cpu);
+    let net = LeNet5::new(&vs.root(), ModelConfig { arch, head: Head::Softmax });
+    let params = vs.variables();
+    let count = |layer: &str| -> i64 {
+        params.iter().filter(|(k, _)| k.starts_with(&format!("{layer}."))).map(|(_, t)| t.numel() as i64).sum()
+    };
+    let layers = [("input", "", "input"), ("C1", "conv1", "5x5 conv"), ("S2", "", "2x2 pool"), ("C3", "conv2", "5x5 conv"),
+        ("S4", "", "2x2 pool"), ("F5", "fc1", "linear"), ("F6", "fc2", "linear"), ("output", "fc3", "linear")];
+    let mut rows = Vec::new();
+    let xs = Tensor::zeros([1, 1, 32, 32], (tch::Kind::Float, Device::Cpu));
+    let _logits = net.forward_observed(&xs, &mut |stage, t| rows.push((stage.to_string(), t.size()[1..].to_vec())));
+    let mut out = format!("LeNet-5 ({arch:?})\n{:<8}{:<8}{:<10}{:<14}{:>10}\n", "stage", "layer", "kind", "output", "params");
+    for ((stage, shape), (_, layer, kind)) in rows.iter().zip(layers) {
+        let shape = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        let n = if layer.is_empty() { 0 } else { count(layer) };
+        out += &format!("{stage:<8}{:<8}{kind:<10}{shape:<14}{n:>10}\n", if layer.is_empty() { "-" } else { layer });
+    }
+    let total = parameter_count(&vs);
+    out += &format!("{:<40}{total:>10}\n", "total");
+    out
+}
+
+fn parameter_count(vs: &VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}

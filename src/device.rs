@@ -1,0 +1,72 @@
+//! Choosing where tensors live (`--device auto|cpu|cuda|cuda:N`) and reporting what this
+//! libtorch can see, for `lenet5 info`.
+
+use anyhow::{bail, Result};
+use tch::{Cuda, Device};
+
+/// Parses a `--device` value, refusing CUDA devices that libtorch cannot see.
+pub fn parse(spec: &str) -> Result<Device> {
+    let gpus = Cuda::device_count();
+    let cuda = |index: usize| -> Result<Device> {
+        if gpus == 0 {
+            bail!("--device {spec}: CUDA was asked for but libtorch sees no CUDA device (use --device cpu)");
+        }
+        if index as i64 >= gpus {
+            bail!("--device {spec}: there is no CUDA device {index}; libtorch sees {gpus}");
+        }
+        Ok(Device::Cuda(index))
+    };
+    match spec {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => cuda(index),
+            _ => bail!("--device {spec}: unknown device; expected auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// A human name for a device, for logs and result files.
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// What `lenet5 info` prints: versions, threads, CUDA and cuDNN.
+pub fn report() -> String {
+    let gpus = Cuda::device_count();
+    let mut lines = vec![
+        format!("lenet5      {}", env!("CARGO_PKG_VERSION")),
+        format!("tch         {}", crate::TCH_VERSION),
+        format!("libtorch    {} (built against)", crate::LIBTORCH_VERSION),
+        format!("threads     {} (intra-op)", tch::get_num_threads()),
+        format!("mkldnn      {}", tch::utils::has_mkldnn()),
+        format!("cuda        {} ({} device{})", Cuda::is_available(), gpus, if gpus == 1 { "" } else { "s" }),
+    ];
+    if gpus > 0 {
+        lines.push(format!("cudnn       {} (version {})", Cuda::cudnn_is_available(), tch::utils::version_cudnn()));
+        lines.push(format!("cuda rt     {}", tch::utils::version_cudart()));
+        for i in 0..gpus {
+            lines.push(format!("device {i}    {}", gpu_name(i)));
+        }
+    }
+    lines.join("\n")
+}
+
+/// tch has no binding for a GPU's name, so read the NVIDIA driver's own description
+/// (`/proc/driver/nvidia/gpus/*/information`, in PCI bus order, which matches CUDA's order
+/// on single-GPU machines and whenever CUDA_DEVICE_ORDER=PCI_BUS_ID).
+fn gpu_name(index: i64) -> String {
+    let mut dirs: Vec<_> = std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.get(index as usize)
+        .and_then(|d| std::fs::read_to_string(d.join("information")).ok())
+        .and_then(|info| info.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string())))
+        .unwrap_or_else(|| "(name not reported by the driver)".into())
+}

@@ -1,0 +1,72 @@
+//! Export for PyTorch users: `NAME.pt` (TorchScript traced from the Rust model),
+//! `NAME.safetensors` (the state dict), `NAME.check.safetensors` (inputs and the logits Rust
+//! computed for them) and `NAME.json` (the model card, with the files' SHA-256).
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use tch::nn::{Module, VarStore};
+use tch::{CModule, Device, Kind, Tensor};
+
+use crate::card::{sha256_file, FileEntry, ModelCard};
+use crate::model::{LeNet5, INPUT_SIZE};
+use crate::weights::save_safetensors;
+
+/// `DIR/NAME` + `.ext`, keeping any dots already in NAME.
+pub fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+    let mut s = prefix.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// A CPU, frozen copy of the model: what gets traced and what computes the check logits.
+fn cpu_copy(vs: &VarStore, net: &LeNet5) -> Result<(VarStore, LeNet5)> {
+    let mut cpu = VarStore::new(Device::Cpu);
+    let copy = LeNet5::new(&cpu.root(), net.config);
+    cpu.copy(vs).context("copying the weights to the CPU")?;
+    cpu.freeze();
+    Ok((cpu, copy))
+}
+
+/// Writes the export files for `prefix` and returns the card, which it also writes.
+/// `check_inputs` is a normalised batch `(B, 1, 32, 32)` whose logits go into the check file.
+pub fn export(vs: &VarStore, net: &LeNet5, card: &ModelCard, prefix: &Path, check_inputs: &Tensor, ot: bool) -> Result<ModelCard> {
+    let (cpu_vs, cpu_net) = cpu_copy(vs, net)?;
+    let mut card = card.clone();
+    let mut record = |role: &str, path: &Path| -> Result<()> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        card.files.insert(role.into(), FileEntry { name, sha256: sha256_file(path)? });
+        Ok(())
+    };
+
+    let weights = with_suffix(prefix, ".safetensors");
+    save_safetensors(&cpu_vs, &weights)?;
+    record("weights", &weights)?;
+
+    let torchscript = with_suffix(prefix, ".pt");
+    let example = Tensor::zeros([1, 1, INPUT_SIZE, INPUT_SIZE], (Kind::Float, Device::Cpu));
+    // Traced in eval mode on CPU: the weights become constants of the graph, which is
+    // independent of the batch size (`flatten` and `linear` are traced as ops, not shapes).
+    let module = tch::no_grad(|| {
+        CModule::create_by_tracing("LeNet5", "forward", &[example], &mut |xs| vec![cpu_net.forward(&xs[0])])
+    })
+    .context("tracing the model to TorchScript")?;
+    crate::atomic::write_with(&torchscript, |tmp| module.save(tmp).map_err(|e| anyhow::anyhow!("{e}")))?;
+    record("torchscript", &torchscript)?;
+
+    let check = with_suffix(prefix, ".check.safetensors");
+    let inputs = check_inputs.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let logits = tch::no_grad(|| cpu_net.forward(&inputs));
+    crate::atomic::write_with(&check, |tmp| {
+        Tensor::write_safetensors(&[("inputs", &inputs), ("logits", &logits)], tmp).map_err(|e| anyhow::anyhow!("{e}"))
+    })?;
+    record("check", &check)?;
+
+    if ot {
+        let archive = with_suffix(prefix, ".ot");
+        crate::atomic::write_with(&archive, |tmp| cpu_vs.save(tmp).map_err(|e| anyhow::anyhow!("{e}")))?;
+        record("tch_archive", &archive)?;
+    }
+
+    card.write(&with_suffix(prefix, ".json"))?;
+    Ok(card)
+}

@@ -1,0 +1,20 @@
+//! lenet5: LeNet-5 in Rust on libtorch (through tch), trained on MNIST and interchangeable
+//! with PyTorch. The binary in `main.rs` is a thin shell over this library.
+
+pub mod atomic;
+pub mod card;
+pub mod cli;
+pub mod conv;
+pub mod data;
+pub mod device;
+pub mod export;
+pub mod model;
+pub mod run;
+pub mod schedule;
+pub mod train;
+pub mod weights;
+
+/// The tch crate this was built with (kept in step with Cargo.toml's `=` pin).
+pub const TCH_VERSION: &str = "0.24.0";
+/// The libtorch this was built against, read from the wheel by `build.rs`.
+pub const LIBTORCH_VERSION: &str = env!("LENET5_LIBTORCH_VERSION");

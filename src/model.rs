@@ -1,0 +1,247 @@
+//! LeNet-5 (LeCun et al. 1998) as a tch `nn` module, with PyTorch-identical parameter names.
+//! The Python twin is `LeNet5` in `scripts/lenet5_ref.py`; both must keep the same names.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Reduction, Tensor};
+
+/// Side of the square input image: MNIST's 28x28 zero-padded by 2, as in the 1998 paper.
+pub const INPUT_SIZE: i64 = 32;
+/// Number of output classes.
+pub const NUM_CLASSES: i64 = 10;
+
+/// Which flavour of LeNet-5: the activation and the subsampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// ReLU and 2x2 max-pooling: what most notebooks mean by LeNet-5 today.
+    Modern,
+    /// tanh and 2x2 average-pooling subsampling, as in the 1998 paper.
+    Classic,
+}
+
+/// How the ten output units are read: a softmax over classes or one sigmoid per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Head {
+    /// Cross-entropy on the logits (PyTorch's `nn.CrossEntropyLoss`).
+    Softmax,
+    /// Binary cross-entropy against one-hot targets (`nn.BCEWithLogitsLoss`).
+    Sigmoid,
+}
+
+impl Head {
+    /// Mean loss of a batch of logits `(B, 10)` against integer labels `(B,)`.
+    pub fn loss(self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        match self {
+            Head::Softmax => logits.cross_entropy_for_logits(labels),
+            Head::Sigmoid => {
+                let targets = labels.one_hot(NUM_CLASSES).to_kind(logits.kind()); // (B, 10)
+                logits.binary_cross_entropy_with_logits::<Tensor>(
+                    &targets,
+                    None,
+                    None,
+                    Reduction::Mean,
+                )
+            }
+        }
+    }
+
+    /// Per-class probabilities `(B, 10)`; for the sigmoid head they need not sum to one.
+    pub fn probabilities(self, logits: &Tensor) -> Tensor {
+        match self {
+            Head::Softmax => logits.softmax(-1, Kind::Float),
+            Head::Sigmoid => logits.sigmoid(),
+        }
+    }
+}
+
+/// What a model is, independent of its weights: saved beside every set of weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub head: Head,
+}
+
+/// The named stages of the forward pass, in order, for pictures and the summary table.
+pub const STAGES: [&str; 8] = ["input", "C1", "S2", "C3", "S4", "F5", "F6", "output"];
+
+#[derive(Debug)]
+pub struct LeNet5 {
+    conv1: nn::Conv2D,
+    conv2: nn::Conv2D,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    fc3: nn::Linear,
+    pub config: ModelConfig,
+}
+
+/// PyTorch's default initialisation for Conv2d and Linear: weights and biases uniform in
+/// +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)). tch's own default differs, and a
+/// twin of a notebook model should start from the same distribution.
+fn torch_default_bound(fan_in: i64) -> (f64, f64) {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    (-bound, bound)
+}
+
+fn conv(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
+    let (lo, up) = torch_default_bound(c_in * 5 * 5);
+    let init = nn::Init::Uniform { lo, up };
+    nn::conv2d(p, c_in, c_out, 5, nn::ConvConfig { ws_init: init, bs_init: init, ..Default::default() })
+}
+
+fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
+    let (lo, up) = torch_default_bound(d_in);
+    let init = nn::Init::Uniform { lo, up };
+    nn::linear(p, d_in, d_out, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
+}
+
+impl LeNet5 {
+    /// Builds the layers under `p`, named `conv1`, `conv2`, `fc1`, `fc2`, `fc3` as in PyTorch.
+    pub fn new(p: &nn::Path, config: ModelConfig) -> LeNet5 {
+        LeNet5 {
+            conv1: conv(p / "conv1", 1, 6),
+            conv2: conv(p / "conv2", 6, 16),
+            fc1: linear(p / "fc1", 16 * 5 * 5, 120),
+            fc2: linear(p / "fc2", 120, 84),
+            fc3: linear(p / "fc3", 84, NUM_CLASSES),
+            config,
+        }
+    }
+
+    fn activation(&self, xs: &Tensor) -> Tensor {
+        match self.config.arch {
+            Arch::Modern => xs.relu(),
+            Arch::Classic => xs.tanh(),
+        }
+    }
+
+    fn subsample(&self, xs: &Tensor) -> Tensor {
+        match self.config.arch {
+            Arch::Modern => xs.max_pool2d_default(2),
+            Arch::Classic => xs.avg_pool2d_default(2),
+        }
+    }
+
+    /// The forward pass, handing every stage named in [`STAGES`] to `observe` on the way.
+    /// `forward` passes a no-op observer, which the compiler removes.
+    pub fn forward_observed(&self, xs: &Tensor, observe: &mut impl FnMut(&str, &Tensor)) -> Tensor {
+        observe("input", xs); // (B, 1, 32, 32)
+        let c1 = self.activation(&xs.apply(&self.conv1)); // (B, 6, 28, 28)
+        observe("C1", &c1);
+        let s2 = self.subsample(&c1); // (B, 6, 14, 14)
+        observe("S2", &s2);
+        let c3 = self.activation(&s2.apply(&self.conv2)); // (B, 16, 10, 10)
+        observe("C3", &c3);
+        let s4 = self.subsample(&c3); // (B, 16, 5, 5)
+        observe("S4", &s4);
+        let f5 = self.activation(&s4.flatten(1, -1).apply(&self.fc1)); // (B, 120)
+        observe("F5", &f5);
+        let f6 = self.activation(&f5.apply(&self.fc2)); // (B, 84)
+        observe("F6", &f6);
+        let logits = f6.apply(&self.fc3); // (B, 10)
+        observe("output", &logits);
+        logits
+    }
+}
+
+impl Module for LeNet5 {
+    /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)`.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.forward_observed(xs, &mut |_, _| {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    fn model(arch: Arch) -> (VarStore, LeNet5) {
+        let vs = VarStore::new(Device::Cpu);
+        let net = LeNet5::new(&vs.root(), ModelConfig { arch, head: Head::Softmax });
+        (vs, net)
+    }
+
+    #[test]
+    fn parameter_names_and_shapes_match_pytorch() {
+        let (vs, _) = model(Arch::Modern);
+        let mut got: Vec<(String, Vec<i64>)> =
+            vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        got.sort();
+        let expected: Vec<(String, Vec<i64>)> = [
+            ("conv1.bias", vec![6]),
+            ("conv1.weight", vec![6, 1, 5, 5]),
+            ("conv2.bias", vec![16]),
+            ("conv2.weight", vec![16, 6, 5, 5]),
+            ("fc1.bias", vec![120]),
+            ("fc1.weight", vec![120, 400]),
+            ("fc2.bias", vec![84]),
+            ("fc2.weight", vec![84, 120]),
+            ("fc3.bias", vec![10]),
+            ("fc3.weight", vec![10, 84]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
+        assert_eq!(got, expected);
+        let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(total, 61_706);
+    }
+
+    #[test]
+    fn every_stage_has_the_paper_shape() {
+        for arch in [Arch::Modern, Arch::Classic] {
+            let (_vs, net) = model(arch);
+            let mut shapes = vec![];
+            let xs = Tensor::zeros([3, 1, 32, 32], (Kind::Float, Device::Cpu));
+            let _logits = net.forward_observed(&xs, &mut |name, t| shapes.push((name.to_string(), t.size())));
+            let expected: Vec<(String, Vec<i64>)> = STAGES
+                .iter()
+                .zip([
+                    vec![3, 1, 32, 32],
+                    vec![3, 6, 28, 28],
+                    vec![3, 6, 14, 14],
+                    vec![3, 16, 10, 10],
+                    vec![3, 16, 5, 5],
+                    vec![3, 120],
+                    vec![3, 84],
+                    vec![3, 10],
+                ])
+                .map(|(n, s)| (n.to_string(), s))
+                .collect();
+            assert_eq!(shapes, expected, "{arch:?}");
+        }
+    }
+
+    #[test]
+    fn initialisation_follows_pytorch_bounds() {
+        let (vs, _) = model(Arch::Modern);
+        for (name, fan_in) in [("conv1.weight", 25.0), ("conv2.bias", 150.0), ("fc1.weight", 400.0)] {
+            let t = vs.variables()[name].abs().max().double_value(&[]);
+            let bound = 1.0 / f64::sqrt(fan_in);
+            assert!(t <= bound && t > 0.8 * bound, "{name}: max |w| {t} vs bound {bound}");
+        }
+    }
+
+    #[test]
+    fn head_losses_match_their_formulas() {
+        let xs: Vec<f64> = (0..10).map(|j| 0.3 * j as f64 - 1.5).collect();
+        let logits = Tensor::from_slice(&xs).to_kind(Kind::Float).view([1, 10]);
+        let labels = Tensor::from_slice(&[3i64]);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        // Sigmoid head: mean over the 10 units of -[y ln s(x) + (1 - y) ln(1 - s(x))].
+        let bce = -xs
+            .iter()
+            .enumerate()
+            .map(|(j, &x)| if j == 3 { sig(x).ln() } else { (1.0 - sig(x)).ln() })
+            .sum::<f64>()
+            / 10.0;
+        // Softmax head: -ln softmax(x)[label].
+        let ce = -(xs[3] - xs.iter().map(|x| x.exp()).sum::<f64>().ln());
+        for (head, manual) in [(Head::Sigmoid, bce), (Head::Softmax, ce)] {
+            let got = head.loss(&logits, &labels).double_value(&[]);
+            assert!((got - manual).abs() < 1e-5, "{head:?}: {got} vs {manual}");
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! The run folder: where `train` puts the metrics history (CSV and JSON lines, rewritten
+//! atomically after every epoch) and the trained model under the name [`MODEL_NAME`].
+
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use crate::train::EpochMetrics;
+
+/// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
+pub const MODEL_NAME: &str = "lenet5";
+
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn create(dir: &Path) -> Result<RunDir> {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("--out {}: cannot create the folder ({e})", dir.display()))?;
+        // Fail now, not after an hour of training, if the folder cannot be written.
+        crate::atomic::write(&dir.join(".writable"), b"")
+            .map_err(|e| anyhow::anyhow!("--out {}: the folder is not writable ({e:#})", dir.display()))?;
+        let _ = std::fs::remove_file(dir.join(".writable")); // its absence changes nothing
+        Ok(RunDir { dir: dir.to_path_buf() })
+    }
+
+    /// `DIR/lenet5`, the prefix of the model files.
+    pub fn model_prefix(&self) -> PathBuf {
+        self.dir.join(MODEL_NAME)
+    }
+
+    /// Rewrites `metrics.csv` and `metrics.jsonl` with the whole history so far.
+    pub fn write_metrics(&self, history: &[EpochMetrics]) -> Result<()> {
+        let mut csv = String::from("epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n");
+        let mut jsonl = String::new();
+        for m in history {
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{}\n",
+                m.epoch, m.lr, m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy, m.seconds
+            ));
+            jsonl.push_str(&serde_json::to_string(m).expect("metrics always serialise"));
+            jsonl.push('\n');
+        }
+        crate::atomic::write(&self.dir.join("metrics.csv"), csv.as_bytes())?;
+        crate::atomic::write(&self.dir.join("metrics.jsonl"), jsonl.as_bytes())
+    }
+}

@@ -1,0 +1,361 @@
+//! The training loop (one, for any module with a head) and evaluation, which returns
+//! metrics rather than printing them so the CLI, the tests and the benchmarks share it.
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::IsTerminal;
+use std::time::Instant;
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{Dataset, Splits};
+use crate::model::{Head, NUM_CLASSES};
+use crate::schedule::{Schedule, ScheduleKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+/// A validated training recipe (the CLI's flags after checking), saved with the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: i64,
+    pub test_batch_size: i64,
+    pub lr: f64,
+    pub optimizer: OptimizerKind,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: ScheduleKind,
+    pub gamma: f64,
+    /// Random shifts of up to this many pixels in x and y applied to training images.
+    pub shift: i64,
+    pub seed: i64,
+    /// Use only the first N training images.
+    pub limit_train: Option<i64>,
+    /// A few batches and a small test set, for smoke tests.
+    pub dry_run: bool,
+}
+
+/// Batches of a dry run, and the size of its test set.
+const DRY_RUN_BATCHES: usize = 5;
+const DRY_RUN_TEST: i64 = 1000;
+
+/// Loss, accuracy and the confusion matrix of a model on a data set.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub loss: f64,
+    pub correct: i64,
+    pub total: i64,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<i64>>,
+}
+
+impl Metrics {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+
+    pub fn per_class_accuracy(&self) -> Vec<f64> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| row[c] as f64 / row.iter().sum::<i64>().max(1) as f64)
+            .collect()
+    }
+}
+
+/// One row of the metrics history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+    /// Training time so far, evaluation excluded.
+    pub seconds: f64,
+}
+
+/// Evaluates `forward` (normalised images -> logits) on `data` in batches, without gradients.
+pub fn evaluate(
+    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    head: Head,
+    data: &Dataset,
+    batch_size: i64,
+) -> Result<Metrics> {
+    tch::no_grad(|| {
+        let device = data.images.device();
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+        let mut confusion = Tensor::zeros([NUM_CLASSES * NUM_CLASSES], (Kind::Int64, device));
+        let n = data.len();
+        for start in (0..n).step_by(batch_size as usize) {
+            let len = batch_size.min(n - start);
+            let xs = data.images.narrow(0, start, len);
+            let ys = data.labels.narrow(0, start, len);
+            let logits = forward(&xs)?;
+            if logits.size() != [len, NUM_CLASSES] {
+                bail!("the model returned shape {:?} for a batch of {len}; expected [{len}, {NUM_CLASSES}]", logits.size());
+            }
+            loss_sum += head.loss(&logits, &ys).to_kind(Kind::Double) * len as f64;
+            let pairs = &ys * NUM_CLASSES + logits.argmax(-1, false); // true * 10 + predicted
+            confusion += pairs.bincount::<Tensor>(None, NUM_CLASSES * NUM_CLASSES);
+        }
+        let confusion = Vec::<i64>::try_from(confusion.to_device(Device::Cpu))?;
+        let confusion: Vec<Vec<i64>> = confusion.chunks(NUM_CLASSES as usize).map(<[i64]>::to_vec).collect();
+        let correct = (0..NUM_CLASSES as usize).map(|c| confusion[c][c]).sum();
+        Ok(Metrics { loss: loss_sum.double_value(&[]) / n.max(1) as f64, correct, total: n, confusion })
+    })
+}
+
+/// Shifts each image of `xs` `(B, 1, H, W)` by its own random offset of up to `max` pixels
+/// in x and y, filling with `background`: the small distortions of the 1998 paper.
+pub fn random_shift(xs: &Tensor, max: i64, background: f64) -> Tensor {
+    let (b, h, w) = (xs.size()[0], xs.size()[2], xs.size()[3]);
+    let device = xs.device();
+    let padded = Tensor::full([b, h + 2 * max, w + 2 * max], background, (xs.kind(), device)); // (B, H+2m, W+2m)
+    padded.narrow(1, max, h).narrow(2, max, w).copy_(&xs.squeeze_dim(1));
+    // Each image reads the window starting at its own offset in 0..=2*max.
+    let window = |n: i64| {
+        Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device)) + Tensor::arange(n, (Kind::Int64, device)).view([1, n])
+    };
+    let rows = window(h).view([b, h, 1]); // (B, H, 1)
+    let cols = window(w).view([b, 1, w]); // (B, 1, W)
+    let batch = Tensor::arange(b, (Kind::Int64, device)).view([b, 1, 1]);
+    padded.index(&[Some(batch), Some(rows), Some(cols)]).unsqueeze(1) // (B, 1, H, W)
+}
+
+/// What drives one training run, besides the model and the data.
+pub struct Trainer<'a> {
+    pub config: &'a TrainConfig,
+    pub head: Head,
+    /// The normalised value of a blank pixel, used to fill shifted-in borders.
+    pub background: f64,
+    /// Batches as rows of training-set indices, replacing the shuffled epochs (parity checks).
+    pub batch_order: Option<Tensor>,
+}
+
+impl Trainer<'_> {
+    fn optimizer(&self, vs: &nn::VarStore) -> Result<nn::Optimizer> {
+        let c = self.config;
+        Ok(match c.optimizer {
+            OptimizerKind::Sgd => nn::sgd(c.momentum, 0.0, c.weight_decay, false).build(vs, c.lr)?,
+            OptimizerKind::Adam => nn::adam(0.9, 0.999, c.weight_decay).build(vs, c.lr)?,
+            OptimizerKind::Adamw => nn::adamw(0.9, 0.999, c.weight_decay).build(vs, c.lr)?,
+        })
+    }
+
+    /// Index tensors of each batch of epoch `epoch`.
+    fn batches(&self, train_len: i64, device: Device) -> Vec<Tensor> {
+        if let Some(order) = &self.batch_order {
+            return (0..order.size()[0]).map(|i| order.get(i).to_device(device)).collect();
+        }
+        let perm = Tensor::randperm(train_len, (Kind::Int64, device));
+        let mut batches: Vec<Tensor> = perm.split(self.config.batch_size, 0);
+        if self.config.dry_run {
+            batches.truncate(DRY_RUN_BATCHES);
+        }
+        batches
+    }
+
+    fn steps_per_epoch(&self, train_len: i64) -> usize {
+        match &self.batch_order {
+            Some(order) => order.size()[0] as usize,
+            None if self.config.dry_run => DRY_RUN_BATCHES,
+            None => (train_len as usize).div_ceil(self.config.batch_size as usize),
+        }
+    }
+
+    /// Trains `model` (whose variables live in `vs`) on `data.train`, evaluating on
+    /// `data.test` after every epoch and handing each epoch's metrics to `on_epoch`.
+    pub fn run(
+        &self,
+        model: &impl Module,
+        vs: &nn::VarStore,
+        data: &Splits,
+        on_epoch: &mut dyn FnMut(&EpochMetrics) -> Result<()>,
+    ) -> Result<Vec<EpochMetrics>> {
+        let c = self.config;
+        let train = match c.limit_train {
+            Some(n) => data.train.take(n),
+            None => data.train.take(data.train.len()),
+        };
+        let test = if c.dry_run { data.test.take(DRY_RUN_TEST) } else { data.test.take(data.test.len()) };
+        let epochs = if self.batch_order.is_some() || c.dry_run { 1 } else { c.epochs };
+        let steps_per_epoch = self.steps_per_epoch(train.len());
+        let schedule = Schedule {
+            kind: c.schedule,
+            base_lr: c.lr,
+            gamma: c.gamma,
+            steps_per_epoch,
+            total_steps: steps_per_epoch * epochs,
+        };
+        let mut opt = self.optimizer(vs)?;
+        let mut history = Vec::new();
+        let mut step = 0usize;
+        let mut train_seconds = 0.0;
+        let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
+        for epoch in 1..=epochs {
+            let started = Instant::now();
+            let batches = self.batches(train.len(), vs.device());
+            let images: u64 = batches.iter().map(|b| b.size()[0] as u64).sum();
+            let progress = Progress::new(epoch, epochs, images);
+            let mut loss_sum = Tensor::zeros([], (Kind::Double, vs.device()));
+            let mut correct = Tensor::zeros([], (Kind::Int64, vs.device()));
+            let mut seen = 0i64;
+            let mut lr = c.lr;
+            for (i, idx) in batches.iter().enumerate() {
+                lr = schedule.lr_at(step);
+                opt.set_lr(lr);
+                let mut xs = train.images.index_select(0, idx); // (B, 1, 32, 32)
+                let ys = train.labels.index_select(0, idx); // (B,)
+                if c.shift > 0 {
+                    xs = random_shift(&xs, c.shift, self.background);
+                }
+                let logits = model.forward(&xs); // (B, 10)
+                let loss = self.head.loss(&logits, &ys);
+                opt.backward_step(&loss);
+                let b = idx.size()[0];
+                seen += b;
+                step += 1;
+                tch::no_grad(|| {
+                    loss_sum += loss.detach().to_kind(Kind::Double) * b as f64;
+                    correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64);
+                });
+                // Reading values back synchronises with the device, so only now and then.
+                if i % 20 == 19 || i + 1 == batches.len() {
+                    let loss_now = loss_sum.double_value(&[]) / seen as f64;
+                    if !loss_now.is_finite() {
+                        bail!("the training loss became {loss_now} by step {step} (learning rate {lr:.3e}); lower --lr");
+                    }
+                    let acc = correct.int64_value(&[]) as f64 / seen as f64;
+                    progress.update(seen as u64, loss_now, acc);
+                }
+            }
+            train_seconds += started.elapsed().as_secs_f64();
+            progress.finish();
+            let test_metrics = evaluate(&forward, self.head, &test, c.test_batch_size)?;
+            let row = EpochMetrics {
+                epoch,
+                lr,
+                train_loss: loss_sum.double_value(&[]) / seen.max(1) as f64,
+                train_accuracy: correct.int64_value(&[]) as f64 / seen.max(1) as f64,
+                test_loss: test_metrics.loss,
+                test_accuracy: test_metrics.accuracy(),
+                seconds: train_seconds,
+            };
+            eprintln!(
+                "epoch {epoch:>2}/{epochs}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  lr {:.2e}  {:.1}s",
+                row.train_loss,
+                100.0 * row.train_accuracy,
+                row.test_loss,
+                100.0 * row.test_accuracy,
+                row.lr,
+                row.seconds
+            );
+            on_epoch(&row)?;
+            history.push(row);
+        }
+        Ok(history)
+    }
+}
+
+/// A bar with loss, accuracy, images/s and ETA on a terminal; a plain line at each
+/// quarter of the epoch otherwise, so logs stay readable.
+struct Progress {
+    bar: ProgressBar,
+    tty: bool,
+    epoch: usize,
+    epochs: usize,
+    total: u64,
+    next_quarter: std::cell::Cell<u64>,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(epoch: usize, epochs: usize, total: u64) -> Progress {
+        let tty = std::io::stderr().is_terminal();
+        let bar = if tty { ProgressBar::new(total) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} img  {per_sec}  ETA {eta}  {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        Progress { bar, tty, epoch, epochs, total, next_quarter: 1.into(), started: Instant::now() }
+    }
+
+    fn update(&self, seen: u64, loss: f64, accuracy: f64) {
+        self.bar.set_position(seen);
+        self.bar.set_message(format!("loss {loss:.4} acc {:.2}%", 100.0 * accuracy));
+        let quarter = self.next_quarter.get();
+        if !self.tty && seen * 4 >= quarter * self.total && quarter < 4 {
+            let rate = seen as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "epoch {}/{} {:>3}%  {seen}/{} img  {rate:.0} img/s  loss {loss:.4} acc {:.2}%",
+                self.epoch,
+                self.epochs,
+                25 * quarter,
+                self.total,
+                100.0 * accuracy
+            );
+            self.next_quarter.set(quarter + 1);
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_shift_moves_each_image_by_at_most_max_and_keeps_its_pixels() {
+        tch::manual_seed(0);
+        let xs = Tensor::full([64, 1, 8, 8], -1.0, (Kind::Float, Device::Cpu));
+        let _ = xs.narrow(2, 3, 2).narrow(3, 3, 2).fill_(5.0); // a 2x2 dot in the middle
+        let shifted = random_shift(&xs, 2, -1.0);
+        assert_eq!(shifted.size(), [64, 1, 8, 8]);
+        let mut offsets = std::collections::BTreeSet::new();
+        for i in 0..64 {
+            let img = shifted.get(i).squeeze();
+            // The dot is whole (4 pixels) and everything else is background.
+            assert_eq!(img.eq(5.0).sum(Kind::Int64).int64_value(&[]), 4);
+            assert_eq!(img.eq(-1.0).sum(Kind::Int64).int64_value(&[]), 60);
+            let at = img.eq(5.0).nonzero().get(0);
+            let (y, x) = (at.int64_value(&[0]), at.int64_value(&[1]));
+            assert!((1..=5).contains(&y) && (1..=5).contains(&x), "dot moved to ({y}, {x})");
+            offsets.insert((y, x));
+        }
+        assert!(offsets.len() > 5, "shifts should vary between images: {offsets:?}");
+    }
+
+    #[test]
+    fn evaluate_counts_the_confusion_matrix() {
+        // A "model" that predicts the first pixel's value as the class.
+        let images = Tensor::from_slice(&[3f32, 3.0, 7.0, 1.0]).view([4, 1, 1, 1]);
+        let labels = Tensor::from_slice(&[3i64, 5, 7, 1]);
+        let data = Dataset { images, labels };
+        let forward = |xs: &Tensor| -> Result<Tensor> {
+            Ok(xs.view([-1]).to_kind(Kind::Int64).one_hot(NUM_CLASSES).to_kind(Kind::Float))
+        };
+        let m = evaluate(&forward, Head::Softmax, &data, 3).unwrap();
+        assert_eq!((m.correct, m.total), (3, 4));
+        assert_eq!(m.confusion[5][3], 1);
+        assert_eq!(m.confusion[3][3], 1);
+        assert_eq!(m.confusion.iter().flatten().sum::<i64>(), 4);
+        assert_eq!(m.per_class_accuracy()[5], 0.0);
+        assert_eq!(m.per_class_accuracy()[7], 1.0);
+    }
+}

@@ -1,0 +1,303 @@
+//! Model files in every format people have, recognised by content (a `.pt` may be a state
+//! dict or a TorchScript module), and state dicts checked whole before anything is copied.
+
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use tch::nn::{Module, VarStore};
+use tch::{CModule, Device, Kind, Tensor};
+
+use crate::card::ModelCard;
+use crate::model::{Head, LeNet5, ModelConfig};
+
+/// What a model file turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A safetensors file (what this program writes).
+    Safetensors,
+    /// `torch.save(model.state_dict(), path)`: a zip holding a pickle and raw tensor data.
+    TorchStateDict,
+    /// `torch.jit.script(model).save(path)` or a traced module: a zip with `code/`.
+    TorchScript,
+    /// tch's own `VarStore::save` format (`.ot`): a libtorch archive with `|` in names.
+    TchArchive,
+}
+
+impl Format {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::TorchStateDict => "PyTorch state dict (torch.save)",
+            Format::TorchScript => "TorchScript module",
+            Format::TchArchive => "tch archive (.ot)",
+        }
+    }
+}
+
+/// Recognises a model file from its first bytes and, for zips, the names inside.
+pub fn detect(path: &Path) -> Result<Format> {
+    let name = path.display();
+    let mut file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open"))?;
+    let mut head = [0u8; 9];
+    let n = file.read(&mut head).with_context(|| format!("{name}: cannot read"))?;
+    if n == 0 {
+        bail!("{name}: the file is empty");
+    }
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if n == 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) < len {
+        return Ok(Format::Safetensors);
+    }
+    if !head.starts_with(b"PK\x03\x04") {
+        bail!(
+            "{name}: not a model file this program reads (expected safetensors, a torch.save zip, \
+             TorchScript or a tch .ot; it starts with bytes {:02x?})",
+            &head[..n.min(4)]
+        );
+    }
+    let zip = zip::ZipArchive::new(std::fs::File::open(path)?)
+        .with_context(|| format!("{name}: a damaged or truncated zip archive"))?;
+    // Every PyTorch archive keeps its entries under one top-level folder.
+    let entries: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok()?.split_once('/').map(|(_, rest)| rest.to_string()))
+        .collect();
+    let has = |entry: &str| entries.iter().any(|e| *e == entry);
+    let has_prefix = |prefix: &str| entries.iter().any(|e| e.starts_with(prefix));
+    if !has("data.pkl") {
+        bail!("{name}: a zip file, but not a PyTorch one (no data.pkl inside)");
+    }
+    if has_prefix("code/__torch__/torch/serialize") || has_prefix("code/__torch__.py") {
+        // libtorch's serialize::OutputArchive, which tch's VarStore::save writes.
+        return Ok(Format::TchArchive);
+    }
+    if has("constants.pkl") || has_prefix("code/") {
+        return Ok(Format::TorchScript);
+    }
+    Ok(Format::TorchStateDict)
+}
+
+/// A renaming rule for foreign state dicts: `old=new` replaces a leading dotted prefix
+/// (`model=` strips `model.`, `features.0=conv1` renames `features.0.weight` to `conv1.weight`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyMap {
+    pub old: String,
+    pub new: String,
+}
+
+impl std::str::FromStr for KeyMap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (old, new) = s.split_once('=').ok_or_else(|| format!("expected OLD=NEW, got {s:?}"))?;
+        if old.is_empty() {
+            return Err(format!("the OLD part of {s:?} is empty"));
+        }
+        Ok(KeyMap { old: old.trim_end_matches('.').into(), new: new.trim_end_matches('.').into() })
+    }
+}
+
+/// Applies the first matching rule to `key`, on whole dotted components.
+pub fn rename(key: &str, maps: &[KeyMap]) -> String {
+    for m in maps {
+        let rest = if key == m.old { Some("") } else { key.strip_prefix(&format!("{}.", m.old)) };
+        if let Some(rest) = rest {
+            return match (m.new.is_empty(), rest.is_empty()) {
+                (true, _) => rest.to_string(),
+                (false, true) => m.new.clone(),
+                (false, false) => format!("{}.{rest}", m.new),
+            };
+        }
+    }
+    key.to_string()
+}
+
+/// Reads the named tensors of a state-dict-like file onto the CPU, names in PyTorch form.
+pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>> {
+    let name = path.display();
+    let tensors = match format {
+        Format::Safetensors => Tensor::read_safetensors(path),
+        Format::TorchStateDict => Tensor::loadz_multi_with_device(path, Device::Cpu),
+        Format::TchArchive => Tensor::load_multi_with_device(path, Device::Cpu),
+        Format::TorchScript => bail!("{name}: a TorchScript module, not a state dict"),
+    }
+    .map_err(|e| anyhow::anyhow!("{name}: cannot read the {} ({})", format.describe(), first_line(&e.to_string())))?;
+    // tch writes `conv1|weight` because libtorch archives reserve '.'.
+    Ok(tensors.into_iter().map(|(k, t)| (k.replace('|', "."), t)).collect())
+}
+
+/// libtorch errors carry a C++ backtrace after the first line; users need only the reason.
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}
+
+/// Checks a whole state dict against `vs` and copies it in only if every tensor fits:
+/// same names, same shapes, floating-point data. Lists every problem otherwise.
+pub fn load_state_dict(vs: &mut VarStore, tensors: Vec<(String, Tensor)>, maps: &[KeyMap], source: &str) -> Result<()> {
+    let given: BTreeMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (rename(&k, maps), t)).collect();
+    let mut wanted: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut problems = Vec::new();
+    for (name, var) in &wanted {
+        match given.get(name) {
+            None => problems.push(format!("missing {name} {:?}", var.size())),
+            Some(t) if t.size() != var.size() => {
+                problems.push(format!("wrong shape for {name}: expected {:?}, got {:?}", var.size(), t.size()))
+            }
+            Some(t) if !t.is_floating_point() => {
+                problems.push(format!("wrong dtype for {name}: {:?}, expected a floating-point tensor", t.kind()))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in given.keys().filter(|k| !wanted.iter().any(|(w, _)| w == *k)) {
+        problems.push(format!("unexpected {name} {:?}", given[name].size()));
+    }
+    if !problems.is_empty() {
+        let hint = common_prefix_hint(given.keys());
+        bail!("{source}: the state dict does not fit LeNet-5:\n  {}{hint}", problems.join("\n  "));
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in wanted {
+            var.copy_(&given[&name].to_kind(Kind::Float).to_device(var.device()));
+        }
+    });
+    Ok(())
+}
+
+/// Suggests `--key-map P=` when every key shares a first component like `model` or `module`.
+fn common_prefix_hint<'a>(mut keys: impl Iterator<Item = &'a String>) -> String {
+    let first = keys.next().and_then(|k| k.split_once('.')).map(|(p, _)| p.to_string());
+    match first {
+        Some(p) if !p.starts_with("conv") && !p.starts_with("fc") && keys.all(|k| k.starts_with(&format!("{p}."))) => {
+            format!("\n(every key starts with '{p}.': try --key-map {p}=)")
+        }
+        _ => String::new(),
+    }
+}
+
+/// A model ready to run: our LeNet-5 with loaded weights, or a TorchScript module as-is.
+pub enum Classifier {
+    Native { vs: VarStore, net: LeNet5, card: Option<ModelCard> },
+    Script { module: CModule, head: Head },
+}
+
+impl Classifier {
+    /// Logits `(B, 10)` for a normalised batch.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Classifier::Native { net, .. } => Ok(net.forward(xs)),
+            Classifier::Script { module, .. } => module
+                .forward_ts(&[xs])
+                .map_err(|e| anyhow::anyhow!("the TorchScript module failed: {}", first_line(&e.to_string()))),
+        }
+    }
+
+    pub fn head(&self) -> Head {
+        match self {
+            Classifier::Native { net, .. } => net.config.head,
+            Classifier::Script { head, .. } => *head,
+        }
+    }
+
+    pub fn card(&self) -> Option<&ModelCard> {
+        match self {
+            Classifier::Native { card, .. } => card.as_ref(),
+            Classifier::Script { .. } => None,
+        }
+    }
+}
+
+/// The model card beside a weights file: `NAME.json` for `NAME.safetensors` (or any extension).
+pub fn card_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// How to load a model file: overrides for what its card (if any) says.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub arch: Option<crate::model::Arch>,
+    pub head: Option<Head>,
+    pub key_maps: Vec<KeyMap>,
+}
+
+/// Loads any supported model file onto `device`.
+pub fn load(path: &Path, options: &LoadOptions, device: Device) -> Result<Classifier> {
+    let format = detect(path)?;
+    if format == Format::TorchScript {
+        let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            anyhow::anyhow!("{}: cannot load the TorchScript module ({})", path.display(), first_line(&e.to_string()))
+        })?;
+        module.set_eval();
+        return Ok(Classifier::Script { module, head: options.head.unwrap_or(Head::Softmax) });
+    }
+    let card_file = card_path(path);
+    let card = if card_file.is_file() { Some(ModelCard::read(&card_file)?) } else { None };
+    let config = ModelConfig {
+        arch: options.arch.or(card.as_ref().map(|c| c.model.arch)).unwrap_or(crate::model::Arch::Modern),
+        head: options.head.or(card.as_ref().map(|c| c.model.head)).unwrap_or(Head::Softmax),
+    };
+    let mut vs = VarStore::new(device);
+    let net = LeNet5::new(&vs.root(), config);
+    let tensors = read_tensors(path, format)?;
+    load_state_dict(&mut vs, tensors, &options.key_maps, &path.display().to_string())?;
+    Ok(Classifier::Native { vs, net, card })
+}
+
+/// Writes the variables of `vs` as safetensors with their PyTorch names, atomically.
+pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    crate::atomic::write_with(path, |tmp| {
+        Tensor::write_safetensors(&named, tmp).with_context(|| format!("{}: cannot write safetensors", tmp.display()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_maps_rename_whole_components() {
+        let maps: Vec<KeyMap> = ["model=", "features.0=conv1", "classifier.4.=fc3"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(rename("model.conv1.weight", &maps), "conv1.weight");
+        assert_eq!(rename("features.0.bias", &maps), "conv1.bias");
+        assert_eq!(rename("features.01.bias", &maps), "features.01.bias");
+        assert_eq!(rename("classifier.4.weight", &maps), "fc3.weight");
+        assert_eq!(rename("modelx.weight", &maps), "modelx.weight");
+        assert!("=x".parse::<KeyMap>().is_err());
+        assert!("nothing".parse::<KeyMap>().is_err());
+    }
+
+    #[test]
+    fn a_state_dict_that_does_not_fit_is_refused_whole_with_every_problem_named() {
+        let config = ModelConfig { arch: crate::model::Arch::Modern, head: Head::Softmax };
+        let mut vs = VarStore::new(Device::Cpu);
+        let _net = LeNet5::new(&vs.root(), config);
+        let before = vs.variables()["conv1.weight"].copy();
+        let mut tensors: Vec<(String, Tensor)> =
+            vs.variables().into_iter().map(|(k, t)| (k, t.zeros_like())).collect();
+        tensors.retain(|(k, _)| k != "fc2.bias");
+        for (k, t) in tensors.iter_mut() {
+            if k == "fc1.weight" {
+                *t = Tensor::zeros([120, 256], (Kind::Float, Device::Cpu));
+            }
+            if k == "fc3.bias" {
+                *t = Tensor::zeros([10], (Kind::Int64, Device::Cpu));
+            }
+        }
+        tensors.push(("bn.running_mean".into(), Tensor::zeros([6], (Kind::Float, Device::Cpu))));
+        let err = load_state_dict(&mut vs, tensors, &[], "f.pt").unwrap_err().to_string();
+        for expected in [
+            "missing fc2.bias [84]",
+            "wrong shape for fc1.weight: expected [120, 400], got [120, 256]",
+            "wrong dtype for fc3.bias: Int64",
+            "unexpected bn.running_mean [6]",
+        ] {
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+        }
+        assert!(err.starts_with("f.pt: "));
+        // Nothing was half-loaded: conv1.weight (which did fit) still holds its old values.
+        assert!(vs.variables()["conv1.weight"].equal(&before));
+    }
+}

@@ -1,0 +1,205 @@
+//! The real binary end to end: training, evaluation, reproducibility, other data sets and
+//! formats, and the one-line errors for bad input. Needs MNIST in data/mnist (scripts/setup).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lenet5(args: &[&str]) -> Output {
+    // One thread per process: cargo runs tests in parallel, and oversubscribed OpenMP
+    // threads spin against each other.
+    Command::new(env!("CARGO_BIN_EXE_lenet5")).args(args).env("OMP_NUM_THREADS", "1").output().expect("the binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = lenet5(args);
+    assert!(out.status.success(), "lenet5 {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail and returns its stderr, checking it is a clean error:
+/// non-zero exit, an `error:` line, no panic and no C++ backtrace.
+fn fails(args: &[&str]) -> String {
+    let out = lenet5(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "lenet5 {args:?} should fail");
+    assert!(stderr.contains("error:"), "no error line for {args:?}: {stderr}");
+    for bad in ["panicked", "Exception raised from", "frame #", "RUST_BACKTRACE"] {
+        assert!(!stderr.contains(bad), "{bad:?} in stderr of {args:?}: {stderr}");
+    }
+    stderr
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lenet5-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn card(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("lenet5.json")).unwrap()).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn dry_run_trains_saves_exports_and_eval_agrees() {
+    let out = temp_dir("dry");
+    ok(&["train", "--dry-run", "--threads", "1", "--out", s(&out)]);
+    for f in ["lenet5.safetensors", "lenet5.json", "lenet5.pt", "lenet5.check.safetensors", "metrics.csv", "metrics.jsonl"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let card = card(&out);
+    assert_eq!(card["model"]["arch"], "modern");
+    assert_eq!(card["parameters"], 61706);
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        s(&out.join("lenet5.safetensors")),
+        "--json",
+        "--threads",
+        "1",
+    ]))
+    .unwrap();
+    // `eval` rebuilds the model from the card alone and must count the same images right.
+    assert_eq!(eval["correct"], card["metrics"]["test_correct"]);
+    assert_eq!(eval["total"], 10000);
+    let header = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(header.starts_with("epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n"));
+}
+
+#[test]
+fn a_seeded_cpu_run_repeats_exactly() {
+    let run = |name| {
+        let out = temp_dir(name);
+        ok(&["train", "--epochs", "2", "--limit-train", "1500", "--shift", "2", "--seed", "7", "--threads", "1", "--out", s(&out)]);
+        let metrics: Vec<String> = std::fs::read_to_string(out.join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit_once(',').unwrap().0.to_string()) // all but the timing column
+            .collect();
+        (metrics, std::fs::read(out.join("lenet5.safetensors")).unwrap())
+    };
+    let (a, b) = (run("seed-a"), run("seed-b"));
+    assert_eq!(a.0, b.0, "metrics differ between two runs with the same seed");
+    assert!(a.1 == b.1, "weights differ between two runs with the same seed");
+    assert_eq!(a.0.len(), 3);
+}
+
+#[test]
+fn fashion_mnist_trains_with_its_own_classes() {
+    let out = temp_dir("fashion");
+    ok(&["train", "--dataset", "fashion-mnist", "--epochs", "1", "--limit-train", "3000", "--threads", "1", "--out", s(&out)]);
+    let card = card(&out);
+    assert_eq!(card["dataset"], "fashion-mnist");
+    assert_eq!(card["classes"][9], "Ankle boot");
+    let acc = card["metrics"]["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.6, "fashion-mnist accuracy {acc} after 3,000 images");
+}
+
+/// Writes the four MNIST files gzip'd (the torchvision layout) into `dir`.
+fn gzip_mnist(dir: &Path) {
+    use std::io::Write;
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+        let bytes = std::fs::read(Path::new("data/mnist").join(f)).expect("MNIST in data/mnist: run scripts/setup");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        std::fs::write(dir.join(format!("{f}.gz")), gz.finish().unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn gzipped_data_gives_the_same_result_and_broken_files_are_named() {
+    let model = temp_dir("gz-model");
+    ok(&["train", "--dry-run", "--threads", "1", "--out", s(&model)]);
+    let weights = model.join("lenet5.safetensors");
+    let gz = temp_dir("gz-data");
+    gzip_mnist(&gz);
+    let eval = |data: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&["eval", "--model", s(&weights), "--data", s(data), "--json", "--threads", "1"])).unwrap()
+    };
+    assert_eq!(eval(&gz)["correct"], eval(Path::new("data/mnist"))["correct"]);
+
+    // Break the gzip'd test labels in three ways; each error names the file.
+    let labels = gz.join("t10k-labels-idx1-ubyte.gz");
+    let good = std::fs::read(&labels).unwrap();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (good[..good.len() / 2].to_vec(), "corrupt gzip data"),
+        (vec![], "the file is empty"),
+        (b"\x1f\x8bnot really gzip".to_vec(), "corrupt gzip data"),
+    ];
+    for (bytes, reason) in cases {
+        std::fs::write(&labels, bytes).unwrap();
+        let err = fails(&["eval", "--model", s(&weights), "--data", s(&gz), "--threads", "1"]);
+        assert!(err.contains("t10k-labels-idx1-ubyte.gz") && err.contains(reason), "{reason}: {err}");
+    }
+}
+
+#[test]
+fn idx_problems_across_files_are_named() {
+    let model = temp_dir("idx-model");
+    ok(&["train", "--dry-run", "--threads", "1", "--out", s(&model)]);
+    let weights = model.join("lenet5.safetensors");
+    let dir = temp_dir("idx-data");
+    let images = std::fs::read("data/mnist/t10k-images-idx3-ubyte").unwrap();
+    let labels = std::fs::read("data/mnist/t10k-labels-idx1-ubyte").unwrap();
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"] {
+        std::fs::copy(Path::new("data/mnist").join(f), dir.join(f)).unwrap();
+    }
+    let write = |i: &[u8], l: &[u8]| {
+        std::fs::write(dir.join("t10k-images-idx3-ubyte"), i).unwrap();
+        std::fs::write(dir.join("t10k-labels-idx1-ubyte"), l).unwrap();
+    };
+    let eval = || fails(&["eval", "--model", s(&weights), "--data", s(&dir), "--threads", "1"]);
+
+    // More labels than images: drop the last 1,000 images and fix the header's count.
+    let mut fewer = images[..16 + 9000 * 784].to_vec();
+    fewer[4..8].copy_from_slice(&9000u32.to_be_bytes());
+    write(&fewer, &labels);
+    let err = eval();
+    assert!(err.contains("10000 labels for the 9000 images"), "{err}");
+
+    let mut bad_label = labels.clone();
+    bad_label[8 + 5] = 10;
+    write(&images, &bad_label);
+    let err = eval();
+    assert!(err.contains("t10k-labels-idx1-ubyte: label 10 at index 5 is out of range"), "{err}");
+
+    write(&labels, &labels);
+    let err = eval();
+    assert!(err.contains("t10k-images-idx3-ubyte: wrong magic number"), "{err}");
+
+    write(&images[..1000], &labels);
+    let err = eval();
+    assert!(err.contains("t10k-images-idx3-ubyte: truncated"), "{err}");
+}
+
+#[test]
+fn bad_command_lines_get_one_clear_line() {
+    let missing = fails(&["train", "--data", "/nonexistent/mnist", "--dry-run"]);
+    assert!(missing.contains("/nonexistent/mnist does not exist") && missing.contains("scripts/setup"), "{missing}");
+    let device = fails(&["train", "--device", "tpu", "--dry-run"]);
+    assert!(device.contains("--device tpu: unknown device"), "{device}");
+    if !tch::Cuda::is_available() {
+        let cuda = fails(&["train", "--device", "cuda", "--dry-run"]);
+        assert!(cuda.contains("no CUDA device"), "{cuda}");
+    }
+    let batch = fails(&["train", "--batch-size", "0", "--dry-run"]);
+    assert!(batch.contains("--batch-size 0: must be at least 1"), "{batch}");
+    let lr = fails(&["train", "--lr", "-1", "--dry-run"]);
+    assert!(lr.contains("--lr"), "{lr}");
+    let model = fails(&["eval", "--model", "/nonexistent/model.pt"]);
+    assert!(model.contains("/nonexistent/model.pt: cannot open"), "{model}");
+}
+
+#[test]
+fn summary_and_conv_print_the_numbers_of_the_paper() {
+    let summary = ok(&["summary"]);
+    for row in ["6x28x28", "6x14x14", "16x10x10", "16x5x5", "61706"] {
+        assert!(summary.contains(row), "{row} not in\n{summary}");
+    }
+    let conv = ok(&["conv"]);
+    assert!(conv.contains("4 3 4\n2 4 3\n2 3 4\n"), "{conv}");
+}

@@ -1,0 +1,48 @@
+//! Training through the library: a few thousand MNIST images must take a fresh LeNet-5 from
+//! chance to above 90% test accuracy. Needs MNIST in data/mnist (scripts/setup).
+
+use lenet5::data::{self, DatasetKind};
+use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
+use lenet5::schedule::ScheduleKind;
+use lenet5::train::{evaluate, OptimizerKind, TrainConfig, Trainer};
+use tch::nn::{Module, VarStore};
+use tch::{Device, Tensor};
+
+fn recipe() -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        batch_size: 64,
+        test_batch_size: 1000,
+        lr: 3e-3,
+        optimizer: OptimizerKind::Adamw,
+        momentum: 0.0,
+        weight_decay: 1e-4,
+        schedule: ScheduleKind::Onecycle,
+        gamma: 0.7,
+        shift: 0,
+        seed: 3,
+        limit_train: Some(4000),
+        dry_run: false,
+    }
+}
+
+#[test]
+fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
+    tch::set_num_threads(1);
+    let splits = data::load(DatasetKind::Mnist, None).expect("MNIST in data/mnist: run scripts/setup");
+    for (arch, head) in [(Arch::Modern, Head::Softmax), (Arch::Classic, Head::Sigmoid)] {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let net = LeNet5::new(&vs.root(), ModelConfig { arch, head });
+        let forward = |xs: &Tensor| -> anyhow::Result<Tensor> { Ok(net.forward(xs)) };
+        let before = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
+        assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
+        let config = recipe();
+        let trainer = Trainer { config: &config, head, background: -0.1307 / 0.3081, batch_order: None };
+        let history = trainer.run(&net, &vs, &splits, &mut |_| Ok(())).unwrap();
+        let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
+        assert!(after > 0.9, "{arch:?}/{head:?}: {after} after 2 epochs of 4,000 images");
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1].test_accuracy, after, "the history's last test accuracy is the final one");
+    }
+}
