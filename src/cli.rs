@@ -11,9 +11,11 @@ use tch::{Device, Tensor};
 use crate::card::{CardMetrics, ModelCard};
 use crate::data::{self, DatasetKind};
 use crate::model::{Arch, Head, LeNet5, ModelConfig};
-use crate::run::RunDir;
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::interrupt::{Interrupted, StopRequest};
+use crate::run::{RunDir, RunObserver, CHECKPOINT_FILE};
 use crate::schedule::ScheduleKind;
-use crate::train::{self, OptimizerKind, TrainConfig, Trainer};
+use crate::train::{self, OptimizerKind, Outcome, TrainConfig, Trainer};
 use crate::weights::{self, Classifier, KeyMap, LoadOptions};
 
 #[derive(Parser, Debug)]
@@ -37,6 +39,11 @@ pub enum Command {
     Info(RuntimeArgs),
     /// The classic convolution example, computed with libtorch and with a plain loop.
     Conv(crate::conv::ConvArgs),
+    /// PNG pictures of a trained model: input, filters, feature maps, probabilities, training
+    /// curves, confusion matrix and mistakes.
+    Visualize(crate::visualize::VisualizeArgs),
+    /// The digit in each of your own images (PNG, JPEG, BMP, PGM), with the top-3 probabilities.
+    Predict(crate::predict::PredictArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -62,7 +69,7 @@ pub struct RuntimeArgs {
 
 impl RuntimeArgs {
     /// Applies the thread count and resolves the device.
-    fn apply(&self) -> Result<Device> {
+    pub fn apply(&self) -> Result<Device> {
         if let Some(n) = self.threads {
             ensure!(n > 0, "--threads {n}: must be at least 1");
             tch::set_num_threads(n);
@@ -89,7 +96,7 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self, device: Device) -> Result<Classifier> {
+    pub fn load(&self, device: Device) -> Result<Classifier> {
         let options = LoadOptions { arch: self.arch, head: self.head, key_maps: self.key_maps.clone() };
         weights::load(&self.model, &options, device)
     }
@@ -152,6 +159,15 @@ pub struct TrainArgs {
     /// instead of shuffling: one step per row, for parity checks against PyTorch.
     #[arg(long, value_name = "FILE")]
     pub batch_order: Option<PathBuf>,
+    /// Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Continue the interrupted run in DIR from its checkpoint, with its saved recipe (the
+    /// recipe flags here are ignored). Weights, step, schedule position, shuffling and metrics
+    /// carry over exactly; the optimizer's momentum and Adam moments restart from zero, since
+    /// tch cannot save them, so only plain SGD resumes bit-identically.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -168,6 +184,7 @@ impl TrainArgs {
         if let Some(n) = self.limit_train {
             ensure!(n > 0, "--limit-train {n}: must be at least 1");
         }
+        ensure!(self.checkpoint_every != Some(0), "--checkpoint-every 0: must be at least 1");
         Ok(TrainConfig {
             epochs: self.epochs,
             batch_size: self.batch_size,
@@ -249,6 +266,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Conv(args) => crate::conv::run(&args),
+        Command::Visualize(args) => crate::visualize::run(&args),
+        Command::Predict(args) => crate::predict::run(&args),
     }
 }
 
@@ -256,48 +275,89 @@ pub fn run(cli: Cli) -> Result<()> {
 const CHECK_BATCH: i64 = 64;
 
 fn train_command(args: &TrainArgs) -> Result<()> {
-    let config = args.config()?;
     let device = args.runtime.apply()?;
-    let run = RunDir::create(&args.out_dir())?;
+    // A new run takes its recipe from the flags; a resumed one from its checkpoint.
+    let (meta, saved_weights, out) = match &args.resume {
+        Some(dir) => {
+            ensure!(args.init.is_none() && args.batch_order.is_none(), "--resume continues a run as it was; it takes no --init or --batch-order");
+            let (meta, weights) = checkpoint::load(&dir.join(CHECKPOINT_FILE))?;
+            (meta, Some(weights), dir.clone())
+        }
+        None => {
+            let model = ModelConfig { arch: args.arch, head: args.head };
+            let meta = CheckpointMeta::new(model, args.data.dataset, args.data.data.clone(), args.config()?, args.checkpoint_every);
+            (meta, None, args.out_dir())
+        }
+    };
+    let config = &meta.config;
+    let run = RunDir::create(&out)?;
     let started = Instant::now();
     tch::manual_seed(config.seed);
-    let data = data::load(args.data.dataset, args.data.data.as_deref())?;
+    let data = data::load(meta.dataset, meta.data_dir.as_deref())?;
     let data = data::Splits { train: data.train.to_device(device), test: data.test.to_device(device) };
-    let model_config = ModelConfig { arch: args.arch, head: args.head };
     let mut vs = VarStore::new(device);
-    let net = LeNet5::new(&vs.root(), model_config);
-    if let Some(init) = &args.init {
-        let format = weights::detect(init)?;
-        weights::load_state_dict(&mut vs, weights::read_tensors(init, format)?, &[], &init.display().to_string())?;
+    let net = LeNet5::new(&vs.root(), meta.model);
+    let weights_source = args.resume.as_ref().map(|d| d.join(CHECKPOINT_FILE)).or(args.init.clone());
+    if let Some(source) = &weights_source {
+        let tensors = match saved_weights {
+            Some(tensors) => tensors,
+            None => weights::read_tensors(source, weights::detect(source)?)?,
+        };
+        weights::load_state_dict(&mut vs, tensors, &[], &source.display().to_string())?;
     }
     let batch_order = match &args.batch_order {
         Some(path) => Some(read_batch_order(path, data.train.len())?),
         None => None,
     };
-    let norm = args.data.dataset.normalization();
-    let trainer = Trainer { config: &config, head: args.head, background: -norm.mean / norm.std, batch_order };
+    let norm = meta.dataset.normalization();
+    let trainer = Trainer {
+        config,
+        head: meta.model.head,
+        background: -norm.mean / norm.std,
+        batch_order,
+        checkpoint_every: meta.checkpoint_every,
+    };
     eprintln!(
-        "training LeNet-5 ({:?}, {:?}) on {:?} with {} on {}: {} epochs, batch {}, lr {}, {:?} schedule, {} threads",
-        args.arch,
-        args.head,
-        args.data.dataset,
-        format!("{:?}", config.optimizer).to_lowercase(),
+        "{} LeNet-5 ({}, {}) on {} with {} on {}: {} epochs, batch {}, lr {}, {} schedule, {} threads",
+        if args.resume.is_some() { "resuming" } else { "training" },
+        value_name(&meta.model.arch),
+        value_name(&meta.model.head),
+        value_name(&meta.dataset),
+        value_name(&config.optimizer),
         crate::device::name(device),
-        config.epochs,
+        trainer.epochs(),
         config.batch_size,
         config.lr,
-        config.schedule,
+        value_name(&config.schedule),
         tch::get_num_threads()
     );
-    let history = trainer.run(&net, &vs, &data, &mut |_| Ok(()))
-        .and_then(|h| {
-            run.write_metrics(&h)?;
-            Ok(h)
-        })?;
+    if args.resume.is_some() {
+        eprintln!(
+            "continuing at epoch {} after step {}; the optimizer's momentum/moment buffers start afresh (tch cannot save them)",
+            meta.state.epoch.max(1),
+            meta.state.step
+        );
+    }
+    let stop = StopRequest::install()?;
+    let state = meta.state.clone();
+    let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), stop: stop.clone() };
+    let history = match trainer.run(&net, &vs, &data, state, &mut observer)? {
+        Outcome::Finished(history) => history,
+        Outcome::Stopped(state) => {
+            eprintln!(
+                "stopped after step {} (epoch {}); checkpoint saved in {}\nresume with: lenet5 train --resume {}",
+                state.step,
+                state.epoch,
+                run.dir.join(CHECKPOINT_FILE).display(),
+                run.dir.display()
+            );
+            return Err(Interrupted { exit_code: stop.requested().unwrap_or(130) }.into());
+        }
+    };
     let last = history.last().context("training ran no epoch")?;
     let forward = |xs: &Tensor| -> Result<Tensor> { Ok(tch::nn::Module::forward(&net, xs)) };
-    let test = train::evaluate(&forward, args.head, &data.test, config.test_batch_size)?;
-    let mut card = ModelCard::new(model_config, args.data.dataset, parameter_count(&vs), Some(config.seed));
+    let test = train::evaluate(&forward, meta.model.head, &data.test, config.test_batch_size)?;
+    let mut card = ModelCard::new(meta.model, meta.dataset, parameter_count(&vs), Some(config.seed));
     card.metrics = Some(CardMetrics {
         test_accuracy: test.accuracy(),
         test_loss: test.loss,
@@ -311,9 +371,11 @@ fn train_command(args: &TrainArgs) -> Result<()> {
         "train_seconds": last.seconds,
         "wall_seconds": started.elapsed().as_secs_f64(),
         "epochs_run": history.len(),
+        "resumed": args.resume.is_some(),
     }));
     let prefix = run.model_prefix();
-    crate::export::export(&vs, &net, &card, &prefix, &data.test.images.narrow(0, 0, CHECK_BATCH.min(data.test.len())), false)?;
+    let check_inputs = data.test.images.narrow(0, 0, CHECK_BATCH.min(data.test.len()));
+    crate::export::export(&vs, &net, &card, &prefix, &check_inputs, false)?;
     println!(
         "test accuracy {:.2}% ({}/{}), loss {:.4}; trained in {:.1}s ({:.1}s wall); model: {}.{{safetensors,json,pt}}",
         100.0 * test.accuracy(),

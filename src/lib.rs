@@ -3,15 +3,21 @@
 
 pub mod atomic;
 pub mod card;
+pub mod checkpoint;
 pub mod cli;
 pub mod conv;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod interrupt;
+pub mod handwriting;
 pub mod model;
+pub mod pictures;
+pub mod predict;
 pub mod run;
 pub mod schedule;
 pub mod train;
+pub mod visualize;
 pub mod weights;
 
 /// The tch crate this was built with (kept in step with Cargo.toml's `=` pin).

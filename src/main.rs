@@ -6,6 +6,8 @@ fn main() {
     let cli = lenet5::cli::Cli::parse();
     if let Err(err) = lenet5::cli::run(cli) {
         eprintln!("error: {err:#}");
-        std::process::exit(1);
+        // A run stopped by a signal exits as a shell expects: 130 for SIGINT, 143 for SIGTERM.
+        let code = err.downcast_ref::<lenet5::interrupt::Interrupted>().map_or(1, |i| i.exit_code);
+        std::process::exit(code);
     }
 }

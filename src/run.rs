@@ -1,10 +1,15 @@
 //! The run folder: where `train` puts the metrics history (CSV and JSON lines, rewritten
-//! atomically after every epoch) and the trained model under the name [`MODEL_NAME`].
+//! atomically after every epoch), the latest checkpoint, and the trained model under the
+//! name [`MODEL_NAME`].
 
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
-use crate::train::EpochMetrics;
+use tch::nn::VarStore;
+
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::interrupt::StopRequest;
+use crate::train::{EpochMetrics, Observer, TrainState};
 
 /// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
 pub const MODEL_NAME: &str = "lenet5";
@@ -42,5 +47,29 @@ impl RunDir {
         }
         crate::atomic::write(&self.dir.join("metrics.csv"), csv.as_bytes())?;
         crate::atomic::write(&self.dir.join("metrics.jsonl"), jsonl.as_bytes())
+    }
+}
+
+/// The run's latest checkpoint, replaced at every epoch end and every --checkpoint-every steps.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Keeps a run folder current while training: a checkpoint and the metrics history at
+/// every checkpoint, and a stop when a signal arrives.
+pub struct RunObserver<'a> {
+    pub run: &'a RunDir,
+    pub vs: &'a VarStore,
+    pub meta: CheckpointMeta,
+    pub stop: StopRequest,
+}
+
+impl Observer for RunObserver<'_> {
+    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
+        self.meta.state = state.clone();
+        checkpoint::save(&self.run.dir.join(CHECKPOINT_FILE), self.vs, &self.meta)?;
+        self.run.write_metrics(&state.history)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.stop.requested().is_some()
     }
 }

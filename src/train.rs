@@ -131,6 +131,62 @@ pub fn random_shift(xs: &Tensor, max: i64, background: f64) -> Tensor {
     padded.index(&[Some(batch), Some(rows), Some(cols)]).unsqueeze(1) // (B, 1, H, W)
 }
 
+/// Where a run stands between two steps: enough to continue it exactly (with a fresh
+/// optimizer state, which tch cannot save). Saved in checkpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// The epoch in progress, from 1.
+    pub epoch: usize,
+    /// Batches of that epoch already trained on.
+    pub batch: usize,
+    /// Optimizer steps taken in the whole run.
+    pub step: usize,
+    /// Running sums of the epoch in progress, for its train loss and accuracy.
+    pub epoch_loss_sum: f64,
+    pub epoch_correct: i64,
+    pub epoch_seen: i64,
+    /// Training seconds of the finished epochs.
+    pub seconds: f64,
+    pub history: Vec<EpochMetrics>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Finished(Vec<EpochMetrics>),
+    /// A stop was requested (a signal); the state was checkpointed.
+    Stopped(TrainState),
+}
+
+/// Hooks through which the caller watches and steers a run.
+pub trait Observer {
+    /// Called with the state after every `every` steps, at the end of each epoch (after
+    /// its evaluation) and before stopping. The model's weights are those of `state`.
+    fn checkpoint(&mut self, state: &TrainState) -> Result<()>;
+    /// Asked after every step; true stops the run at the next checkpoint.
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that keeps nothing, for tests and benchmarks.
+pub struct NoCheckpoints;
+impl Observer for NoCheckpoints {
+    fn checkpoint(&mut self, _: &TrainState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The random stream of epoch `epoch` (its shuffle) and of step `step` (its augmentation)
+/// are seeded from the run's seed alone, so a run resumed from any step replays them.
+fn seed_for(seed: i64, stream: u64, index: usize) -> i64 {
+    // SplitMix64 of (seed, stream, index): well-spread seeds for neighbouring indices.
+    let mut z = (seed as u64) ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64 & i64::MAX
+}
+
 /// What drives one training run, besides the model and the data.
 pub struct Trainer<'a> {
     pub config: &'a TrainConfig,
@@ -139,6 +195,8 @@ pub struct Trainer<'a> {
     pub background: f64,
     /// Batches as rows of training-set indices, replacing the shuffled epochs (parity checks).
     pub batch_order: Option<Tensor>,
+    /// Also checkpoint every this many steps (besides every epoch end).
+    pub checkpoint_every: Option<usize>,
 }
 
 impl Trainer<'_> {
@@ -151,11 +209,12 @@ impl Trainer<'_> {
         })
     }
 
-    /// Index tensors of each batch of epoch `epoch`.
-    fn batches(&self, train_len: i64, device: Device) -> Vec<Tensor> {
+    /// Index tensors of each batch of `epoch`.
+    fn batches(&self, epoch: usize, train_len: i64, device: Device) -> Vec<Tensor> {
         if let Some(order) = &self.batch_order {
             return (0..order.size()[0]).map(|i| order.get(i).to_device(device)).collect();
         }
+        tch::manual_seed(seed_for(self.config.seed, 1, epoch));
         let perm = Tensor::randperm(train_len, (Kind::Int64, device));
         let mut batches: Vec<Tensor> = perm.split(self.config.batch_size, 0);
         if self.config.dry_run {
@@ -172,22 +231,25 @@ impl Trainer<'_> {
         }
     }
 
-    /// Trains `model` (whose variables live in `vs`) on `data.train`, evaluating on
-    /// `data.test` after every epoch and handing each epoch's metrics to `on_epoch`.
+    /// Number of epochs this run trains for.
+    pub fn epochs(&self) -> usize {
+        if self.batch_order.is_some() || self.config.dry_run { 1 } else { self.config.epochs }
+    }
+
+    /// Trains `model` (whose variables live in `vs`) on `data.train` from `state` (the
+    /// default state for a new run), evaluating on `data.test` after every epoch.
     pub fn run(
         &self,
         model: &impl Module,
         vs: &nn::VarStore,
         data: &Splits,
-        on_epoch: &mut dyn FnMut(&EpochMetrics) -> Result<()>,
-    ) -> Result<Vec<EpochMetrics>> {
+        mut state: TrainState,
+        observer: &mut dyn Observer,
+    ) -> Result<Outcome> {
         let c = self.config;
-        let train = match c.limit_train {
-            Some(n) => data.train.take(n),
-            None => data.train.take(data.train.len()),
-        };
-        let test = if c.dry_run { data.test.take(DRY_RUN_TEST) } else { data.test.take(data.test.len()) };
-        let epochs = if self.batch_order.is_some() || c.dry_run { 1 } else { c.epochs };
+        let train = data.train.take(c.limit_train.unwrap_or(i64::MAX));
+        let test = data.test.take(if c.dry_run { DRY_RUN_TEST } else { i64::MAX });
+        let epochs = self.epochs();
         let steps_per_epoch = self.steps_per_epoch(train.len());
         let schedule = Schedule {
             kind: c.schedule,
@@ -197,58 +259,82 @@ impl Trainer<'_> {
             total_steps: steps_per_epoch * epochs,
         };
         let mut opt = self.optimizer(vs)?;
-        let mut history = Vec::new();
-        let mut step = 0usize;
-        let mut train_seconds = 0.0;
         let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
-        for epoch in 1..=epochs {
+        state.epoch = state.epoch.max(1);
+        while state.epoch <= epochs {
+            let epoch = state.epoch;
             let started = Instant::now();
-            let batches = self.batches(train.len(), vs.device());
+            let batches = self.batches(epoch, train.len(), vs.device());
             let images: u64 = batches.iter().map(|b| b.size()[0] as u64).sum();
             let progress = Progress::new(epoch, epochs, images);
-            let mut loss_sum = Tensor::zeros([], (Kind::Double, vs.device()));
-            let mut correct = Tensor::zeros([], (Kind::Int64, vs.device()));
-            let mut seen = 0i64;
-            let mut lr = c.lr;
-            for (i, idx) in batches.iter().enumerate() {
-                lr = schedule.lr_at(step);
+            let device = vs.device();
+            let mut loss_sum = Tensor::from(state.epoch_loss_sum).to_device(device);
+            let mut correct = Tensor::from(state.epoch_correct).to_device(device);
+            let mut lr = schedule.lr_at(state.step);
+            let sync = |state: &mut TrainState, loss_sum: &Tensor, correct: &Tensor, lr: f64| -> Result<()> {
+                // Reading values back synchronises with the device, so only now and then.
+                state.epoch_loss_sum = loss_sum.double_value(&[]);
+                state.epoch_correct = correct.int64_value(&[]);
+                let loss = state.epoch_loss_sum / state.epoch_seen.max(1) as f64;
+                if !loss.is_finite() {
+                    bail!(
+                        "the training loss became {loss} by step {} (learning rate {lr:.3e}); the last \
+                         checkpoint holds the weights before that; try a lower --lr",
+                        state.step
+                    );
+                }
+                Ok(())
+            };
+            for idx in &batches[state.batch..] {
+                lr = schedule.lr_at(state.step);
                 opt.set_lr(lr);
                 let mut xs = train.images.index_select(0, idx); // (B, 1, 32, 32)
                 let ys = train.labels.index_select(0, idx); // (B,)
                 if c.shift > 0 {
+                    tch::manual_seed(seed_for(c.seed, 2, state.step));
                     xs = random_shift(&xs, c.shift, self.background);
                 }
                 let logits = model.forward(&xs); // (B, 10)
                 let loss = self.head.loss(&logits, &ys);
                 opt.backward_step(&loss);
                 let b = idx.size()[0];
-                seen += b;
-                step += 1;
                 tch::no_grad(|| {
                     loss_sum += loss.detach().to_kind(Kind::Double) * b as f64;
                     correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64);
                 });
-                // Reading values back synchronises with the device, so only now and then.
-                if i % 20 == 19 || i + 1 == batches.len() {
-                    let loss_now = loss_sum.double_value(&[]) / seen as f64;
-                    if !loss_now.is_finite() {
-                        bail!("the training loss became {loss_now} by step {step} (learning rate {lr:.3e}); lower --lr");
-                    }
-                    let acc = correct.int64_value(&[]) as f64 / seen as f64;
-                    progress.update(seen as u64, loss_now, acc);
+                state.epoch_seen += b;
+                state.step += 1;
+                state.batch += 1;
+                let at_checkpoint = self.checkpoint_every.is_some_and(|n| state.step % n == 0);
+                let stopping = observer.should_stop();
+                if state.batch % 20 == 0 || state.batch == batches.len() || at_checkpoint || stopping {
+                    sync(&mut state, &loss_sum, &correct, lr)?;
+                    let seen = state.epoch_seen as f64;
+                    progress.update(state.epoch_seen as u64, state.epoch_loss_sum / seen, state.epoch_correct as f64 / seen);
+                }
+                if stopping {
+                    progress.finish();
+                    state.seconds += started.elapsed().as_secs_f64();
+                    observer.checkpoint(&state)?;
+                    return Ok(Outcome::Stopped(state));
+                }
+                if at_checkpoint && state.batch < batches.len() {
+                    observer.checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() })?;
                 }
             }
-            train_seconds += started.elapsed().as_secs_f64();
+            sync(&mut state, &loss_sum, &correct, lr)?;
+            state.seconds += started.elapsed().as_secs_f64();
             progress.finish();
             let test_metrics = evaluate(&forward, self.head, &test, c.test_batch_size)?;
+            let seen = state.epoch_seen.max(1) as f64;
             let row = EpochMetrics {
                 epoch,
                 lr,
-                train_loss: loss_sum.double_value(&[]) / seen.max(1) as f64,
-                train_accuracy: correct.int64_value(&[]) as f64 / seen.max(1) as f64,
+                train_loss: state.epoch_loss_sum / seen,
+                train_accuracy: state.epoch_correct as f64 / seen,
                 test_loss: test_metrics.loss,
                 test_accuracy: test_metrics.accuracy(),
-                seconds: train_seconds,
+                seconds: state.seconds,
             };
             eprintln!(
                 "epoch {epoch:>2}/{epochs}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  lr {:.2e}  {:.1}s",
@@ -259,10 +345,11 @@ impl Trainer<'_> {
                 row.lr,
                 row.seconds
             );
-            on_epoch(&row)?;
-            history.push(row);
+            state.history.push(row);
+            state = TrainState { epoch: epoch + 1, step: state.step, seconds: state.seconds, history: state.history, ..Default::default() };
+            observer.checkpoint(&state)?;
         }
-        Ok(history)
+        Ok(Outcome::Finished(state.history))
     }
 }
 

@@ -55,26 +55,29 @@ pub fn detect(path: &Path) -> Result<Format> {
             &head[..n.min(4)]
         );
     }
-    let zip = zip::ZipArchive::new(std::fs::File::open(path)?)
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(path)?)
         .with_context(|| format!("{name}: a damaged or truncated zip archive"))?;
     // Every PyTorch archive keeps its entries under one top-level folder.
-    let entries: Vec<String> = zip
-        .file_names()
-        .filter_map(|n| n.ok()?.split_once('/').map(|(_, rest)| rest.to_string()))
-        .collect();
-    let has = |entry: &str| entries.iter().any(|e| *e == entry);
-    let has_prefix = |prefix: &str| entries.iter().any(|e| e.starts_with(prefix));
-    if !has("data.pkl") {
+    let entries: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    let find = |suffix: &str| entries.iter().find(|e| e.split_once('/').is_some_and(|(_, rest)| rest == suffix));
+    if find("data.pkl").is_none() {
         bail!("{name}: a zip file, but not a PyTorch one (no data.pkl inside)");
     }
-    if has_prefix("code/__torch__/torch/serialize") || has_prefix("code/__torch__.py") {
-        // libtorch's serialize::OutputArchive, which tch's VarStore::save writes.
-        return Ok(Format::TchArchive);
+    let Some(code): Option<String> = find("code/__torch__.py").or_else(|| entries.iter().find(|e| e.contains("/code/"))).cloned() else {
+        return Ok(Format::TorchStateDict); // torch.save of a dict: pickle and tensor data only
+    };
+    // tch's VarStore::save writes a libtorch serialize::OutputArchive: a TorchScript
+    // container class named `Module` whose parameters are the tensors, `.` spelt `|`.
+    let mut source = String::new();
+    zip.by_name(&code)
+        .ok()
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut source).ok())
+        .with_context(|| format!("{name}: cannot read {code} inside the archive"))?;
+    if source.starts_with("class Module(Module):") && !source.contains("def forward") {
+        Ok(Format::TchArchive)
+    } else {
+        Ok(Format::TorchScript)
     }
-    if has("constants.pkl") || has_prefix("code/") {
-        return Ok(Format::TorchScript);
-    }
-    Ok(Format::TorchStateDict)
 }
 
 /// A renaming rule for foreign state dicts: `old=new` replaces a leading dotted prefix

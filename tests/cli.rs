@@ -91,12 +91,12 @@ fn a_seeded_cpu_run_repeats_exactly() {
 #[test]
 fn fashion_mnist_trains_with_its_own_classes() {
     let out = temp_dir("fashion");
-    ok(&["train", "--dataset", "fashion-mnist", "--epochs", "1", "--limit-train", "3000", "--threads", "1", "--out", s(&out)]);
+    ok(&["train", "--dataset", "fashion-mnist", "--epochs", "2", "--limit-train", "5000", "--threads", "1", "--out", s(&out)]);
     let card = card(&out);
     assert_eq!(card["dataset"], "fashion-mnist");
     assert_eq!(card["classes"][9], "Ankle boot");
     let acc = card["metrics"]["test_accuracy"].as_f64().unwrap();
-    assert!(acc > 0.6, "fashion-mnist accuracy {acc} after 3,000 images");
+    assert!(acc > 0.7, "fashion-mnist accuracy {acc} after 2 epochs of 5,000 images");
 }
 
 /// Writes the four MNIST files gzip'd (the torchvision layout) into `dir`.
@@ -188,7 +188,7 @@ fn bad_command_lines_get_one_clear_line() {
     }
     let batch = fails(&["train", "--batch-size", "0", "--dry-run"]);
     assert!(batch.contains("--batch-size 0: must be at least 1"), "{batch}");
-    let lr = fails(&["train", "--lr", "-1", "--dry-run"]);
+    let lr = fails(&["train", "--lr=-1", "--dry-run"]);
     assert!(lr.contains("--lr"), "{lr}");
     let model = fails(&["eval", "--model", "/nonexistent/model.pt"]);
     assert!(model.contains("/nonexistent/model.pt: cannot open"), "{model}");

@@ -4,7 +4,7 @@
 use lenet5::data::{self, DatasetKind};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::schedule::ScheduleKind;
-use lenet5::train::{evaluate, OptimizerKind, TrainConfig, Trainer};
+use lenet5::train::{evaluate, NoCheckpoints, OptimizerKind, Outcome, TrainConfig, TrainState, Trainer};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
 
@@ -38,8 +38,8 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         let before = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
         let config = recipe();
-        let trainer = Trainer { config: &config, head, background: -0.1307 / 0.3081, batch_order: None };
-        let history = trainer.run(&net, &vs, &splits, &mut |_| Ok(())).unwrap();
+        let trainer = Trainer { config: &config, head, background: -0.1307 / 0.3081, batch_order: None, checkpoint_every: None };
+        let Outcome::Finished(history) = trainer.run(&net, &vs, &splits, TrainState::default(), &mut NoCheckpoints).unwrap() else { panic!("nothing asked the run to stop") };
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > 0.9, "{arch:?}/{head:?}: {after} after 2 epochs of 4,000 images");
         assert_eq!(history.len(), 2);

@@ -1,0 +1,90 @@
+//! Training checkpoints: the weights and everything needed to continue the run, in one
+//! safetensors file (the run's state rides along as a JSON byte tensor), so a checkpoint
+//! is replaced in a single atomic rename and can never disagree with itself.
+
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::card::Provenance;
+use crate::data::DatasetKind;
+use crate::model::ModelConfig;
+use crate::train::{TrainConfig, TrainState};
+
+/// The name of the tensor holding the JSON metadata.
+const META_TENSOR: &str = "__lenet5_checkpoint__";
+const FORMAT: &str = "lenet5-checkpoint";
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub format_version: u32,
+    pub model: ModelConfig,
+    pub dataset: DatasetKind,
+    pub data_dir: Option<PathBuf>,
+    pub config: TrainConfig,
+    pub checkpoint_every: Option<usize>,
+    pub state: TrainState,
+    pub provenance: Provenance,
+}
+
+impl CheckpointMeta {
+    pub fn new(
+        model: ModelConfig,
+        dataset: DatasetKind,
+        data_dir: Option<PathBuf>,
+        config: TrainConfig,
+        checkpoint_every: Option<usize>,
+    ) -> CheckpointMeta {
+        CheckpointMeta {
+            format: FORMAT.into(),
+            format_version: VERSION,
+            model,
+            dataset,
+            data_dir,
+            provenance: Provenance::here(Some(config.seed)),
+            config,
+            checkpoint_every,
+            state: TrainState::default(),
+        }
+    }
+}
+
+/// Writes the weights of `vs` and `meta` to `path`, atomically.
+pub fn save(path: &Path, vs: &VarStore, meta: &CheckpointMeta) -> Result<()> {
+    let json = serde_json::to_vec(meta).expect("checkpoint metadata always serialises");
+    let mut named: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named.push((META_TENSOR.into(), Tensor::from_slice(&json)));
+    crate::atomic::write_with(path, |tmp| {
+        Tensor::write_safetensors(&named, tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))
+    })
+}
+
+/// Reads a checkpoint: its metadata and the weights, by PyTorch name.
+pub fn load(path: &Path) -> Result<(CheckpointMeta, Vec<(String, Tensor)>)> {
+    let name = path.display();
+    ensure!(path.is_file(), "{name}: no checkpoint there (train writes one at the end of every epoch)");
+    let mut tensors = Tensor::read_safetensors(path)
+        .map_err(|e| anyhow::anyhow!("{name}: not a readable checkpoint ({})", e.to_string().lines().next().unwrap_or("")))?;
+    let at = tensors
+        .iter()
+        .position(|(k, _)| k == META_TENSOR)
+        .with_context(|| format!("{name}: safetensors without lenet5 checkpoint metadata"))?;
+    let (_, meta) = tensors.swap_remove(at);
+    ensure!(meta.kind() == Kind::Uint8 && meta.dim() == 1, "{name}: damaged checkpoint metadata");
+    let bytes = Vec::<u8>::try_from(&meta).with_context(|| format!("{name}: damaged checkpoint metadata"))?;
+    let meta: CheckpointMeta =
+        serde_json::from_slice(&bytes).with_context(|| format!("{name}: damaged checkpoint metadata"))?;
+    ensure!(
+        meta.format == FORMAT && meta.format_version == VERSION,
+        "{name}: checkpoint format {} v{} is not {FORMAT} v{VERSION}",
+        meta.format,
+        meta.format_version
+    );
+    Ok((meta, tensors))
+}
