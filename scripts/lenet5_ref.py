@@ -13,6 +13,8 @@ import gzip
 import hashlib
 import io
 import json
+import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 # -----------------------------------------------------------------------------
 # Constants. Each has a twin in Rust; change both or neither.
@@ -238,7 +241,7 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 # -----------------------------------------------------------------------------
 # Training: one loop over batches given as index tensors, shared by train_reference and
-# parity (train.rs Trainer::run, without augmentation or schedules).
+# parity (train.rs Trainer::run, without its random shifts).
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
@@ -303,23 +306,26 @@ class WeightsError(ValueError):
 def detect_format(path) -> str:
     """'safetensors', 'state-dict' (torch.save), 'torchscript' or 'tch-archive' (tch .ot)."""
     path = Path(path)
-    head = path.read_bytes()[:9] if path.is_file() else b""
-    if not head:
+    if not path.is_file() or path.stat().st_size == 0:
         raise WeightsError(f"{path}: missing or empty")
+    with open(path, "rb") as f:
+        head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         return "safetensors"
     if head[:4] != b"PK\x03\x04":
         raise WeightsError(f"{path}: not a model file (expected safetensors, a torch.save zip, TorchScript "
                            f"or a tch .ot; it starts with bytes {head[:4].hex(' ')})")
-    entries = [n.split("/", 1)[1] for n in zipfile.ZipFile(path).namelist() if "/" in n]
-    if "data.pkl" not in entries:
-        raise WeightsError(f"{path}: a zip file, but not a PyTorch one (no data.pkl inside)")
-    if not any(e.startswith("code/") for e in entries):
-        return "state-dict"
-    # tch's VarStore::save writes libtorch's serialize::OutputArchive: a TorchScript module
-    # with parameters only, named `conv1|weight` since '.' separates submodules there.
-    names = [n for n, _ in torch.jit.load(str(path), map_location="cpu").named_parameters()]
-    return "tch-archive" if names and all("|" in n for n in names) else "torchscript"
+    with zipfile.ZipFile(path) as z:
+        entries = {n.split("/", 1)[1]: n for n in z.namelist() if "/" in n}  # under one top folder
+        if "data.pkl" not in entries:
+            raise WeightsError(f"{path}: a zip file, but not a PyTorch one (no data.pkl inside)")
+        code = entries.get("code/__torch__.py") or next((n for e, n in entries.items() if e.startswith("code/")), None)
+        if code is None:
+            return "state-dict"  # torch.save: a pickle and tensor data, no code
+        source = z.read(code).decode("utf-8", "replace")
+    # tch's VarStore::save writes libtorch's serialize::OutputArchive: a TorchScript class named
+    # Module with parameters `conv1|weight`, ... and no methods. Same rule as weights.rs detect.
+    return "tch-archive" if source.startswith("class Module(Module):") and "def forward" not in source else "torchscript"
 
 
 def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
@@ -327,7 +333,6 @@ def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, to
     replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`)."""
     path, fmt = Path(path), detect_format(path)
     if fmt == "safetensors":
-        from safetensors.torch import load_file
         tensors = load_file(str(path))
     elif fmt == "state-dict":
         try:
@@ -445,7 +450,6 @@ def load_exported(prefix, verify: bool = True) -> Export:
             if got != entry["sha256"]:
                 raise WeightsError(f"{folder / entry['name']}: sha256 {got} differs from the card's "
                                    f"{entry['sha256']} ({role})")
-    from safetensors.torch import load_file
     model = load_weights(model_from_card(card), read_state_dict(folder / files["weights"]["name"]),
                          str(folder / files["weights"]["name"])).eval()
     scripted = torch.jit.load(str(folder / files["torchscript"]["name"]), map_location="cpu").eval()
@@ -456,8 +460,6 @@ def load_exported(prefix, verify: bool = True) -> Export:
 def write_card(path, model: LeNet5, dataset: str, metrics: Metrics | None, training: dict | None,
                files: dict[str, Path], seed: int | None = None) -> dict:
     """A card in card.rs's format for a PyTorch-trained model, so the same readers work."""
-    import sys
-    import time
     mean, std = NORMALIZATION[dataset]
     card = {
         "format": CARD_FORMAT, "format_version": CARD_VERSION,

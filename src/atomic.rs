@@ -3,21 +3,24 @@
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The temporary sibling of `path`; it keeps the extension, since some writers (tch's
-/// `VarStore::save`) choose the format from it.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
+/// A fresh private folder beside `path` to write into. The file inside keeps `path`'s own
+/// name, since some writers derive content from it (tch's `VarStore::save` picks the format
+/// from the extension; TorchScript archives name their top folder after the file).
+fn temp_dir_for(path: &Path) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let parent = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    parent.join(format!(".lenet5-tmp-{}-{n}", std::process::id()))
 }
 
 /// Lets `write` produce the file at a temporary path, then renames it over `path`.
 /// On failure the temporary file is removed and `path` is untouched.
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    }
-    let tmp = temp_path(path);
+    let dir = temp_dir_for(path);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create a folder beside it", path.display()))?;
+    let tmp = dir.join(path.file_name().context("a file path needs a file name")?);
     let result = write(&tmp).and_then(|()| {
         // Data on disk before the rename makes it visible.
         std::fs::File::open(&tmp)
@@ -25,9 +28,7 @@ pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resul
             .with_context(|| format!("{}: cannot sync", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
     });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp); // best effort: the error that matters is `result`'s
-    }
+    let _ = std::fs::remove_dir_all(&dir); // best effort: the error that matters is `result`'s
     result.with_context(|| format!("{}: not written", path.display()))
 }
 

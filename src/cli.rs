@@ -412,7 +412,7 @@ fn eval_command(args: &EvalArgs) -> Result<()> {
     let device = args.runtime.apply()?;
     let classifier = args.model.load(device)?;
     let dataset = classifier.card().map(|c| c.dataset).unwrap_or(args.data.dataset);
-    let test = data::load(dataset, args.data.data.as_deref())?.test.to_device(device);
+    let test = data::load_test(dataset, args.data.data.as_deref())?.to_device(device);
     let forward = |xs: &Tensor| classifier.forward(xs);
     let m = train::evaluate(&forward, classifier.head(), &test, args.batch_size)
         .with_context(|| format!("evaluating {}", args.model.model.display()))?;
@@ -450,7 +450,7 @@ fn export_command(args: &ExportArgs) -> Result<()> {
         bail!("{}: already a TorchScript module; export needs weights (safetensors, state dict or .ot)", args.model.model.display());
     };
     let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);
-    let check_inputs = data::load(dataset, args.data.data.as_deref())?.test.images.narrow(0, 0, CHECK_BATCH);
+    let check_inputs = data::load_test(dataset, args.data.data.as_deref())?.images.narrow(0, 0, CHECK_BATCH);
     let mut card = card.clone().unwrap_or_else(|| {
         ModelCard::new(net.config, dataset, parameter_count(vs), None)
     });

@@ -224,15 +224,25 @@ pub fn normalize(xs: &Tensor, norm: Normalization) -> Tensor {
     (xs - norm.mean) / norm.std
 }
 
-/// Loads both splits of `kind` from `dir` (its default folder when `None`).
-pub fn load(kind: DatasetKind, dir: Option<&Path>) -> Result<Splits> {
-    let default = kind.default_dir();
-    let dir = dir.unwrap_or(&default);
+/// The data folder of `kind`: `dir`, or its default folder when `None`. It must exist.
+fn data_dir(kind: DatasetKind, dir: Option<&Path>) -> Result<PathBuf> {
+    let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| kind.default_dir());
     if !dir.is_dir() {
         bail!("data folder {} does not exist; {}", dir.display(), kind.fetch_hint());
     }
+    Ok(dir)
+}
+
+/// Loads both splits of `kind` from `dir` (its default folder when `None`).
+pub fn load(kind: DatasetKind, dir: Option<&Path>) -> Result<Splits> {
+    let dir = data_dir(kind, dir)?;
     let norm = kind.normalization();
-    Ok(Splits { train: load_split(dir, "train", norm)?, test: load_split(dir, "t10k", norm)? })
+    Ok(Splits { train: load_split(&dir, "train", norm)?, test: load_split(&dir, "t10k", norm)? })
+}
+
+/// Loads only the test split, for evaluation and export.
+pub fn load_test(kind: DatasetKind, dir: Option<&Path>) -> Result<Dataset> {
+    load_split(&data_dir(kind, dir)?, "t10k", kind.normalization())
 }
 
 #[cfg(test)]

@@ -187,6 +187,20 @@ fn seed_for(seed: i64, stream: u64, index: usize) -> i64 {
     (z ^ (z >> 31)) as i64 & i64::MAX
 }
 
+/// Refuses to go on (and so to checkpoint) once a weight is NaN or infinite, which a
+/// finite loss can hide for one step; the last checkpoint then stays the last good one.
+fn check_finite(vs: &nn::VarStore, state: &TrainState, lr: f64) -> Result<()> {
+    let bad = vs.variables().into_iter().find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0);
+    match bad {
+        None => Ok(()),
+        Some((name, _)) => bail!(
+            "{name} became NaN or infinite by step {} (learning rate {lr:.3e}); the run folder keeps \
+             the last good checkpoint; try a lower --lr",
+            state.step
+        ),
+    }
+}
+
 /// What drives one training run, besides the model and the data.
 pub struct Trainer<'a> {
     pub config: &'a TrainConfig,
@@ -278,8 +292,8 @@ impl Trainer<'_> {
                 let loss = state.epoch_loss_sum / state.epoch_seen.max(1) as f64;
                 if !loss.is_finite() {
                     bail!(
-                        "the training loss became {loss} by step {} (learning rate {lr:.3e}); the last \
-                         checkpoint holds the weights before that; try a lower --lr",
+                        "the training loss became {loss} by step {} (learning rate {lr:.3e}); the run \
+                         folder keeps the last good checkpoint; try a lower --lr",
                         state.step
                     );
                 }
@@ -315,10 +329,12 @@ impl Trainer<'_> {
                 if stopping {
                     progress.finish();
                     state.seconds += started.elapsed().as_secs_f64();
+                    check_finite(vs, &state, lr)?;
                     observer.checkpoint(&state)?;
                     return Ok(Outcome::Stopped(state));
                 }
                 if at_checkpoint && state.batch < batches.len() {
+                    check_finite(vs, &state, lr)?;
                     observer.checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() })?;
                 }
             }
@@ -347,6 +363,7 @@ impl Trainer<'_> {
             );
             state.history.push(row);
             state = TrainState { epoch: epoch + 1, step: state.step, seconds: state.seconds, history: state.history, ..Default::default() };
+            check_finite(vs, &state, lr)?;
             observer.checkpoint(&state)?;
         }
         Ok(Outcome::Finished(state.history))

@@ -1,0 +1,40 @@
+"""The Python scripts' command lines: help texts state their defaults and tolerances, and
+train_reference writes the files the Rust side writes, with the same columns."""
+
+import json
+
+import pytest
+
+from conftest import L, load_script
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("train_reference", ["--epochs", "(default: 8)", "--batch-size", "(default: 128)", "--lr", "(default: 0.003)",
+                         "--optimizer", "(default: adamw)", "--seed", "(default: 1)", "--save-model", "--dry-run",
+                         "--out", "--data", "--arch", "--head", "--test-batch-size"]),
+    ("crosscheck", ["max abs diff <= 0.0001", "argmax agreement 100%", "test_correct"]),
+    ("parity", ["--threshold", "(default: 0.0001)", "--steps", "(default: 300)", "lerp_"]),
+])
+def test_help_states_defaults_and_tolerances(script, expected, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [script, "--help"])
+    with pytest.raises(SystemExit) as e:
+        load_script(script).main()
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for s in expected:
+        assert s in text, f"{s!r} not in the help of {script}"
+
+
+def test_train_reference_writes_rusts_files(python_run, test_set):
+    m = L.read_metrics(python_run)  # the header is METRICS_COLUMNS, as Rust writes it
+    assert m["epoch"] == [1] and 0 < m["train_accuracy"][0] <= 1 and 0 < m["seconds"][0]
+    rows = [json.loads(line) for line in (python_run / "metrics.jsonl").read_text().splitlines()]
+    assert [list(r) for r in rows] == [L.METRICS_COLUMNS]
+    card = L.read_card(python_run / "reference_state_dict.json")
+    assert card["files"]["weights"]["sha256"] == L.sha256_file(python_run / "reference_state_dict.pt")
+    assert card["metrics"]["test_accuracy"] == m["test_accuracy"][0] > 0.8
+    # Both saved forms compute the card's numbers.
+    x, y = test_set
+    for f in ("reference_state_dict.pt", "reference_scripted.pt"):
+        got = L.evaluate(L.load_model(python_run / f), x, y)
+        assert (got.correct, got.total) == (card["metrics"]["test_correct"], card["metrics"]["test_total"]), f
