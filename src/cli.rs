@@ -204,15 +204,10 @@ impl TrainArgs {
 
     fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
-            let (d, a, h) = (value_name(&self.data.dataset), value_name(&self.arch), value_name(&self.head));
+            let (d, a, h) = (crate::flag_name(&self.data.dataset), crate::flag_name(&self.arch), crate::flag_name(&self.head));
             PathBuf::from(format!("runs/{d}-{a}-{h}"))
         })
     }
-}
-
-/// The command-line spelling of a value enum (`fashion-mnist`, `modern`).
-fn value_name(v: &impl clap::ValueEnum) -> String {
-    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
 }
 
 #[derive(Args, Debug)]
@@ -320,15 +315,15 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     eprintln!(
         "{} LeNet-5 ({}, {}) on {} with {} on {}: {} epochs, batch {}, lr {}, {} schedule, {} threads",
         if args.resume.is_some() { "resuming" } else { "training" },
-        value_name(&meta.model.arch),
-        value_name(&meta.model.head),
-        value_name(&meta.dataset),
-        value_name(&config.optimizer),
+        crate::flag_name(&meta.model.arch),
+        crate::flag_name(&meta.model.head),
+        crate::flag_name(&meta.dataset),
+        crate::flag_name(&config.optimizer),
         crate::device::name(device),
         trainer.epochs(),
         config.batch_size,
         config.lr,
-        value_name(&config.schedule),
+        crate::flag_name(&config.schedule),
         tch::get_num_threads()
     );
     if args.resume.is_some() {

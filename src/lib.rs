@@ -16,6 +16,7 @@ pub mod pictures;
 pub mod predict;
 pub mod run;
 pub mod schedule;
+pub mod torch_pickle;
 pub mod train;
 pub mod visualize;
 pub mod weights;
@@ -24,3 +25,9 @@ pub mod weights;
 pub const TCH_VERSION: &str = "0.24.0";
 /// The libtorch this was built against, read from the wheel by `build.rs`.
 pub const LIBTORCH_VERSION: &str = env!("LENET5_LIBTORCH_VERSION");
+
+/// The command-line spelling of a value enum (`modern`, `fashion-mnist`), for messages and
+/// folder names.
+pub fn flag_name(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}

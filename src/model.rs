@@ -30,6 +30,18 @@ pub enum Head {
     Sigmoid,
 }
 
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::flag_name(self))
+    }
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::flag_name(self))
+    }
+}
+
 impl Head {
     /// Mean loss of a batch of logits `(B, 10)` against integer labels `(B,)`.
     pub fn loss(self, logits: &Tensor, labels: &Tensor) -> Tensor {

@@ -44,8 +44,9 @@ pub fn detect(path: &Path) -> Result<Format> {
     if n == 0 {
         bail!("{name}: the file is empty");
     }
-    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    if n == 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) < len {
+    // safetensors: a little-endian u64 header length, then the JSON header. A length beyond
+    // the file still says "safetensors" (a truncated one), and reading it says what is wrong.
+    if n == 9 && head[8] == b'{' && u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) < 100 << 20 {
         return Ok(Format::Safetensors);
     }
     if !head.starts_with(b"PK\x03\x04") {
@@ -234,7 +235,13 @@ pub fn load(path: &Path, options: &LoadOptions, device: Device) -> Result<Classi
         return Ok(Classifier::Script { module, head: options.head.unwrap_or(Head::Softmax) });
     }
     let card_file = card_path(path);
-    let card = if card_file.is_file() { Some(ModelCard::read(&card_file)?) } else { None };
+    let card = if card_file.is_file() {
+        let card = ModelCard::read(&card_file)?;
+        check_card_matches(&card, &card_file, path)?;
+        Some(card)
+    } else {
+        None
+    };
     let config = ModelConfig {
         arch: options.arch.or(card.as_ref().map(|c| c.model.arch)).unwrap_or(crate::model::Arch::Modern),
         head: options.head.or(card.as_ref().map(|c| c.model.head)).unwrap_or(Head::Softmax),
@@ -243,7 +250,35 @@ pub fn load(path: &Path, options: &LoadOptions, device: Device) -> Result<Classi
     let net = LeNet5::new(&vs.root(), config);
     let tensors = read_tensors(path, format)?;
     load_state_dict(&mut vs, tensors, &options.key_maps, &path.display().to_string())?;
+    if card.is_none() && (options.arch.is_none() || options.head.is_none()) {
+        eprintln!(
+            "note: no model card {} beside {}; taking --arch {} --head {}",
+            card_file.display(),
+            path.display(),
+            config.arch,
+            config.head
+        );
+    }
     Ok(Classifier::Native { vs, net, card })
+}
+
+/// A card that names this weights file must carry its checksum: otherwise the card
+/// describes other weights (a stale copy, a file renamed over another).
+fn check_card_matches(card: &ModelCard, card_file: &Path, weights: &Path) -> Result<()> {
+    let name = weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(entry) = card.files.values().find(|e| e.name == name) {
+        let actual = crate::card::sha256_file(weights)?;
+        if actual != entry.sha256 {
+            bail!(
+                "{}: does not match {} (its SHA-256 is {}…, the card records {}…): the card describes other weights",
+                card_file.display(),
+                weights.display(),
+                &actual[..12],
+                &entry.sha256[..entry.sha256.len().min(12)]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes the variables of `vs` as safetensors with their PyTorch names, atomically.
