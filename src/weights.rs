@@ -120,7 +120,8 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>
     let name = path.display();
     let tensors = match format {
         Format::Safetensors => Tensor::read_safetensors(path),
-        Format::TorchStateDict => Tensor::loadz_multi_with_device(path, Device::Cpu),
+        // libtorch's unpickler cannot read state_dict()'s OrderedDict; ours names its errors.
+        Format::TorchStateDict => return crate::torch_pickle::read_state_dict(path),
         Format::TchArchive => Tensor::load_multi_with_device(path, Device::Cpu),
         Format::TorchScript => bail!("{name}: a TorchScript module, not a state dict"),
     }
