@@ -37,13 +37,17 @@ pub enum Command {
     Summary(SummaryArgs),
     /// Versions of tch and libtorch, threads, CUDA devices and cuDNN.
     Info(RuntimeArgs),
-    /// The classic convolution example, computed with libtorch and with a plain loop.
+    /// The convolution walkthrough: the classic example (or your matrices, or a filter on a real
+    /// digit) window by window, computed with libtorch and with a plain loop.
     Conv(crate::conv::ConvArgs),
     /// PNG pictures of a trained model: input, filters, feature maps, probabilities, training
     /// curves, confusion matrix and mistakes.
     Visualize(crate::visualize::VisualizeArgs),
     /// The digit in each of your own images (PNG, JPEG, BMP, PGM), with the top-3 probabilities.
     Predict(crate::predict::PredictArgs),
+    /// One measurement of the Rust side for scripts/bench: training steps, evaluation,
+    /// single-image latency or time to 99% test accuracy.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -172,7 +176,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// Checks every flag before any work starts.
-    fn config(&self) -> Result<TrainConfig> {
+    pub(crate) fn config(&self) -> Result<TrainConfig> {
         ensure!(self.epochs > 0, "--epochs {}: must be at least 1", self.epochs);
         ensure!(self.batch_size > 0, "--batch-size {}: must be at least 1", self.batch_size);
         ensure!(self.test_batch_size > 0, "--test-batch-size {}: must be at least 1", self.test_batch_size);
@@ -263,6 +267,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Conv(args) => crate::conv::run(&args),
         Command::Visualize(args) => crate::visualize::run(&args),
         Command::Predict(args) => crate::predict::run(&args),
+        Command::Bench(args) => crate::bench::run(&args),
     }
 }
 
@@ -407,7 +412,7 @@ fn eval_command(args: &EvalArgs) -> Result<()> {
     let device = args.runtime.apply()?;
     let classifier = args.model.load(device)?;
     let dataset = classifier.card().map(|c| c.dataset).unwrap_or(args.data.dataset);
-    let test = data::load_test(dataset, args.data.data.as_deref())?.to_device(device);
+    let test = data::load_test(dataset, args.data.data.as_deref(), dataset.normalization())?.to_device(device);
     let forward = |xs: &Tensor| classifier.forward(xs);
     let m = train::evaluate(&forward, classifier.head(), &test, args.batch_size)
         .with_context(|| format!("evaluating {}", args.model.model.display()))?;
@@ -445,7 +450,7 @@ fn export_command(args: &ExportArgs) -> Result<()> {
         bail!("{}: already a TorchScript module; export needs weights (safetensors, state dict or .ot)", args.model.model.display());
     };
     let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);
-    let check_inputs = data::load_test(dataset, args.data.data.as_deref())?.images.narrow(0, 0, CHECK_BATCH);
+    let check_inputs = data::load_test(dataset, args.data.data.as_deref(), dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
     let mut card = card.clone().unwrap_or_else(|| {
         ModelCard::new(net.config, dataset, parameter_count(vs), None)
     });

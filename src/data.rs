@@ -240,9 +240,10 @@ pub fn load(kind: DatasetKind, dir: Option<&Path>) -> Result<Splits> {
     Ok(Splits { train: load_split(&dir, "train", norm)?, test: load_split(&dir, "t10k", norm)? })
 }
 
-/// Loads only the test split, for evaluation and export.
-pub fn load_test(kind: DatasetKind, dir: Option<&Path>) -> Result<Dataset> {
-    load_split(&data_dir(kind, dir)?, "t10k", kind.normalization())
+/// Loads only the test split (for evaluation, export and pictures), normalised with `norm`
+/// (usually `kind.normalization()`).
+pub fn load_test(kind: DatasetKind, dir: Option<&Path>, norm: Normalization) -> Result<Dataset> {
+    load_split(&data_dir(kind, dir)?, "t10k", norm)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! with PyTorch. The binary in `main.rs` is a thin shell over this library.
 
 pub mod atomic;
+pub mod bench;
 pub mod card;
 pub mod checkpoint;
 pub mod cli;

@@ -1,0 +1,293 @@
+//! `lenet5 bench`: the Rust half of `scripts/bench`. Each call measures one thing (training
+//! steps, evaluation, single-image latency, time to 99%) through the library's own code paths
+//! and prints the figures, as one JSON object with `--json`, so the harness can compare them
+//! with PyTorch's. Its Python twin is the `--child` mode of `scripts/bench`.
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Parser, ValueEnum};
+use serde_json::{json, Value};
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::{Cli, Command, DataArgs, RuntimeArgs};
+use crate::data::{self, Splits};
+use crate::model::LeNet5;
+use crate::train::{self, EpochMetrics, Observer, Outcome, TrainState, Trainer};
+use crate::weights::{self, Classifier, LoadOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Measure {
+    /// Steady-state training throughput: `Trainer::run` on random batches, warm-up excluded.
+    Train,
+    /// Evaluation throughput of `--model` on the test set (`train::evaluate`).
+    Eval,
+    /// Single-image latency of `--model` (LeNet-5 weights run by this crate's model).
+    Latency,
+    /// Single-image latency of a TorchScript `--model` run by libtorch's interpreter.
+    LatencyScript,
+    /// Training seconds (evaluation excluded) until the test accuracy first reaches
+    /// `--target`, with the default recipe of `lenet5 train`.
+    #[value(name = "time-to-99")]
+    TimeTo99,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum)]
+    pub what: Measure,
+    /// Batch size [default: 256 train, 1000 eval, 1 latency; time-to-99 uses the recipe's 128].
+    #[arg(long)]
+    pub batch_size: Option<i64>,
+    /// Timed training steps, passes over the test set, or calls [default: 200, 5, 2000].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Untimed steps, passes or calls before timing starts [default: 20, 1, 200].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Model file for eval and latency [default: models/mnist/lenet5.safetensors;
+    /// models/mnist/lenet5.pt for latency-script].
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// Test accuracy that time-to-99 waits for.
+    #[arg(long, default_value_t = 0.99)]
+    pub target: f64,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Single-image latency cycles through this many test images.
+const LATENCY_IMAGES: i64 = 1000;
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let device = args.runtime.apply()?;
+    let (batch, steps, warmup) = match args.what {
+        Measure::Train => (256, 200, 20),
+        Measure::Eval => (1000, 5, 1),
+        Measure::Latency | Measure::LatencyScript => (1, 2000, 200),
+        Measure::TimeTo99 => (0, 0, 0), // the recipe decides
+    };
+    let batch = args.batch_size.unwrap_or(batch);
+    let steps = args.steps.unwrap_or(steps);
+    let warmup = args.warmup.unwrap_or(warmup);
+    ensure!(batch > 0 || args.what == Measure::TimeTo99, "--batch-size {batch}: must be at least 1");
+    ensure!(steps > 0 || args.what == Measure::TimeTo99, "--steps {steps}: must be at least 1");
+    let mut out = match args.what {
+        Measure::Train => train_throughput(args, device, batch, steps, warmup)?,
+        Measure::Eval => eval_throughput(args, device, batch, steps, warmup)?,
+        Measure::Latency | Measure::LatencyScript => latency(args, device, batch, steps, warmup)?,
+        Measure::TimeTo99 => time_to_target(args, device)?,
+    };
+    out["what"] = json!(crate::flag_name(&args.what));
+    out["side"] = json!("rust");
+    out["device"] = json!(crate::device::name(device));
+    out["threads"] = json!(tch::get_num_threads());
+    out["libtorch"] = json!(crate::LIBTORCH_VERSION);
+    out["peak_rss_mib"] = json!(peak_rss_mib());
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+/// Waits for queued CUDA work, so a clock read afterwards includes it (CPU ops are synchronous).
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// This process's peak resident memory (`VmHWM`, as the Python side reads it), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The recipe of a plain `lenet5 train`: its flags' defaults, so the two never drift.
+fn default_train_args() -> Result<crate::cli::TrainArgs> {
+    match Cli::try_parse_from(["lenet5", "train"])?.command {
+        Command::Train(args) => Ok(args),
+        _ => unreachable!("`lenet5 train` parses as the train command"),
+    }
+}
+
+/// Both splits on `device`, and a freshly initialised model (seed 1) of the default recipe.
+fn setup_training(args: &BenchArgs, device: Device) -> Result<(crate::cli::TrainArgs, Splits, VarStore, LeNet5)> {
+    let recipe = default_train_args()?;
+    let data = data::load(args.data.dataset, args.data.data.as_deref())?;
+    let data = Splits { train: data.train.to_device(device), test: data.test.to_device(device) };
+    tch::manual_seed(recipe.seed);
+    let vs = VarStore::new(device);
+    let net = LeNet5::new(&vs.root(), crate::model::ModelConfig { arch: recipe.arch, head: recipe.head });
+    Ok((recipe, data, vs, net))
+}
+
+/// Clocks `Trainer::run` from the end of step `warmup` to the end of step `warmup + steps`,
+/// then asks it to stop. `should_stop` is asked after every step.
+struct StepClock {
+    warmup: usize,
+    steps: usize,
+    device: Device,
+    taken: Cell<usize>,
+    started: Cell<Option<Instant>>,
+    seconds: Cell<f64>,
+}
+
+impl Observer for StepClock {
+    fn checkpoint(&mut self, _: &TrainState) -> Result<()> {
+        Ok(())
+    }
+
+    fn should_stop(&self) -> bool {
+        let n = self.taken.get() + 1;
+        self.taken.set(n);
+        if n == self.warmup {
+            sync(self.device);
+            self.started.set(Some(Instant::now()));
+        }
+        if n == self.warmup + self.steps {
+            sync(self.device);
+            self.seconds.set(self.started.get().map_or(0.0, |t| t.elapsed().as_secs_f64()));
+            return true;
+        }
+        false
+    }
+}
+
+fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, warmup: usize) -> Result<Value> {
+    ensure!(warmup > 0, "--warmup 0: training needs at least one untimed step");
+    let (recipe, data, vs, net) = setup_training(args, device)?;
+    let config = train::TrainConfig { batch_size: batch, ..recipe.config()? };
+    // Random batches given as a batch order, one row per step, plus one spare row so the
+    // run stops before its epoch ends (and evaluates).
+    let rows = (warmup + steps + 1) as i64;
+    let order = Tensor::randint(data.train.len(), [rows, batch], (Kind::Int64, Device::Cpu));
+    let norm = args.data.dataset.normalization();
+    let trainer = Trainer {
+        config: &config,
+        head: net.config.head,
+        background: -norm.mean / norm.std,
+        batch_order: Some(order),
+        checkpoint_every: None,
+    };
+    let mut clock =
+        StepClock { warmup, steps, device, taken: 0.into(), started: None.into(), seconds: 0.0.into() };
+    match trainer.run(&net, &vs, &data, TrainState::default(), &mut clock)? {
+        Outcome::Stopped(_) => {}
+        Outcome::Finished(_) => bail!("the run ended before {} steps", warmup + steps),
+    }
+    let seconds = clock.seconds.get();
+    Ok(json!({
+        "batch_size": batch, "steps": steps, "warmup": warmup, "seconds": seconds,
+        "images_per_s": (steps as f64 * batch as f64) / seconds,
+        "recipe": config,
+    }))
+}
+
+fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Classifier)> {
+    let default = if args.what == Measure::LatencyScript { "models/mnist/lenet5.pt" } else { "models/mnist/lenet5.safetensors" };
+    let path = args.model.clone().unwrap_or_else(|| PathBuf::from(default));
+    let classifier = weights::load(&path, &LoadOptions::default(), device)?;
+    if args.what == Measure::LatencyScript && !matches!(classifier, Classifier::Script { .. }) {
+        bail!("{}: latency-script needs a TorchScript module (lenet5 export writes NAME.pt)", path.display());
+    }
+    Ok((path, classifier))
+}
+
+fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, warmup: usize) -> Result<Value> {
+    let (path, classifier) = load_model(args, device)?;
+    let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?.to_device(device);
+    let forward = |xs: &Tensor| classifier.forward(xs);
+    for _ in 0..warmup {
+        train::evaluate(&forward, classifier.head(), &test, batch)?;
+    }
+    sync(device);
+    let started = Instant::now();
+    let mut metrics = None;
+    for _ in 0..passes {
+        // evaluate reads its counts back to the CPU, so each pass has finished when it returns.
+        metrics = Some(train::evaluate(&forward, classifier.head(), &test, batch)?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let accuracy = metrics.context("no pass was timed")?.accuracy();
+    Ok(json!({
+        "model": path, "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
+        "images_per_s": (passes as f64 * test.len() as f64) / seconds, "accuracy": accuracy,
+    }))
+}
+
+fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: usize) -> Result<Value> {
+    let (path, classifier) = load_model(args, device)?;
+    let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?.to_device(device);
+    let inputs: Vec<Tensor> = (0..LATENCY_IMAGES.min(test.len() / batch).max(1))
+        .map(|i| test.images.narrow(0, i * batch, batch)) // (batch, 1, 32, 32)
+        .collect();
+    let mut micros = Vec::with_capacity(calls);
+    tch::no_grad(|| -> Result<()> {
+        for i in 0..warmup + calls {
+            let started = Instant::now();
+            let _logits = classifier.forward(&inputs[i % inputs.len()])?;
+            sync(device);
+            if i >= warmup {
+                micros.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(())
+    })?;
+    micros.sort_by(f64::total_cmp);
+    let quantile = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize];
+    Ok(json!({
+        "model": path, "batch_size": batch, "calls": calls, "warmup": warmup,
+        "median_us": quantile(0.5), "p99_us": quantile(0.99), "min_us": micros[0],
+    }))
+}
+
+/// Stops a run at the first epoch whose test accuracy reaches `target`.
+struct StopAtAccuracy {
+    target: f64,
+    reached: Option<EpochMetrics>,
+}
+
+impl Observer for StopAtAccuracy {
+    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
+        if self.reached.is_none() {
+            self.reached = state.history.last().filter(|row| row.test_accuracy >= self.target).cloned();
+        }
+        Ok(())
+    }
+
+    fn should_stop(&self) -> bool {
+        self.reached.is_some()
+    }
+}
+
+fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
+    let (recipe, data, vs, net) = setup_training(args, device)?;
+    let config = recipe.config()?;
+    let norm = args.data.dataset.normalization();
+    let trainer =
+        Trainer { config: &config, head: net.config.head, background: -norm.mean / norm.std, batch_order: None, checkpoint_every: None };
+    let mut observer = StopAtAccuracy { target: args.target, reached: None };
+    let history = match trainer.run(&net, &vs, &data, TrainState::default(), &mut observer)? {
+        Outcome::Finished(history) => history,
+        Outcome::Stopped(state) => state.history,
+    };
+    let last = history.last().context("training ran no epoch")?;
+    let row = observer.reached.as_ref().unwrap_or(last);
+    Ok(json!({
+        "target": args.target, "reached": observer.reached.is_some(),
+        "seconds": row.seconds, "epochs": row.epoch, "test_accuracy": row.test_accuracy,
+        "batch_size": config.batch_size, "recipe": config, "history": history,
+    }))
+}

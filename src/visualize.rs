@@ -1,0 +1,342 @@
+//! `lenet5 visualize`: what a trained LeNet-5 does to one image, stage by stage, and how it does
+//! overall (training curves, confusion matrix, its mistakes), as PNG files in one folder.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::{DataArgs, ModelArgs, RuntimeArgs};
+use crate::data::{self, Dataset};
+use crate::model::{Arch, LeNet5, ModelConfig, NUM_CLASSES, STAGES};
+use crate::pictures::{self, Picture, Series, Shading, Tile};
+use crate::weights::Classifier;
+
+/// The class whose first test image is followed by default: the "3" of the LeNet-5 walkthroughs.
+pub const DEFAULT_CLASS: i64 = 3;
+
+/// The feature-map pictures: stage, file, tiles per row, pixels per value.
+pub const STAGE_PICTURES: [(&str, &str, usize, u32); 4] =
+    [("C1", "c1.png", 6, 4), ("S2", "s2.png", 6, 8), ("C3", "c3.png", 8, 8), ("S4", "s4.png", 8, 16)];
+/// Pixels per value of the input picture and of the conv1 filters.
+pub const INPUT_ZOOM: u32 = 8;
+pub const FILTER_ZOOM: u32 = 16;
+/// Pixels per value of each 28x28 image in mistakes.png, and how many images per row.
+const MISTAKE_ZOOM: u32 = 3;
+const MISTAKE_COLUMNS: usize = 9;
+
+#[derive(clap::Args, Debug)]
+pub struct VisualizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Test-set index of the image to follow through the network [default: the first 3].
+    #[arg(long, conflicts_with = "image")]
+    pub index: Option<i64>,
+    /// Follow your own image instead (PNG, JPEG, BMP, PGM), preprocessed as `predict` does.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// Folder for the PNG files.
+    #[arg(long, value_name = "DIR", default_value = "runs/pictures")]
+    pub out: PathBuf,
+    /// Most misclassified test images drawn in mistakes.png.
+    #[arg(long, default_value_t = 36)]
+    pub mistakes: usize,
+}
+
+/// `index` checked against the test set, or the first image of [`DEFAULT_CLASS`].
+pub fn pick_index(test: &Dataset, index: Option<i64>) -> Result<i64> {
+    match index {
+        Some(i) => {
+            ensure!((0..test.len()).contains(&i), "--index {i}: the test set has images 0 to {}", test.len() - 1);
+            Ok(i)
+        }
+        None => {
+            let hits = test.labels.eq(DEFAULT_CLASS).nonzero(); // (K, 1)
+            ensure!(hits.size()[0] > 0, "the test set holds no image of class {DEFAULT_CLASS}; choose one with --index");
+            Ok(hits.int64_value(&[0, 0]))
+        }
+    }
+}
+
+/// A tensor's values as `f32`s on the CPU.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).context("reading a tensor")
+}
+
+/// Every stage of the forward pass for one image `(1, 1, 32, 32)`, by name, on the CPU.
+pub fn stages(net: &LeNet5, image: &Tensor) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let _logits = net.forward_observed(image, &mut |name, t| out.push((name.to_string(), t.detach().to_device(Device::Cpu))));
+    });
+    out
+}
+
+fn activation_name(config: ModelConfig) -> (&'static str, &'static str) {
+    match config.arch {
+        Arch::Modern => ("ReLU", "2x2 max-pool"),
+        Arch::Classic => ("tanh", "2x2 average-pool"),
+    }
+}
+
+/// The maps of one stage (`(1, C, H, W)`) as a grid, each map stretched from its own minimum
+/// (black) to its maximum (white); the caption gives that range.
+pub fn stage_picture(stage: &str, activation: &Tensor, config: ModelConfig) -> Result<Picture> {
+    let &(_, _, columns, zoom) = STAGE_PICTURES.iter().find(|p| p.0 == stage).with_context(|| format!("no picture for stage {stage}"))?;
+    let size = activation.size();
+    ensure!(size.len() == 4 && size[0] == 1, "stage {stage}: expected (1, C, H, W), got {size:?}");
+    let (c, h, w) = (size[1] as usize, size[2] as usize, size[3] as usize);
+    let all = values(activation)?;
+    let tiles: Vec<Tile> = all
+        .chunks(h * w)
+        .enumerate()
+        .map(|(i, v)| {
+            let (lo, hi) = Shading::Stretch.range(v);
+            Tile {
+                values: v.to_vec(),
+                rows: h,
+                cols: w,
+                zoom,
+                shading: Shading::Stretch,
+                caption: format!("{}: {} to {}", i + 1, pictures::short_number(lo as f64, 2), pictures::short_number(hi as f64, 2)),
+            }
+        })
+        .collect();
+    let (act, pool) = activation_name(config);
+    let how = match stage {
+        "C1" => format!("conv1 (5x5) + {act}"),
+        "S2" => format!("{pool} of C1"),
+        "C3" => format!("conv2 (5x5 over the 6 S2 maps) + {act}"),
+        _ => format!("{pool} of C3"),
+    };
+    let title = format!("{stage}: {c} maps of {h}x{w}, {how}; black = the map's min, white = its max");
+    pictures::grid(&title, &tiles, columns)
+}
+
+/// The six 5x5 filters of conv1 (`(6, 1, 5, 5)`), gray = 0.
+pub fn filters_picture(weight: &Tensor, bias: &Tensor) -> Result<Picture> {
+    let w = values(weight)?;
+    let b = values(bias)?;
+    let tiles: Vec<Tile> = w
+        .chunks(25)
+        .zip(&b)
+        .enumerate()
+        .map(|(i, (v, bias))| Tile {
+            values: v.to_vec(),
+            rows: 5,
+            cols: 5,
+            zoom: FILTER_ZOOM,
+            shading: Shading::Signed,
+            caption: format!("{}: bias {}", i + 1, pictures::short_number(*bias as f64, 2)),
+        })
+        .collect();
+    pictures::grid("conv1: the 6 learnt 5x5 filters (gray = 0, white > 0, black < 0)", &tiles, 6)
+}
+
+/// The 32x32 input, stretched from its minimum (black) to its maximum (white).
+pub fn input_picture(image: &Tensor, title: &str) -> Result<Picture> {
+    let tile = Tile { values: values(image)?, rows: 32, cols: 32, zoom: INPUT_ZOOM, shading: Shading::Stretch, caption: "32x32, normalised".into() };
+    pictures::grid(title, &[tile], 1)
+}
+
+/// `metrics.csv` of a run: each epoch's row, read by the column names of its header.
+pub fn read_metrics(path: &Path) -> Result<Vec<crate::train::EpochMetrics>> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().with_context(|| format!("{name}: empty"))?.split(',').map(str::trim).collect();
+    let column = |c: &str| header.iter().position(|h| *h == c).with_context(|| format!("{name}: no `{c}` column in the header"));
+    let idx: Vec<usize> = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
+        .into_iter()
+        .map(column)
+        .collect::<Result<_>>()?;
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        let get = |k: usize| -> Result<f64> {
+            let cell = cells.get(idx[k]).with_context(|| format!("{name}: line {}: {} cells, fewer than the header's {}", i + 2, cells.len(), header.len()))?;
+            cell.parse::<f64>().ok().with_context(|| format!("{name}: line {}, column `{}`: '{cell}' is not a number", i + 2, header[idx[k]]))
+        };
+        rows.push(crate::train::EpochMetrics {
+            epoch: get(0)? as usize,
+            lr: get(1)?,
+            train_loss: get(2)?,
+            train_accuracy: get(3)?,
+            test_loss: get(4)?,
+            test_accuracy: get(5)?,
+            seconds: get(6)?,
+        });
+    }
+    ensure!(!rows.is_empty(), "{name}: no epochs recorded");
+    Ok(rows)
+}
+
+/// Loss and accuracy per epoch, train and test.
+pub fn curves_picture(history: &[crate::train::EpochMetrics], title: &str) -> Result<Picture> {
+    let series = |name, f: &dyn Fn(&crate::train::EpochMetrics) -> f64| Series { name, points: history.iter().map(|m| (m.epoch as f64, f(m))).collect() };
+    pictures::curves(
+        title,
+        &[series("train", &|m| m.train_loss), series("test", &|m| m.test_loss)],
+        &[series("train", &|m| 100.0 * m.train_accuracy), series("test", &|m| 100.0 * m.test_accuracy)],
+    )
+}
+
+/// The predicted class of every test image, in batches, without gradients.
+pub fn predictions(classifier: &Classifier, images: &Tensor) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(images.size()[0] as usize);
+    tch::no_grad(|| -> Result<()> {
+        for batch in images.split(1000, 0) {
+            let logits = classifier.forward(&batch)?; // (B, 10)
+            out.extend(Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Short class labels for axes: the names when they are short, else the class numbers.
+fn axis_labels(classes: &[String]) -> Vec<String> {
+    if classes.iter().all(|c| c.chars().count() <= 3) { classes.to_vec() } else { (0..classes.len()).map(|i| i.to_string()).collect() }
+}
+
+/// What `visualize` wrote: each file with one line saying what it shows.
+pub struct Written {
+    pub path: PathBuf,
+    pub what: String,
+}
+
+pub fn run(args: &VisualizeArgs) -> Result<()> {
+    let device = args.runtime.apply()?;
+    let classifier = args.model.load(device)?;
+    let Classifier::Native { vs, net, card } = &classifier else {
+        bail!(
+            "{}: a TorchScript module keeps its layers inside a compiled graph, so its feature maps cannot be read; \
+             give visualize the weights instead (the .safetensors file beside it)",
+            args.model.model.display()
+        );
+    };
+    let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);
+    let norm = card.as_ref().map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
+    let classes = card.as_ref().map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
+    let test = data::load_test(dataset, args.data.data.as_deref(), norm)?.to_device(device);
+    let out = &args.out;
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    let mut written = Vec::new();
+    let mut save = |picture: Picture, file: &str, what: String| -> Result<()> {
+        let path = out.join(file);
+        picture.save(&path)?;
+        written.push(Written { path, what });
+        Ok(())
+    };
+
+    // One image through the network.
+    let (image, source, truth) = match &args.image {
+        Some(path) => {
+            let prepared = crate::handwriting::load(path)?;
+            (prepared.tensor(norm).to_device(device), path.display().to_string(), None)
+        }
+        None => {
+            let i = pick_index(&test, args.index)?;
+            let label = test.labels.int64_value(&[i]);
+            (test.images.narrow(0, i, 1), format!("test image #{i}"), Some(label))
+        }
+    };
+    let stages = stages(net, &image);
+    let stage = |name: &str| stages.iter().find(|(n, _)| n == name).map(|(_, t)| t).context("a stage the model always reports");
+    let truth_text = truth.map(|t| format!(", label {}", classes[t as usize])).unwrap_or_default();
+    save(input_picture(stage("input")?, &format!("Input: {source}{truth_text}"))?, "input.png", format!("the 32x32 input ({source}{truth_text})"))?;
+    let vars = vs.variables();
+    let (weight, bias) = (vars.get("conv1.weight").context("conv1.weight")?, vars.get("conv1.bias").context("conv1.bias")?);
+    save(filters_picture(weight, bias)?, "conv1-filters.png", "the 6 learnt 5x5 filters of conv1".into())?;
+    for (name, file, _, _) in STAGE_PICTURES {
+        let t = stage(name)?;
+        let s = t.size();
+        save(stage_picture(name, t, net.config)?, file, format!("the {} {name} maps ({}x{})", s[1], s[2], s[3]))?;
+    }
+    let probabilities: Vec<f64> = values(&net.config.head.probabilities(stage("output")?))?.into_iter().map(f64::from).collect();
+    let best = (0..probabilities.len()).max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b])).unwrap_or(0);
+    let verdict = format!("predicted {} ({:.1}%){truth_text}", classes[best], 100.0 * probabilities[best]);
+    save(pictures::bar_chart(&format!("Output probabilities: {verdict}"), &axis_labels(&classes), &probabilities)?, "probabilities.png", format!("the output probabilities: {verdict}"))?;
+    let activations = out.join("activations.safetensors");
+    let named: Vec<(String, Tensor)> = stages.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Float).contiguous())).collect();
+    crate::atomic::write_with(&activations, |tmp| Tensor::write_safetensors(&named, tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display())))?;
+
+    // The run that made the model: its metrics file sits beside the weights.
+    let metrics = args.model.model.parent().unwrap_or(Path::new(".")).join("metrics.csv");
+    let skipped_curves = if metrics.is_file() {
+        let history = read_metrics(&metrics)?;
+        save(curves_picture(&history, &format!("Training: {} epoch{}, from {}", history.len(), if history.len() == 1 { "" } else { "s" }, metrics.display()))?, "curves.png", format!("loss and accuracy per epoch, from {}", metrics.display()))?;
+        None
+    } else {
+        Some(metrics)
+    };
+
+    // The whole test set: confusion matrix and mistakes.
+    let predicted = predictions(&classifier, &test.images)?;
+    let labels = Vec::<i64>::try_from(test.labels.to_device(Device::Cpu))?;
+    let mut confusion = vec![vec![0i64; NUM_CLASSES as usize]; NUM_CLASSES as usize];
+    for (&t, &p) in labels.iter().zip(&predicted) {
+        confusion[t as usize][p as usize] += 1;
+    }
+    let wrong: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != predicted[i]).collect();
+    let accuracy = 1.0 - wrong.len() as f64 / labels.len().max(1) as f64;
+    let summary = format!("{} of {} test images right ({:.2}%)", labels.len() - wrong.len(), labels.len(), 100.0 * accuracy);
+    save(pictures::heat_map(&format!("Confusion matrix: {summary}"), &axis_labels(&classes), &confusion)?, "confusion.png", format!("the confusion matrix: {summary}"))?;
+    let shown = &wrong[..wrong.len().min(args.mistakes)];
+    if !shown.is_empty() {
+        let pad = data::PAD;
+        let short = axis_labels(&classes);
+        let tiles = shown
+            .iter()
+            .map(|&i| {
+                let img = test.images.get(i as i64).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28)
+                Ok(Tile {
+                    values: values(&img)?,
+                    rows: 28,
+                    cols: 28,
+                    zoom: MISTAKE_ZOOM,
+                    shading: Shading::Stretch,
+                    caption: format!("#{i}: {} → {}", short[labels[i] as usize], short[predicted[i] as usize]),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let title = format!("The model's mistakes: {} of {} test images (true → predicted)", wrong.len(), labels.len());
+        save(pictures::grid(&title, &tiles, MISTAKE_COLUMNS)?, "mistakes.png", format!("{} of the {} test images the model gets wrong (true → predicted)", shown.len(), wrong.len()))?;
+    }
+
+    println!("{}: {verdict}", source);
+    for w in &written {
+        println!("{}  {}", w.path.display(), w.what);
+    }
+    println!("{}  the activations of every stage ({})", activations.display(), STAGES.join(", "));
+    if let Some(missing) = skipped_curves {
+        eprintln!("note: no training curves: {} does not exist (train writes it into the run folder)", missing.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_read_by_column_name_and_bad_cells_are_named() {
+        let dir = std::env::temp_dir().join(format!("lenet5-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.csv");
+        std::fs::write(&path, "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n1,0.003,0.5,0.8,0.3,0.9,2.5\n2,0.001,0.2,0.93,0.1,0.97,5\n").unwrap();
+        let rows = read_metrics(&path).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[1].epoch, rows[1].test_accuracy, rows[1].seconds), (2, 0.97, 5.0));
+        assert_eq!(curves_picture(&rows, "t").unwrap().image.dimensions(), (960, 420));
+        std::fs::write(&path, "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n1,0.003,x,0.8,0.3,0.9,2.5\n").unwrap();
+        let err = read_metrics(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2, column `train_loss`: 'x' is not a number"), "{err}");
+        std::fs::write(&path, "epoch,lr\n1,0.1\n").unwrap();
+        assert!(read_metrics(&path).unwrap_err().to_string().contains("no `train_loss` column"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
