@@ -1,6 +1,7 @@
-//! Property-based fuzzing of everything that reads outside input: the IDX parser and model
-//! files of every format (detection, then loading), from arbitrary bytes and from mutations
-//! of real files. Each must return Ok or a clean error; a panic or a libtorch crash fails.
+//! Property-based fuzzing of everything that reads outside input: the IDX parser, model
+//! files of every format (detection, then loading) from arbitrary bytes and from mutations
+//! of real files, and image preprocessing (any grayscale picture, mutated PNG files). Each
+//! must return Ok or a clean error; a panic or a libtorch crash fails.
 //! Bounded for CI (cases below); raise them with PROPTEST_CASES=N for a longer hunt.
 
 use lenet5::data::parse_idx;
@@ -141,5 +142,41 @@ proptest! {
     #[test]
     fn model_loading_survives_mutated_torchscript(case in 0usize..1 << 20, bytes in mutate(samples()[2].1.clone())) {
         load_bytes(&bytes, case)?;
+    }
+}
+
+/// A small PNG of a digit-like blob, the base that image mutations start from.
+fn sample_png() -> Vec<u8> {
+    let img = image::GrayImage::from_fn(24, 30, |x, y| image::Luma([if (8..16).contains(&x) && (5..25).contains(&y) { 20 } else { 235 }]));
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    png
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    #[test]
+    fn preprocessing_any_grayscale_image_yields_a_valid_digit_or_a_clean_error(
+        (w, h, pixels) in (1u32..48, 1u32..48).prop_flat_map(|(w, h)| (Just(w), Just(h), prop::collection::vec(0.0f32..=1.0, (w * h) as usize)))
+    ) {
+        let gray = lenet5::handwriting::Gray { width: w, height: h, pixels };
+        match lenet5::handwriting::prepare(&gray, "img") {
+            Ok(p) => {
+                prop_assert_eq!(p.digit.len(), 28 * 28);
+                prop_assert!(p.digit.iter().all(|v| (0.0..=1.0).contains(v)), "pixels outside 0..=1");
+            }
+            Err(e) => prop_assert!(e.to_string().starts_with("img: "), "{e}"),
+        }
+    }
+
+    #[test]
+    fn image_files_survive_mutation(case in 0usize..1 << 20, bytes in mutate(sample_png())) {
+        let path = scratch().join(format!("img-{case}.png"));
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(e) = lenet5::handwriting::load(&path) {
+            prop_assert!(format!("{e:#}").contains(path.to_str().unwrap()), "{e:#}");
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }
