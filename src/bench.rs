@@ -245,12 +245,43 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
         }
         Ok(())
     })?;
-    micros.sort_by(f64::total_cmp);
-    let quantile = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize];
-    Ok(json!({
+    let mut out = json!({
         "model": path, "batch_size": batch, "calls": calls, "warmup": warmup,
-        "median_us": quantile(0.5), "p99_us": quantile(0.99), "min_us": micros[0],
-    }))
+        "median_us": quantile(&mut micros, 0.5), "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
+    });
+    if let Classifier::Native { net, .. } = &classifier {
+        out["stages_median_us"] = stage_medians(net, &inputs, calls, device);
+    }
+    Ok(out)
+}
+
+/// The `q` quantile of `values` (nearest rank), as the Python side computes it.
+fn quantile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Median microseconds of each stage of the forward pass (C1 is conv1 and its activation,
+/// F5 includes the flatten), timed through `forward_observed`: where a single image's time goes.
+fn stage_medians(net: &LeNet5, inputs: &[Tensor], calls: usize, device: Device) -> Value {
+    let stages = &crate::model::STAGES[1..];
+    let mut micros = vec![Vec::with_capacity(calls); stages.len()];
+    tch::no_grad(|| {
+        for i in 0..calls {
+            let (mut k, mut last) = (0, Instant::now());
+            let _logits = net.forward_observed(&inputs[i % inputs.len()], &mut |stage, _| {
+                if stage != "input" {
+                    sync(device);
+                    micros[k].push(last.elapsed().as_secs_f64() * 1e6);
+                    k += 1;
+                }
+                last = Instant::now();
+            });
+        }
+    });
+    let medians: serde_json::Map<String, Value> =
+        stages.iter().zip(micros.iter_mut()).map(|(name, m)| (name.to_string(), json!(quantile(m, 0.5)))).collect();
+    Value::Object(medians)
 }
 
 /// Stops a run at the first epoch whose test accuracy reaches `target`.
