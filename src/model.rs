@@ -131,7 +131,9 @@ impl LeNet5 {
     fn subsample(&self, xs: &Tensor) -> Tensor {
         match self.config.arch {
             Arch::Modern => xs.max_pool2d_default(2),
-            Arch::Classic => xs.avg_pool2d_default(2),
+            // Not `avg_pool2d_default`: tch passes divisor_override = 1 there, which sums the
+            // window instead of averaging it (caught by the PyTorch cross-check).
+            Arch::Classic => xs.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
         }
     }
 
@@ -224,6 +226,15 @@ mod tests {
                 .collect();
             assert_eq!(shapes, expected, "{arch:?}");
         }
+    }
+
+    #[test]
+    fn classic_subsampling_averages_each_2x2_window() {
+        let (_vs, net) = model(Arch::Classic);
+        let xs = Tensor::from_slice(&[1f32, 2.0, 3.0, 4.0]).view([1, 1, 2, 2]);
+        assert_eq!(net.subsample(&xs).double_value(&[0, 0, 0, 0]), 2.5);
+        let (_vs, modern) = model(Arch::Modern);
+        assert_eq!(modern.subsample(&xs).double_value(&[0, 0, 0, 0]), 4.0);
     }
 
     #[test]
