@@ -1,6 +1,6 @@
 //! Training through the library: a few thousand MNIST images must take a fresh LeNet-5 from
-//! chance to above 90% test accuracy
-//! (85% for the slower-learning classic variant with sigmoid outputs). Needs MNIST in data/mnist (scripts/setup).
+//! chance to above 90% test accuracy (85% for the slower-learning classic variant with
+//! sigmoid outputs). Needs MNIST in data/mnist (scripts/setup).
 
 use lenet5::data::{self, DatasetKind};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
