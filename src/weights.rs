@@ -130,9 +130,15 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>
     Ok(tensors.into_iter().map(|(k, t)| (k.replace('|', "."), t)).collect())
 }
 
-/// libtorch errors carry a C++ backtrace after the first line; users need only the reason.
+/// libtorch errors carry a C++ backtrace (and TorchScript ones a script traceback) after
+/// the reason; users need only the reason: the `...Error: ` line if there is one, else the
+/// first line.
 fn first_line(s: &str) -> &str {
-    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+    let reason = s.lines().rev().find_map(|l| l.split_once("Error: ").map(|(_, r)| r.trim()));
+    reason
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim())
+        .trim_start_matches("Internal torch error: ")
 }
 
 /// Checks a whole state dict against `vs` and copies it in only if every tensor fits:

@@ -195,3 +195,29 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn sixteen_bit_and_transparent_pngs_read_like_their_8_bit_originals() {
+    let model = model();
+    let (images, _) = mnist_test();
+    let dir = temp_dir("predict-16bit-alpha");
+    let mut files = vec![];
+    for (i, pixels) in images.iter().take(20).enumerate() {
+        let plain = digit(pixels);
+        // 16-bit grayscale: every 8-bit value v becomes v * 257 (the same shade, full range).
+        let deep = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(28, 28, |x, y| Luma([plain.get_pixel(x, y).0[0] as u16 * 257]));
+        // Black ink on a fully transparent background, the way drawing apps export a stroke:
+        // transparency counts as white paper, so this reads as dark ink on light paper.
+        let stroke = image::RgbaImage::from_fn(28, 28, |x, y| image::Rgba([0, 0, 0, plain.get_pixel(x, y).0[0]]));
+        let paths = [dir.join(format!("plain-{i}.png")), dir.join(format!("deep-{i}.png")), dir.join(format!("alpha-{i}.png"))];
+        plain.save_with_format(&paths[0], ImageFormat::Png).unwrap();
+        deep.save_with_format(&paths[1], ImageFormat::Png).unwrap();
+        stroke.save_with_format(&paths[2], ImageFormat::Png).unwrap();
+        files.extend(paths);
+    }
+    let predicted = predict(&model, &files);
+    for (i, three) in predicted.chunks(3).enumerate() {
+        assert_eq!(three[1], three[0], "image {i}: the 16-bit PNG reads differently");
+        assert_eq!(three[2], three[0], "image {i}: the transparent PNG reads differently");
+    }
+}

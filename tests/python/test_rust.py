@@ -170,3 +170,25 @@ def test_training_parity(binary, mnist_dir, tmp_path):
     assert runs["sgd-momentum"]["steps"] == 300 and runs["sgd-momentum"]["max_rel"] <= 1e-4
     assert runs["adam"]["max_rel"] <= 1e-4 and runs["adam-torch-first-steps"]["max_rel"] <= 1e-4
     assert runs["sgd-momentum"]["weights_moved_rel"] > 0.1, "training must have moved the weights"
+
+
+class FlatNet(torch.nn.Module):
+    """A notebook model that wants 28x28 images, not LeNet-5's 32x32."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], 784))
+
+
+def test_a_torchscript_module_that_wants_other_input_fails_in_one_line(binary, mnist_dir, tmp_path):
+    torch.jit.script(FlatNet()).save(str(tmp_path / "flat.pt"))
+    r = run([binary, "eval", "--model", tmp_path / "flat.pt", "--data", mnist_dir], check=False)
+    assert r.returncode == 1, r.stderr
+    assert "flat.pt" in r.stderr and "TorchScript module failed" in r.stderr, r.stderr
+    assert "shape" in r.stderr and "784" in r.stderr, r.stderr  # the reason, not only that it failed
+    for noise in ("Exception raised from", "frame #", "panicked", "Traceback"):
+        assert noise not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
