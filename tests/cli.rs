@@ -174,6 +174,13 @@ fn idx_problems_across_files_are_named() {
     write(&images[..1000], &labels);
     let err = eval();
     assert!(err.contains("t10k-images-idx3-ubyte: truncated"), "{err}");
+
+    // A consistent file of 28x27 images: not what LeNet-5's input expects.
+    let mut narrow = images[..16 + 10000 * 28 * 27].to_vec();
+    narrow[12..16].copy_from_slice(&27u32.to_be_bytes());
+    write(&narrow, &labels);
+    let err = eval();
+    assert!(err.contains("t10k-images-idx3-ubyte: images are 28x27, expected 28x28"), "{err}");
 }
 
 #[test]
