@@ -322,3 +322,38 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
         "batch_size": config.batch_size, "recipe": config, "history": history,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank_as_in_python() {
+        // scripts/bench: sorted(values)[round((len - 1) * q)]
+        let mut values: Vec<f64> = (1..=101).rev().map(f64::from).collect();
+        assert_eq!(quantile(&mut values, 0.5), 51.0);
+        assert_eq!(quantile(&mut values, 0.99), 100.0);
+        assert_eq!(quantile(&mut values, 0.0), 1.0);
+    }
+
+    #[test]
+    fn time_to_99_trains_with_the_defaults_of_lenet5_train() {
+        let recipe = default_train_args().unwrap().config().unwrap();
+        assert_eq!((recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay), (8, 128, 3e-3, 1e-4));
+        assert_eq!(recipe.optimizer, train::OptimizerKind::Adamw);
+        assert_eq!(recipe.schedule, crate::schedule::ScheduleKind::Onecycle);
+    }
+
+    #[test]
+    fn the_step_clock_times_exactly_the_steps_after_warm_up() {
+        let clock = StepClock { warmup: 2, steps: 3, device: Device::Cpu, taken: 0.into(), started: None.into(), seconds: 0.0.into() };
+        let stops: Vec<bool> = (0..5).map(|_| clock.should_stop()).collect();
+        assert_eq!(stops, [false, false, false, false, true]);
+        assert!(clock.started.get().is_some() && clock.seconds.get() > 0.0);
+    }
+
+    #[test]
+    fn peak_memory_is_read_from_proc() {
+        assert!(peak_rss_mib().is_some_and(|mib| mib > 1.0));
+    }
+}
