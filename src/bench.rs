@@ -24,7 +24,8 @@ pub enum Measure {
     Train,
     /// Evaluation throughput of `--model` on the test set (`train::evaluate`).
     Eval,
-    /// Single-image latency of `--model` (LeNet-5 weights run by this crate's model).
+    /// Single-image latency of `--model` (weights run by this crate's LeNet5), with the
+    /// median time of each stage of the forward pass.
     Latency,
     /// Single-image latency of a TorchScript `--model` run by libtorch's interpreter.
     LatencyScript,
@@ -59,7 +60,7 @@ pub struct BenchArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// Print one JSON object instead of a line of text.
+    /// Print the JSON object on one line (for scripts/bench) instead of indented.
     #[arg(long)]
     pub json: bool,
 }
