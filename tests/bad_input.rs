@@ -2,51 +2,26 @@
 //! names the file or flag and the problem, a non-zero exit, no panic, no libtorch backtrace,
 //! and no partial output. (IDX data rows are in tests/cli.rs; images in tests/predict.rs.)
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
-
-fn lenet5(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lenet5")).args(args).env("OMP_NUM_THREADS", "1").output().unwrap()
-}
-
-/// Runs a command that must fail cleanly and returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = lenet5(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "lenet5 {args:?} should fail");
-    assert!(matches!(out.status.code(), Some(1 | 2)), "exit status {:?}: {stderr}", out.status.code());
-    for bad in ["panicked", "Exception raised from", "frame #", "RUST_BACKTRACE", "libc10"] {
-        assert!(!stderr.contains(bad), "{bad:?} in stderr of {args:?}:\n{stderr}");
-    }
-    stderr
-}
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lenet5-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use support::*;
 
 /// A small trained model (a dry run), shared by the rows that need a good file to break.
-fn model() -> &'static Path {
+fn dry_run_model() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let out = dir("model");
+        let out = temp_dir("bad-input-model");
         let r = lenet5(&["train", "--dry-run", "--threads", "1", "--out", out.to_str().unwrap()]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         out
     })
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn broken_model_files_are_named_with_the_problem() {
-    let good = std::fs::read(model().join("lenet5.safetensors")).unwrap();
+    let good = std::fs::read(dry_run_model().join("lenet5.safetensors")).unwrap();
     let zip_not_torch: &[u8] = b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00a.txtPK\x05\x06\x00\x00\x00\x00\x01\x00\x01\x00\x33\x00\x00\x00\x1f\x00\x00\x00\x00\x00";
     let random: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let rows: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -56,7 +31,7 @@ fn broken_model_files_are_named_with_the_problem() {
         ("zip", zip_not_torch.to_vec(), "zip"),
         ("header-only", good[..200].to_vec(), "cannot read the safetensors"),
     ];
-    let d = dir("models");
+    let d = temp_dir("models");
     for (name, bytes, reason) in rows {
         let path = d.join(format!("{name}.pt"));
         std::fs::write(&path, bytes).unwrap();
@@ -68,9 +43,9 @@ fn broken_model_files_are_named_with_the_problem() {
 
 #[test]
 fn a_model_card_that_does_not_match_its_weights_is_refused() {
-    let d = dir("card");
+    let d = temp_dir("card");
     for f in ["lenet5.safetensors", "lenet5.json"] {
-        std::fs::copy(model().join(f), d.join(f)).unwrap();
+        std::fs::copy(dry_run_model().join(f), d.join(f)).unwrap();
     }
     // Same names and shapes, other values: the card's checksum catches the swap.
     let mut bytes = std::fs::read(d.join("lenet5.safetensors")).unwrap();
@@ -87,8 +62,8 @@ fn a_model_card_that_does_not_match_its_weights_is_refused() {
 
 #[test]
 fn a_missing_card_is_a_note_not_a_failure() {
-    let d = dir("nocard");
-    std::fs::copy(model().join("lenet5.safetensors"), d.join("w.safetensors")).unwrap();
+    let d = temp_dir("nocard");
+    std::fs::copy(dry_run_model().join("lenet5.safetensors"), d.join("w.safetensors")).unwrap();
     let out = lenet5(&["eval", "--model", s(&d.join("w.safetensors")), "--threads", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -98,8 +73,8 @@ fn a_missing_card_is_a_note_not_a_failure() {
 #[test]
 fn weights_of_another_architecture_list_every_mismatch() {
     // The classic/modern variants share shapes, so build a real mismatch: fc1 with 256 inputs.
-    let d = dir("shape");
-    let good = model().join("lenet5.safetensors");
+    let d = temp_dir("shape");
+    let good = dry_run_model().join("lenet5.safetensors");
     let tensors = tch::Tensor::read_safetensors(&good).unwrap();
     let changed: Vec<(String, tch::Tensor)> = tensors
         .into_iter()
@@ -142,12 +117,12 @@ fn bad_flag_values_name_the_flag() {
 
 #[test]
 fn an_output_folder_that_cannot_be_written_fails_before_any_work() {
-    let blocker = dir("blocker").join("a-file");
+    let blocker = temp_dir("blocker").join("a-file");
     std::fs::write(&blocker, b"").unwrap();
     let out = blocker.join("run");
     let err = fails(&["train", "--dry-run", "--out", s(&out)]);
     assert!(err.contains(&format!("--out {}: cannot create the folder", out.display())), "{err}");
-    let err = fails(&["export", "--model", s(&model().join("lenet5.safetensors")), "--out", s(&out.join("m"))]);
+    let err = fails(&["export", "--model", s(&dry_run_model().join("lenet5.safetensors")), "--out", s(&out.join("m"))]);
     assert!(err.contains(s(&out)), "{err}");
     assert!(!out.exists());
 }

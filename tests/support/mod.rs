@@ -1,5 +1,5 @@
-//! Shared by tests/conv.rs, tests/visualize.rs and tests/predict.rs: running the binary, and a
-//! trained model to look at (the shipped one, or a quick one trained once and cached).
+//! Shared by the tests that run the binary: running it, checking that failures are clean, and
+//! a trained model to look at (the shipped one, or a quick one trained once and cached).
 #![allow(dead_code)] // each test file uses its own part of this module
 
 use std::path::{Path, PathBuf};
@@ -34,13 +34,14 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Checks that a failed run is a clean error (non-zero exit, an `error:` line, no panic and no
-/// C++ backtrace) and returns its stderr.
+/// Checks that a failed run is a clean error (exit status 1 or 2, an `error:` line, no panic
+/// and no C++ backtrace) and returns its stderr.
 pub fn clean_failure(args: &[&str], out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "lenet5 {args:?} should fail");
+    assert!(matches!(out.status.code(), Some(1 | 2)), "exit status {:?} for {args:?}: {stderr}", out.status.code());
     assert!(stderr.contains("error:"), "no error line for {args:?}: {stderr}");
-    for bad in ["panicked", "Exception raised from", "frame #", "RUST_BACKTRACE"] {
+    for bad in ["panicked", "Exception raised from", "frame #", "RUST_BACKTRACE", "libc10"] {
         assert!(!stderr.contains(bad), "{bad:?} in stderr of {args:?}: {stderr}");
     }
     stderr
