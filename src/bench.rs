@@ -16,7 +16,7 @@ use crate::cli::{Cli, Command, DataArgs, RuntimeArgs};
 use crate::data::{self, Splits};
 use crate::model::LeNet5;
 use crate::train::{self, EpochMetrics, Observer, Outcome, TrainState, Trainer};
-use crate::weights::{self, Classifier, LoadOptions};
+use crate::weights::{self, Classifier, Engine, LoadOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Measure {
@@ -60,6 +60,9 @@ pub struct BenchArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    /// What runs the forward pass of eval and latency.
+    #[arg(long, value_enum, default_value = "libtorch")]
+    pub engine: Engine,
     /// Print the JSON object on one line (for scripts/bench) instead of indented.
     #[arg(long)]
     pub json: bool,
@@ -70,6 +73,7 @@ const LATENCY_IMAGES: i64 = 1000;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let device = args.runtime.apply()?;
+    let threads = tch::get_num_threads(); // before the direct engine takes them from libtorch
     let (batch, steps, warmup) = match args.what {
         Measure::Train => (256, 200, 20),
         Measure::Eval => (1000, 5, 1),
@@ -90,8 +94,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     out["what"] = json!(crate::flag_name(&args.what));
     out["side"] = json!("rust");
     out["device"] = json!(crate::device::name(device));
-    out["threads"] = json!(tch::get_num_threads());
+    out["threads"] = json!(threads);
     out["libtorch"] = json!(crate::LIBTORCH_VERSION);
+    out["engine"] = json!(crate::flag_name(&args.engine));
     out["peak_rss_mib"] = json!(peak_rss_mib());
     if args.json {
         println!("{out}");
@@ -199,7 +204,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
 fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Classifier)> {
     let default = if args.what == Measure::LatencyScript { "models/mnist/lenet5.pt" } else { "models/mnist/lenet5.safetensors" };
     let path = args.model.clone().unwrap_or_else(|| PathBuf::from(default));
-    let classifier = weights::load(&path, &LoadOptions::default(), device)?;
+    let classifier = weights::load(&path, &LoadOptions::default(), device)?.with_engine(args.engine, &path)?;
     if args.what == Measure::LatencyScript && !matches!(classifier, Classifier::Script { .. }) {
         bail!("{}: latency-script needs a TorchScript module (lenet5 export writes NAME.pt)", path.display());
     }
@@ -250,7 +255,7 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
         "model": path, "batch_size": batch, "calls": calls, "warmup": warmup,
         "median_us": quantile(&mut micros, 0.5), "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
     });
-    if let Classifier::Native { net, .. } = &classifier {
+    if let Classifier::Native { net, direct: None, .. } = &classifier {
         out["stages_median_us"] = stage_medians(net, &inputs, calls, device);
     }
     Ok(out)

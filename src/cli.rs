@@ -16,7 +16,7 @@ use crate::interrupt::{Interrupted, StopRequest};
 use crate::run::{RunDir, RunObserver, CHECKPOINT_FILE};
 use crate::schedule::ScheduleKind;
 use crate::train::{self, OptimizerKind, Outcome, TrainConfig, Trainer};
-use crate::weights::{self, Classifier, KeyMap, LoadOptions};
+use crate::weights::{self, Classifier, Engine, KeyMap, LoadOptions};
 
 #[derive(Parser, Debug)]
 #[command(name = "lenet5", version, about = "LeNet-5 on libtorch: train on MNIST, evaluate, export to PyTorch")]
@@ -222,6 +222,9 @@ pub struct EvalArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    /// What runs the forward pass.
+    #[arg(long, value_enum, default_value = "libtorch")]
+    pub engine: Engine,
     /// Evaluation batch size.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: i64,
@@ -410,7 +413,7 @@ fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {
 fn eval_command(args: &EvalArgs) -> Result<()> {
     ensure!(args.batch_size > 0, "--batch-size {}: must be at least 1", args.batch_size);
     let device = args.runtime.apply()?;
-    let classifier = args.model.load(device)?;
+    let classifier = args.model.load(device)?.with_engine(args.engine, &args.model.model)?;
     let dataset = classifier.card().map(|c| c.dataset).unwrap_or(args.data.dataset);
     let test = data::load_test(dataset, args.data.data.as_deref(), dataset.normalization())?.to_device(device);
     let forward = |xs: &Tensor| classifier.forward(xs);
@@ -446,7 +449,7 @@ fn eval_command(args: &EvalArgs) -> Result<()> {
 
 fn export_command(args: &ExportArgs) -> Result<()> {
     let classifier = args.model.load(Device::Cpu)?;
-    let Classifier::Native { vs, net, card } = &classifier else {
+    let Classifier::Native { vs, net, card, .. } = &classifier else {
         bail!("{}: already a TorchScript module; export needs weights (safetensors, state dict or .ot)", args.model.model.display());
     };
     let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod conv;
 pub mod data;
 pub mod device;
+pub mod direct;
 pub mod export;
 pub mod interrupt;
 pub mod handwriting;

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{ModelArgs, RuntimeArgs};
 use crate::handwriting::{self, Prepared};
+use crate::weights::Engine;
 
 #[derive(clap::Args, Debug)]
 pub struct PredictArgs {
@@ -20,6 +21,9 @@ pub struct PredictArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    /// What runs the forward pass.
+    #[arg(long, value_enum, default_value = "libtorch")]
+    pub engine: Engine,
     /// Print one JSON object instead of a line per image.
     #[arg(long)]
     pub json: bool,
@@ -66,7 +70,7 @@ fn preprocessed_names(images: &[PathBuf]) -> Vec<String> {
 
 pub fn run(args: &PredictArgs) -> Result<()> {
     let device = args.runtime.apply()?;
-    let classifier = args.model.load(device)?;
+    let classifier = args.model.load(device)?.with_engine(args.engine, &args.model.model)?;
     // A TorchScript file carries no card; the card written beside it by `export` still says
     // how its inputs were normalised.
     let card = match classifier.card() {

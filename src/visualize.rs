@@ -211,7 +211,7 @@ pub struct Written {
 pub fn run(args: &VisualizeArgs) -> Result<()> {
     let device = args.runtime.apply()?;
     let classifier = args.model.load(device)?;
-    let Classifier::Native { vs, net, card } = &classifier else {
+    let Classifier::Native { vs, net, card, .. } = &classifier else {
         bail!(
             "{}: a TorchScript module keeps its layers inside a compiled graph, so its feature maps cannot be read; \
              give visualize the weights instead (the .safetensors file beside it)",

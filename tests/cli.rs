@@ -1,47 +1,13 @@
 //! The real binary end to end: training, evaluation, reproducibility, other data sets and
 //! formats, and the one-line errors for bad input. Needs MNIST in data/mnist (scripts/setup).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn lenet5(args: &[&str]) -> Output {
-    // One thread per process: cargo runs tests in parallel, and oversubscribed OpenMP
-    // threads spin against each other.
-    Command::new(env!("CARGO_BIN_EXE_lenet5")).args(args).env("OMP_NUM_THREADS", "1").output().expect("the binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lenet5(args);
-    assert!(out.status.success(), "lenet5 {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail and returns its stderr, checking it is a clean error:
-/// non-zero exit, an `error:` line, no panic and no C++ backtrace.
-fn fails(args: &[&str]) -> String {
-    let out = lenet5(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "lenet5 {args:?} should fail");
-    assert!(stderr.contains("error:"), "no error line for {args:?}: {stderr}");
-    for bad in ["panicked", "Exception raised from", "frame #", "RUST_BACKTRACE"] {
-        assert!(!stderr.contains(bad), "{bad:?} in stderr of {args:?}: {stderr}");
-    }
-    stderr
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lenet5-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::path::Path;
+use support::*;
 
 fn card(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("lenet5.json")).unwrap()).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -68,6 +34,28 @@ fn dry_run_trains_saves_exports_and_eval_agrees() {
     assert_eq!(eval["total"], 10000);
     let header = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert!(header.starts_with("epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n"));
+}
+
+#[test]
+fn the_direct_engine_counts_the_test_set_as_libtorch_does() {
+    // The shipped model (or the quick one) on all 10,000 test images: its logits are within
+    // 1e-5 of libtorch's (src/direct.rs), which moves no prediction here; the loss agrees to
+    // far better than the 1e-4 allowed.
+    let model = support::model();
+    let eval = |engine: &str, threads: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&["eval", "--model", s(&model), "--engine", engine, "--threads", threads, "--json"])).unwrap()
+    };
+    let reference = eval("libtorch", "1");
+    for threads in ["1", "2"] {
+        let direct = eval("direct", threads);
+        assert_eq!(direct["confusion"], reference["confusion"], "{threads} threads");
+        let (a, b) = (direct["loss"].as_f64().unwrap(), reference["loss"].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-4 * b, "loss {a} vs {b}");
+    }
+    let script = temp_dir("direct-script").join("m");
+    ok(&["export", "--model", s(&model), "--out", s(&script)]);
+    let err = fails(&["eval", "--model", s(&script.with_extension("pt")), "--engine", "direct"]);
+    assert!(err.contains("only runs in libtorch") && err.contains("m.pt"), "{err}");
 }
 
 #[test]

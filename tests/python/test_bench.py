@@ -7,8 +7,9 @@ from conftest import PYTHON, SCRIPTS, run
 
 # Every row a --skip-time-to-99 run reports: (key, field) as scripts/bench names them.
 EXPECTED_ROWS = [
-    ("train64", "images_per_s"), ("train256", "images_per_s"), ("eval", "images_per_s"),
-    ("latency", "median_us"), ("latency", "p99_us"), ("latency_script", "median_us"), ("latency_script", "p99_us"),
+    ("train64", "images_per_s"), ("train256", "images_per_s"), ("eval", "images_per_s"), ("eval_direct", "images_per_s"),
+    ("latency", "median_us"), ("latency", "p99_us"), ("latency_direct", "median_us"), ("latency_direct", "p99_us"),
+    ("latency_script", "median_us"), ("latency_script", "p99_us"),
     ("train256", "peak_rss_mib"), ("eval", "peak_rss_mib"), ("latency", "peak_rss_mib"),
     ("startup_version", "ms"), ("startup_info", "ms"),
 ]
@@ -31,6 +32,8 @@ def test_quick_bench_measures_every_row_on_both_sides(binary, mnist_dir, tmp_pat
             continue
         rust, pytorch = runs["rust"][0], runs["pytorch"][0]
         assert (rust["batch_size"], rust["threads"], rust["device"]) == (pytorch["batch_size"], pytorch["threads"], pytorch["device"]), key
+    assert [r["engine"] for r in result["runs"]["latency_direct"]["rust"]] == ["direct"]
+    assert [r["engine"] for r in result["runs"]["latency"]["rust"]] == ["libtorch"]
     stages = {s["stage"]: s for s in result["stages_median_us"]}
     assert list(stages) == ["C1", "S2", "C3", "S4", "F5", "F6", "output", "sum"]
     assert all(s["rust"] > 0 and s["pytorch"] > 0 for s in stages.values())
