@@ -40,9 +40,15 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum)]
     pub what: Measure,
-    /// Batch size [default: 256 train, 1000 eval, 1 latency; time-to-99 uses the recipe's 128].
+    /// Batch size [default: 256 train, 1000 eval, 1 latency; time-to-99: the recipe's 128].
     #[arg(long)]
     pub batch_size: Option<i64>,
+    /// time-to-99: epochs the one-cycle schedule is planned for [default: the recipe's 8].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// time-to-99: peak learning rate [default: the recipe's 3e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Timed training steps, passes over the test set, or calls [default: 200, 5, 2000].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -80,6 +86,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Measure::Latency | Measure::LatencyScript => (1, 2000, 200),
         Measure::TimeTo99 => (0, 0, 0), // the recipe decides
     };
+    ensure!(
+        args.what == Measure::TimeTo99 || (args.epochs.is_none() && args.lr.is_none()),
+        "--epochs and --lr change the recipe of time-to-99 only"
+    );
     let batch = args.batch_size.unwrap_or(batch);
     let steps = args.steps.unwrap_or(steps);
     let warmup = args.warmup.unwrap_or(warmup);
@@ -310,7 +320,10 @@ impl Observer for StopAtAccuracy {
 }
 
 fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
-    let (recipe, data, vs, net) = setup_training(args, device)?;
+    let (mut recipe, data, vs, net) = setup_training(args, device)?;
+    recipe.epochs = args.epochs.unwrap_or(recipe.epochs);
+    recipe.batch_size = args.batch_size.unwrap_or(recipe.batch_size);
+    recipe.lr = args.lr.unwrap_or(recipe.lr);
     let config = recipe.config()?;
     let norm = args.data.dataset.normalization();
     let trainer =
