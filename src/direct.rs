@@ -145,7 +145,7 @@ impl DirectNet {
 
     fn run_here(&self, pixels: &[f32], logits: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if has_avx2() {
             // SAFETY: the CPU has the features `run_avx2` is compiled for.
             return unsafe { self.run_avx2(pixels, logits) };
         }
@@ -183,6 +183,22 @@ impl DirectNet {
         let f6 = activate(arch, dense::<L, F5_WIDE, F6_WIDE>(&w.fc2, &w.fc2_bias, &f5));
         dense::<L, F6_WIDE, CLASSES_WIDE>(&w.fc3, &w.fc3_bias, &f6)
     }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The instructions the direct engine runs on this CPU, for `lenet5 info`.
+pub fn instruction_set() -> &'static str {
+    if has_avx2() { "AVX2 and FMA" } else { "portable loops (no AVX2 and FMA: several times slower)" }
 }
 
 /// Eight `f32` lanes: an AVX2 register, or a plain array on CPUs without one.

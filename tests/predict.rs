@@ -30,9 +30,9 @@ fn model_accuracy(model: &Path, n: usize) -> f64 {
     correct as f64 / n as f64
 }
 
-/// Runs `predict --json` on `files` and returns the predicted classes in order.
-fn predict(model: &Path, files: &[PathBuf]) -> Vec<i64> {
-    let mut args = vec!["predict", "--json", "--threads", "1", "--model", s(model)];
+/// Runs `predict --json --engine ENGINE` on `files` and returns the predicted classes in order.
+fn predict(model: &Path, files: &[PathBuf], engine: &str) -> Vec<i64> {
+    let mut args = vec!["predict", "--json", "--threads", "1", "--engine", engine, "--model", s(model)];
     args.extend(files.iter().map(|f| s(f)));
     let json: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
     let rows = json["predictions"].as_array().unwrap();
@@ -74,7 +74,7 @@ fn mnist_digits_as_files_are_read_as_well_as_the_originals() {
     }
     let expected = model_accuracy(&model, N);
     assert!(expected > 0.85, "the model scores only {expected} on the first {N} test images");
-    let predicted = predict(&model, &files.concat());
+    let predicted = predict(&model, &files.concat(), "libtorch");
     for (k, name) in names.iter().enumerate() {
         let right = (0..N).filter(|&i| predicted[k * N + i] == labels[i] as i64).count();
         let accuracy = right as f64 / N as f64;
@@ -101,7 +101,7 @@ fn every_format_gives_the_same_answer_and_the_saved_input_is_what_the_network_sa
             files.push(path);
         }
     }
-    let predicted = predict(&model, &files);
+    let predicted = predict(&model, &files, "libtorch");
     let (png, rest) = predicted.split_at(n);
     assert_eq!(&rest[..n], png, "BMP differs from PNG");
     assert_eq!(&rest[n..2 * n], png, "PGM differs from PNG");
@@ -109,6 +109,7 @@ fn every_format_gives_the_same_answer_and_the_saved_input_is_what_the_network_sa
     assert!(jpeg_same >= n - 1, "JPEG agrees with PNG on only {jpeg_same} of {n}");
     let right = png.iter().zip(&labels).filter(|(p, l)| **p == **l as i64).count();
     assert!(right >= n - 2, "only {right} of {n} scans read right: {png:?}");
+    assert_eq!(predict(&model, &files[..n], "direct"), png, "the direct engine reads the scans otherwise");
 
     // --save-preprocessed: a 32x32 image, 2 black pixels of padding, the digit inside close to
     // MNIST's own (mean difference under 10 of 255), and predicted the same when fed back.
@@ -215,7 +216,7 @@ fn sixteen_bit_and_transparent_pngs_read_like_their_8_bit_originals() {
         stroke.save_with_format(&paths[2], ImageFormat::Png).unwrap();
         files.extend(paths);
     }
-    let predicted = predict(&model, &files);
+    let predicted = predict(&model, &files, "libtorch");
     for (i, three) in predicted.chunks(3).enumerate() {
         assert_eq!(three[1], three[0], "image {i}: the 16-bit PNG reads differently");
         assert_eq!(three[2], three[0], "image {i}: the transparent PNG reads differently");
