@@ -2,10 +2,11 @@
 //!
 //! libtorch spends most of a single image's ~220 µs on per-call set-up (oneDNN primitives,
 //! dispatch, allocations), not on its 0.42 M multiply-adds. These loops do only the
-//! arithmetic, in layouts the compiler vectorises (with AVX2 and FMA when the CPU has them,
-//! chosen at run time), and split a batch across threads. Their logits agree with libtorch's
-//! to float rounding (the tests bound the difference), not bit for bit: the libtorch engine
-//! stays the one that reproduces PyTorch exactly.
+//! arithmetic, eight floats at a time through the small `Lanes` trait (AVX2 and FMA
+//! intrinsics when the CPU has them, chosen at run time; plain arrays otherwise), on weights
+//! laid out for them, and split a batch across threads. Their logits agree with libtorch's to
+//! float rounding (the tests bound the difference), not bit for bit: the libtorch engine stays
+//! the one that reproduces PyTorch exactly.
 
 use anyhow::{ensure, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
