@@ -131,7 +131,7 @@ impl DirectNet {
     /// on up to `self.threads` threads.
     pub fn run(&self, pixels: &[f32], logits: &mut [f32]) {
         let images = pixels.len() / PIXELS;
-        assert_eq!(logits.len(), images * CLASSES, "one row of logits per image");
+        assert!(pixels.len() % PIXELS == 0 && logits.len() == images * CLASSES, "32x32 pixels and 10 logits per image");
         let threads = self.threads.min(images / MIN_IMAGES_PER_THREAD).max(1);
         if threads == 1 {
             return self.run_here(pixels, logits);
@@ -358,7 +358,7 @@ fn subsample<const C: usize, const N: usize, const W: usize, const S: usize>(arc
             for (x, v) in row.iter_mut().enumerate() {
                 let window = [top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]];
                 *v = match arch {
-                    Arch::Modern => window.into_iter().fold(f32::NEG_INFINITY, f32::max).max(0.0),
+                    Arch::Modern => relu(window.into_iter().reduce(max_keeping_nan).unwrap()),
                     Arch::Classic => window.into_iter().map(f32::tanh).sum::<f32>() / 4.0,
                 };
             }
@@ -370,9 +370,21 @@ fn subsample<const C: usize, const N: usize, const W: usize, const S: usize>(arc
 #[inline(always)]
 fn activate<const N: usize>(arch: Arch, xs: [f32; N]) -> [f32; N] {
     xs.map(|x| match arch {
-        Arch::Modern => x.max(0.0),
+        Arch::Modern => relu(x),
         Arch::Classic => x.tanh(),
     })
+}
+
+/// The larger of `a` and `b`, or NaN if either is: NaN passes through max-pooling and ReLU in
+/// PyTorch, where `f32::max` would drop it.
+#[inline(always)]
+fn max_keeping_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || a > b { a } else { b }
+}
+
+#[inline(always)]
+fn relu(x: f32) -> f32 {
+    max_keeping_nan(x, 0.0)
 }
 
 /// Outputs of a linear layer computed together: four AVX2 registers.
@@ -466,6 +478,19 @@ mod tests {
         let last = xs.size()[0] - 1;
         let alone = direct.forward(&xs.narrow(0, last, 1)).unwrap();
         assert_eq!(Vec::<f32>::try_from(together.get(last)).unwrap(), Vec::<f32>::try_from(alone.get(0)).unwrap());
+    }
+
+    #[test]
+    fn a_nan_pixel_makes_every_logit_nan_as_in_libtorch() {
+        let vs = VarStore::new(Device::Cpu);
+        let config = ModelConfig { arch: Arch::Modern, head: Head::Softmax };
+        let net = LeNet5::new(&vs.root(), config);
+        let xs = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let _ = xs.get(0).get(0).get(16).get(16).fill_(f64::NAN);
+        let expected = tch::no_grad(|| net.forward(&xs));
+        assert!(bool::try_from(expected.isnan().all()).unwrap(), "libtorch: {expected}");
+        let got = DirectNet::new(&vs, config).unwrap().forward(&xs).unwrap();
+        assert!(bool::try_from(got.isnan().all()).unwrap(), "direct: {got}");
     }
 
     #[test]
