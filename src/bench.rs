@@ -106,7 +106,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     out["device"] = json!(crate::device::name(device));
     out["threads"] = json!(threads);
     out["libtorch"] = json!(crate::LIBTORCH_VERSION);
-    out["engine"] = json!(crate::flag_name(&args.engine));
     out["peak_rss_mib"] = json!(peak_rss_mib());
     if args.json {
         println!("{out}");
@@ -238,7 +237,7 @@ fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, 
     let seconds = started.elapsed().as_secs_f64();
     let accuracy = metrics.context("no pass was timed")?.accuracy();
     Ok(json!({
-        "model": path, "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
+        "model": path, "engine": crate::flag_name(&classifier.engine()), "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
         "images_per_s": (passes as f64 * test.len() as f64) / seconds, "accuracy": accuracy,
     }))
 }
@@ -262,7 +261,7 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
         Ok(())
     })?;
     let mut out = json!({
-        "model": path, "batch_size": batch, "calls": calls, "warmup": warmup,
+        "model": path, "engine": crate::flag_name(&classifier.engine()), "batch_size": batch, "calls": calls, "warmup": warmup,
         "median_us": quantile(&mut micros, 0.5), "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
     });
     if let Classifier::Native { net, direct: None, .. } = &classifier {

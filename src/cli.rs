@@ -423,6 +423,7 @@ fn eval_command(args: &EvalArgs) -> Result<()> {
         let json = serde_json::json!({
             "model": args.model.model,
             "format": weights::detect(&args.model.model)?.describe(),
+            "engine": crate::flag_name(&classifier.engine()),
             "accuracy": m.accuracy(),
             "correct": m.correct,
             "total": m.total,

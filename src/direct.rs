@@ -431,18 +431,24 @@ mod tests {
     use crate::model::{Head, LeNet5};
     use tch::nn::Module;
 
-    /// Largest |direct - libtorch| over a batch, relative to the largest |libtorch| logit.
-    /// Largest |direct - libtorch| over a batch, relative to the largest |libtorch| logit, for
-    /// the loops this CPU runs and for the portable ones (which CPUs without AVX2 run).
-    fn relative_differences(arch: Arch, batch: i64, seed: i64) -> [f64; 2] {
+    /// A freshly initialised LeNet-5 (seeded) and its direct twin; the VarStore keeps the
+    /// libtorch model's weights alive.
+    fn twins(arch: Arch, seed: i64) -> (VarStore, LeNet5, DirectNet) {
         tch::manual_seed(seed);
         let vs = VarStore::new(Device::Cpu);
         let config = ModelConfig { arch, head: Head::Softmax };
         let net = LeNet5::new(&vs.root(), config);
+        let direct = DirectNet::new(&vs, config).unwrap();
+        (vs, net, direct)
+    }
+
+    /// Largest |direct - libtorch| over a batch, relative to the largest |libtorch| logit, for
+    /// the loops this CPU runs and for the portable ones (which CPUs without AVX2 run).
+    fn relative_differences(arch: Arch, batch: i64, seed: i64) -> [f64; 2] {
+        let (_vs, net, direct) = twins(arch, seed);
         // Inputs in the range of normalised MNIST (background -0.42, ink up to 2.8).
         let xs = Tensor::rand([batch, 1, 32, 32], (Kind::Float, Device::Cpu)) * 3.2 - 0.42;
         let expected = tch::no_grad(|| net.forward(&xs));
-        let direct = DirectNet::new(&vs, config).unwrap();
         let got = direct.forward(&xs).unwrap();
         assert_eq!(got.size(), [batch, 10]);
         let pixels = Vec::<f32>::try_from(xs.view(-1)).unwrap();
@@ -468,37 +474,30 @@ mod tests {
 
     #[test]
     fn a_batch_split_across_threads_gives_each_image_its_own_logits() {
-        tch::manual_seed(4);
-        let vs = VarStore::new(Device::Cpu);
-        let config = ModelConfig { arch: Arch::Modern, head: Head::Softmax };
-        let _net = LeNet5::new(&vs.root(), config);
-        let direct = DirectNet::new(&vs, config).unwrap();
+        let (_vs, _net, mut direct) = twins(Arch::Modern, 4);
+        direct.threads = 3; // whatever this machine's core count: 3 uneven chunks
         let xs = Tensor::randn([4 * MIN_IMAGES_PER_THREAD as i64 + 3, 1, 32, 32], (Kind::Float, Device::Cpu));
         let together = direct.forward(&xs).unwrap();
-        let last = xs.size()[0] - 1;
-        let alone = direct.forward(&xs.narrow(0, last, 1)).unwrap();
-        assert_eq!(Vec::<f32>::try_from(together.get(last)).unwrap(), Vec::<f32>::try_from(alone.get(0)).unwrap());
+        for i in [0, 2 * MIN_IMAGES_PER_THREAD as i64, xs.size()[0] - 1] {
+            let alone = direct.forward(&xs.narrow(0, i, 1)).unwrap();
+            assert_eq!(Vec::<f32>::try_from(together.get(i)).unwrap(), Vec::<f32>::try_from(alone.get(0)).unwrap(), "image {i}");
+        }
     }
 
     #[test]
     fn a_nan_pixel_makes_every_logit_nan_as_in_libtorch() {
-        let vs = VarStore::new(Device::Cpu);
-        let config = ModelConfig { arch: Arch::Modern, head: Head::Softmax };
-        let net = LeNet5::new(&vs.root(), config);
+        let (_vs, net, direct) = twins(Arch::Modern, 5);
         let xs = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
         let _ = xs.get(0).get(0).get(16).get(16).fill_(f64::NAN);
         let expected = tch::no_grad(|| net.forward(&xs));
         assert!(bool::try_from(expected.isnan().all()).unwrap(), "libtorch: {expected}");
-        let got = DirectNet::new(&vs, config).unwrap().forward(&xs).unwrap();
+        let got = direct.forward(&xs).unwrap();
         assert!(bool::try_from(got.isnan().all()).unwrap(), "direct: {got}");
     }
 
     #[test]
-    fn inputs_of_the_wrong_shape_or_device_are_refused() {
-        let vs = VarStore::new(Device::Cpu);
-        let config = ModelConfig { arch: Arch::Modern, head: Head::Softmax };
-        let _net = LeNet5::new(&vs.root(), config);
-        let direct = DirectNet::new(&vs, config).unwrap();
+    fn inputs_of_the_wrong_shape_are_refused() {
+        let (_vs, _net, direct) = twins(Arch::Modern, 6);
         let err = direct.forward(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu))).unwrap_err();
         assert!(err.to_string().contains("[2, 1, 28, 28]"), "{err}");
     }

@@ -135,7 +135,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         }
     }
     if args.json {
-        println!("{}", json!({ "model": args.model.model, "predictions": json_rows }));
+        println!("{}", json!({ "model": args.model.model, "engine": crate::flag_name(&classifier.engine()), "predictions": json_rows }));
     }
     if failures > 0 {
         bail!("{failures} of {} images could not be read", args.images.len());

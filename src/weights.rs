@@ -243,6 +243,14 @@ impl Classifier {
         }
     }
 
+    /// The engine that runs the forward pass.
+    pub fn engine(&self) -> Engine {
+        match self {
+            Classifier::Native { direct: Some(_), .. } => Engine::Direct,
+            _ => Engine::Libtorch,
+        }
+    }
+
     pub fn card(&self) -> Option<&ModelCard> {
         match self {
             Classifier::Native { card, .. } => card.as_ref(),

@@ -46,8 +46,10 @@ fn the_direct_engine_counts_the_test_set_as_libtorch_does() {
         serde_json::from_str(&ok(&["eval", "--model", s(&model), "--engine", engine, "--threads", threads, "--json"])).unwrap()
     };
     let reference = eval("libtorch", "1");
+    assert_eq!(reference["engine"], "libtorch");
     for threads in ["1", "2"] {
         let direct = eval("direct", threads);
+        assert_eq!(direct["engine"], "direct");
         assert_eq!(direct["confusion"], reference["confusion"], "{threads} threads");
         let (a, b) = (direct["loss"].as_f64().unwrap(), reference["loss"].as_f64().unwrap());
         assert!((a - b).abs() < 1e-4 * b, "loss {a} vs {b}");

@@ -35,6 +35,7 @@ fn predict(model: &Path, files: &[PathBuf], engine: &str) -> Vec<i64> {
     let mut args = vec!["predict", "--json", "--threads", "1", "--engine", engine, "--model", s(model)];
     args.extend(files.iter().map(|f| s(f)));
     let json: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!(json["engine"], engine);
     let rows = json["predictions"].as_array().unwrap();
     assert_eq!(rows.len(), files.len());
     rows.iter()

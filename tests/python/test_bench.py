@@ -32,8 +32,10 @@ def test_quick_bench_measures_every_row_on_both_sides(binary, mnist_dir, tmp_pat
             continue
         rust, pytorch = runs["rust"][0], runs["pytorch"][0]
         assert (rust["batch_size"], rust["threads"], rust["device"]) == (pytorch["batch_size"], pytorch["threads"], pytorch["device"]), key
-    assert [r["engine"] for r in result["runs"]["latency_direct"]["rust"]] == ["direct"]
-    assert [r["engine"] for r in result["runs"]["latency"]["rust"]] == ["libtorch"]
+    for key in ("eval_direct", "latency_direct"):
+        assert [r["engine"] for r in result["runs"][key]["rust"]] == ["direct"], key
+    for key in ("eval", "latency"):
+        assert [r["engine"] for r in result["runs"][key]["rust"]] == ["libtorch"], key
     stages = {s["stage"]: s for s in result["stages_median_us"]}
     assert list(stages) == ["C1", "S2", "C3", "S4", "F5", "F6", "output", "sum"]
     assert all(s["rust"] > 0 and s["pytorch"] > 0 for s in stages.values())
