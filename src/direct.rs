@@ -11,9 +11,9 @@
 use anyhow::{ensure, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::model::{Arch, ModelConfig};
+use crate::model::{Arch, ModelConfig, INPUT_SIZE, NUM_CLASSES};
 
-const SIDE: usize = 32; // input
+const SIDE: usize = INPUT_SIZE as usize;
 const KERNEL: usize = 5;
 const C1_MAPS: usize = 6;
 const C1_SIDE: usize = 28;
@@ -22,7 +22,7 @@ const C3_MAPS: usize = 16;
 const C3_SIDE: usize = 10;
 const S4_SIDE: usize = 5;
 const FLAT: usize = C3_MAPS * S4_SIDE * S4_SIDE; // 400
-const CLASSES: usize = 10;
+const CLASSES: usize = NUM_CLASSES as usize;
 const PIXELS: usize = SIDE * SIDE;
 /// Below this many images per thread, starting a thread costs more than it saves.
 const MIN_IMAGES_PER_THREAD: usize = 32;
