@@ -270,10 +270,11 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
     Ok(out)
 }
 
-/// The `q` quantile of `values` (nearest rank), as the Python side computes it.
+/// The `q` quantile of `values` (nearest rank), as the Python side computes it: Python's
+/// `round` takes a half to the even neighbour.
 fn quantile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[((values.len() - 1) as f64 * q).round() as usize]
+    values[((values.len() - 1) as f64 * q).round_ties_even() as usize]
 }
 
 /// Median microseconds of each stage of the forward pass (C1 is conv1 and its activation,
@@ -352,6 +353,9 @@ mod tests {
         assert_eq!(quantile(&mut values, 0.5), 51.0);
         assert_eq!(quantile(&mut values, 0.99), 100.0);
         assert_eq!(quantile(&mut values, 0.0), 1.0);
+        // Ten values: the median's rank is 4.5, which Python rounds to 4 (round half to even).
+        let mut ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(quantile(&mut ten, 0.5), 5.0);
     }
 
     #[test]
