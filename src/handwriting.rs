@@ -144,13 +144,14 @@ pub fn read_gray(path: &Path) -> Result<Gray> {
 pub fn prepare(g: &Gray, name: &str) -> Result<Prepared> {
     let (w, h) = (g.width, g.height);
     // 1. White ink on black: invert dark-on-light images.
-    let inverted = g.border_median() > LIGHT_BACKGROUND;
+    let border = g.border_median();
+    let inverted = border > LIGHT_BACKGROUND;
     let mut ink = g.clone();
     if inverted {
         ink.pixels.iter_mut().for_each(|v| *v = 1.0 - *v);
     }
     // 2. The paper (and its grain) to 0 and the strongest ink to 1.
-    let background = ink.border_median();
+    let background = if inverted { ink.border_median() } else { border };
     let peak = ink.pixels.iter().copied().fold(0.0f32, f32::max);
     ensure!(
         peak - background >= MIN_CONTRAST,
