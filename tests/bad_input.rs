@@ -4,24 +4,18 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use support::*;
 
-/// A small trained model (a dry run), shared by the rows that need a good file to break.
-fn dry_run_model() -> &'static Path {
-    static RUN: OnceLock<PathBuf> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let out = temp_dir("bad-input-model");
-        let r = lenet5(&["train", "--dry-run", "--threads", "1", "--out", out.to_str().unwrap()]);
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        out
-    })
+/// The folder of a trained model and its card (`support::model`), for the rows that need a
+/// good file to break.
+fn model_dir() -> PathBuf {
+    model().parent().expect("a model file is in a folder").to_path_buf()
 }
 
 #[test]
 fn broken_model_files_are_named_with_the_problem() {
-    let good = std::fs::read(dry_run_model().join("lenet5.safetensors")).unwrap();
+    let good = std::fs::read(model_dir().join("lenet5.safetensors")).unwrap();
     let zip_not_torch: &[u8] = b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00a.txtPK\x05\x06\x00\x00\x00\x00\x01\x00\x01\x00\x33\x00\x00\x00\x1f\x00\x00\x00\x00\x00";
     let random: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let rows: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -45,7 +39,7 @@ fn broken_model_files_are_named_with_the_problem() {
 fn a_model_card_that_does_not_match_its_weights_is_refused() {
     let d = temp_dir("card");
     for f in ["lenet5.safetensors", "lenet5.json"] {
-        std::fs::copy(dry_run_model().join(f), d.join(f)).unwrap();
+        std::fs::copy(model_dir().join(f), d.join(f)).unwrap();
     }
     // Same names and shapes, other values: the card's checksum catches the swap.
     let mut bytes = std::fs::read(d.join("lenet5.safetensors")).unwrap();
@@ -63,7 +57,7 @@ fn a_model_card_that_does_not_match_its_weights_is_refused() {
 #[test]
 fn a_missing_card_is_a_note_not_a_failure() {
     let d = temp_dir("nocard");
-    std::fs::copy(dry_run_model().join("lenet5.safetensors"), d.join("w.safetensors")).unwrap();
+    std::fs::copy(model_dir().join("lenet5.safetensors"), d.join("w.safetensors")).unwrap();
     let out = lenet5(&["eval", "--model", s(&d.join("w.safetensors")), "--threads", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -74,7 +68,7 @@ fn a_missing_card_is_a_note_not_a_failure() {
 fn weights_of_another_architecture_list_every_mismatch() {
     // The classic/modern variants share shapes, so build a real mismatch: fc1 with 256 inputs.
     let d = temp_dir("shape");
-    let good = dry_run_model().join("lenet5.safetensors");
+    let good = model_dir().join("lenet5.safetensors");
     let tensors = tch::Tensor::read_safetensors(&good).unwrap();
     let changed: Vec<(String, tch::Tensor)> = tensors
         .into_iter()
@@ -122,7 +116,7 @@ fn an_output_folder_that_cannot_be_written_fails_before_any_work() {
     let out = blocker.join("run");
     let err = fails(&["train", "--dry-run", "--out", s(&out)]);
     assert!(err.contains(&format!("--out {}: cannot create the folder", out.display())), "{err}");
-    let err = fails(&["export", "--model", s(&dry_run_model().join("lenet5.safetensors")), "--out", s(&out.join("m"))]);
+    let err = fails(&["export", "--model", s(&model_dir().join("lenet5.safetensors")), "--out", s(&out.join("m"))]);
     assert!(err.contains(s(&out)), "{err}");
     assert!(!out.exists());
 }

@@ -1,6 +1,8 @@
 //! `torch_pickle::read_state_dict` against files PyTorch itself writes: every tensor must equal
 //! the safetensors copy Python writes beside it, and every bad file must give a one-line error.
 
+mod support;
+
 use lenet5::torch_pickle::read_state_dict;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,9 +77,7 @@ fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = std::env::temp_dir().join(format!("lenet5-test-{}-torch-pickle", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = support::temp_dir("torch-pickle");
         let out = std::process::Command::new(root.join(".venv/bin/python"))
             .args(["-c", FIXTURES])
             .arg(&dir)
