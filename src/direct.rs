@@ -80,8 +80,9 @@ fn copy_into(dst: &mut [f32], row_len: usize, vs: &VarStore, name: &str, order: 
 }
 
 impl DirectNet {
-    /// Copies the weights of the LeNet-5 in `vs` (built by `LeNet5::new`).
-    pub fn new(vs: &VarStore, config: ModelConfig) -> Result<DirectNet> {
+    /// Copies the weights of the LeNet-5 in `vs` (built by `LeNet5::new`); batches are split
+    /// across up to `threads` threads.
+    pub fn new(vs: &VarStore, config: ModelConfig, threads: usize) -> Result<DirectNet> {
         let mut w = Box::new(Weights {
             conv1: [[[0.0; KERNEL]; KERNEL]; C1_MAPS],
             conv1_bias: [0.0; C1_MAPS],
@@ -104,7 +105,7 @@ impl DirectNet {
         copy_into(&mut w.fc2_bias, F6_WIDE, vs, "fc2.bias", &[0])?;
         copy_into(w.fc3.as_flattened_mut(), CLASSES_WIDE, vs, "fc3.weight", &[1, 0])?;
         copy_into(&mut w.fc3_bias, CLASSES_WIDE, vs, "fc3.bias", &[0])?;
-        Ok(DirectNet { weights: w, config, threads: tch::get_num_threads().max(1) as usize })
+        Ok(DirectNet { weights: w, config, threads: threads.max(1) })
     }
 
     /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)` on the CPU, as `LeNet5::forward`.
@@ -438,7 +439,7 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let config = ModelConfig { arch, head: Head::Softmax };
         let net = LeNet5::new(&vs.root(), config);
-        let direct = DirectNet::new(&vs, config).unwrap();
+        let direct = DirectNet::new(&vs, config, 2).unwrap();
         (vs, net, direct)
     }
 

@@ -233,11 +233,12 @@ impl Classifier {
             }
             (Classifier::Native { vs, net, card, .. }, Engine::Direct) => {
                 ensure!(vs.device() == Device::Cpu, "--engine direct runs on the CPU; add --device cpu");
-                let direct = Some(DirectNet::new(&vs, net.config)?);
                 // The direct engine takes libtorch's threads for itself. libtorch keeps one:
                 // its idle OpenMP workers spin for milliseconds after each parallel op, and
                 // would compete for the cores (measured: 44k instead of 72k images/s on 2).
+                let threads = tch::get_num_threads() as usize;
                 tch::set_num_threads(1);
+                let direct = Some(DirectNet::new(&vs, net.config, threads)?);
                 Ok(Classifier::Native { vs, net, card, direct })
             }
         }
