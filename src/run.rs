@@ -2,7 +2,7 @@
 //! atomically after every epoch), the latest checkpoint, and the trained model under the
 //! name [`MODEL_NAME`].
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
 use tch::nn::VarStore;
@@ -46,8 +46,25 @@ impl RunDir {
             jsonl.push('\n');
         }
         crate::atomic::write(&self.dir.join("metrics.csv"), csv.as_bytes())?;
-        crate::atomic::write(&self.dir.join("metrics.jsonl"), jsonl.as_bytes())
+        crate::atomic::write(&self.dir.join(METRICS_FILE), jsonl.as_bytes())
     }
+}
+
+/// The metrics history that programs read back (scripts/train_reference writes it too).
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// A run's metrics history, from its [`METRICS_FILE`].
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+    let rows = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| serde_json::from_str(line).with_context(|| format!("{name}: line {}", i + 1)))
+        .collect::<Result<Vec<EpochMetrics>>>()?;
+    ensure!(!rows.is_empty(), "{name}: no epochs recorded");
+    Ok(rows)
 }
 
 /// The run's latest checkpoint, replaced at every epoch end and every --checkpoint-every steps.
@@ -71,5 +88,26 @@ impl Observer for RunObserver<'_> {
 
     fn should_stop(&self) -> bool {
         self.stop.requested().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_history_reads_back_as_written_and_bad_lines_are_named() {
+        let dir = std::env::temp_dir().join(format!("lenet5-metrics-{}", std::process::id()));
+        let run = RunDir::create(&dir).unwrap();
+        let row = |epoch, test_accuracy| EpochMetrics {
+            epoch, lr: 0.003, train_loss: 0.5, train_accuracy: 0.8, test_loss: 0.3, test_accuracy, seconds: 2.5 * epoch as f64,
+        };
+        let history = vec![row(1, 0.9), row(2, 0.97)];
+        run.write_metrics(&history).unwrap();
+        assert_eq!(read_metrics(&dir.join(METRICS_FILE)).unwrap(), history);
+        std::fs::write(dir.join(METRICS_FILE), "{\"epoch\": 1}\n").unwrap();
+        let err = format!("{:#}", read_metrics(&dir.join(METRICS_FILE)).unwrap_err());
+        assert!(err.contains("metrics.jsonl: line 1") && err.contains("missing field"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

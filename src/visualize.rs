@@ -142,38 +142,6 @@ pub fn input_picture(image: &Tensor, title: &str) -> Result<Picture> {
     pictures::grid(title, &[tile], 1)
 }
 
-/// `metrics.csv` of a run: each epoch's row, read by the column names of its header.
-pub fn read_metrics(path: &Path) -> Result<Vec<crate::train::EpochMetrics>> {
-    let name = path.display();
-    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().with_context(|| format!("{name}: empty"))?.split(',').map(str::trim).collect();
-    let column = |c: &str| header.iter().position(|h| *h == c).with_context(|| format!("{name}: no `{c}` column in the header"));
-    let idx: Vec<usize> = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
-        .into_iter()
-        .map(column)
-        .collect::<Result<_>>()?;
-    let mut rows = Vec::new();
-    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        let get = |k: usize| -> Result<f64> {
-            let cell = cells.get(idx[k]).with_context(|| format!("{name}: line {}: {} cells, fewer than the header's {}", i + 2, cells.len(), header.len()))?;
-            cell.parse::<f64>().ok().with_context(|| format!("{name}: line {}, column `{}`: '{cell}' is not a number", i + 2, header[idx[k]]))
-        };
-        rows.push(crate::train::EpochMetrics {
-            epoch: get(0)? as usize,
-            lr: get(1)?,
-            train_loss: get(2)?,
-            train_accuracy: get(3)?,
-            test_loss: get(4)?,
-            test_accuracy: get(5)?,
-            seconds: get(6)?,
-        });
-    }
-    ensure!(!rows.is_empty(), "{name}: no epochs recorded");
-    Ok(rows)
-}
-
 /// Loss and accuracy per epoch, train and test.
 pub fn curves_picture(history: &[crate::train::EpochMetrics], title: &str) -> Result<Picture> {
     let series = |name, f: &dyn Fn(&crate::train::EpochMetrics) -> f64| Series { name, points: history.iter().map(|m| (m.epoch as f64, f(m))).collect() };
@@ -265,9 +233,9 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
     crate::atomic::write_with(&activations, |tmp| Tensor::write_safetensors(&named, tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display())))?;
 
     // The run that made the model: its metrics file sits beside the weights.
-    let metrics = args.model.model.parent().unwrap_or(Path::new(".")).join("metrics.csv");
+    let metrics = args.model.model.parent().unwrap_or(Path::new(".")).join(crate::run::METRICS_FILE);
     let skipped_curves = if metrics.is_file() {
-        let history = read_metrics(&metrics)?;
+        let history = crate::run::read_metrics(&metrics)?;
         save(curves_picture(&history, &format!("Training: {} epoch{}, from {}", history.len(), if history.len() == 1 { "" } else { "s" }, metrics.display()))?, "curves.png", format!("loss and accuracy per epoch, from {}", metrics.display()))?;
         None
     } else {
@@ -316,27 +284,4 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
         eprintln!("note: no training curves: {} does not exist (train writes it into the run folder)", missing.display());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_are_read_by_column_name_and_bad_cells_are_named() {
-        let dir = std::env::temp_dir().join(format!("lenet5-metrics-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("metrics.csv");
-        std::fs::write(&path, "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n1,0.003,0.5,0.8,0.3,0.9,2.5\n2,0.001,0.2,0.93,0.1,0.97,5\n").unwrap();
-        let rows = read_metrics(&path).unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!((rows[1].epoch, rows[1].test_accuracy, rows[1].seconds), (2, 0.97, 5.0));
-        assert_eq!(curves_picture(&rows, "t").unwrap().image.dimensions(), (960, 420));
-        std::fs::write(&path, "epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n1,0.003,x,0.8,0.3,0.9,2.5\n").unwrap();
-        let err = read_metrics(&path).unwrap_err().to_string();
-        assert!(err.contains("line 2, column `train_loss`: 'x' is not a number"), "{err}");
-        std::fs::write(&path, "epoch,lr\n1,0.1\n").unwrap();
-        assert!(read_metrics(&path).unwrap_err().to_string().contains("no `train_loss` column"));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

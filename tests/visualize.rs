@@ -145,8 +145,8 @@ fn the_confusion_matrix_and_the_mistakes_match_evaluation() {
     let rows = (wrong.min(36) as u32).div_ceil(9);
     assert_eq!(mistakes.height(), 36 + rows * (28 * 3 + 20) + (rows - 1) * 12 + 12);
 
-    // Training curves come from the run folder's metrics.csv, when there is one.
-    if model.with_file_name("metrics.csv").is_file() {
+    // Training curves come from the run folder's metrics.jsonl, when there is one.
+    if model.with_file_name("metrics.jsonl").is_file() {
         let curves = image::open(out.join("curves.png")).unwrap().to_rgb8();
         assert_eq!(curves.dimensions(), (960, 420));
     }
