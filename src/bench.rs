@@ -6,7 +6,6 @@
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Parser, ValueEnum};
 use serde_json::{json, Value};
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::nn::VarStore;
@@ -154,9 +153,9 @@ struct StepClock {
     warmup: usize,
     steps: usize,
     device: Device,
-    taken: Cell<usize>,
-    started: Cell<Option<Instant>>,
-    seconds: Cell<f64>,
+    taken: usize,
+    started: Option<Instant>,
+    seconds: f64,
 }
 
 impl Observer for StepClock {
@@ -164,16 +163,15 @@ impl Observer for StepClock {
         Ok(())
     }
 
-    fn should_stop(&self) -> bool {
-        let n = self.taken.get() + 1;
-        self.taken.set(n);
-        if n == self.warmup {
+    fn should_stop(&mut self) -> bool {
+        self.taken += 1;
+        if self.taken == self.warmup {
             sync(self.device);
-            self.started.set(Some(Instant::now()));
+            self.started = Some(Instant::now());
         }
-        if n == self.warmup + self.steps {
+        if self.taken == self.warmup + self.steps {
             sync(self.device);
-            self.seconds.set(self.started.get().map_or(0.0, |t| t.elapsed().as_secs_f64()));
+            self.seconds = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
             return true;
         }
         false
@@ -197,12 +195,12 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
         checkpoint_every: None,
     };
     let mut clock =
-        StepClock { warmup, steps, device, taken: 0.into(), started: None.into(), seconds: 0.0.into() };
+        StepClock { warmup, steps, device, taken: 0, started: None, seconds: 0.0 };
     match trainer.run(&net, &vs, &data, TrainState::default(), &mut clock)? {
         Outcome::Stopped(_) => {}
         Outcome::Finished(_) => bail!("the run ended before {} steps", warmup + steps),
     }
-    let seconds = clock.seconds.get();
+    let seconds = clock.seconds;
     Ok(json!({
         "batch_size": batch, "steps": steps, "warmup": warmup, "seconds": seconds,
         "images_per_s": (steps as f64 * batch as f64) / seconds,
@@ -314,7 +312,7 @@ impl Observer for StopAtAccuracy {
         Ok(())
     }
 
-    fn should_stop(&self) -> bool {
+    fn should_stop(&mut self) -> bool {
         self.reached.is_some()
     }
 }
@@ -368,10 +366,10 @@ mod tests {
 
     #[test]
     fn the_step_clock_times_exactly_the_steps_after_warm_up() {
-        let clock = StepClock { warmup: 2, steps: 3, device: Device::Cpu, taken: 0.into(), started: None.into(), seconds: 0.0.into() };
+        let mut clock = StepClock { warmup: 2, steps: 3, device: Device::Cpu, taken: 0, started: None, seconds: 0.0 };
         let stops: Vec<bool> = (0..5).map(|_| clock.should_stop()).collect();
         assert_eq!(stops, [false, false, false, false, true]);
-        assert!(clock.started.get().is_some() && clock.seconds.get() > 0.0);
+        assert!(clock.started.is_some() && clock.seconds > 0.0);
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl Observer for RunObserver<'_> {
         self.run.write_metrics(&state.history)
     }
 
-    fn should_stop(&self) -> bool {
+    fn should_stop(&mut self) -> bool {
         self.stop.requested().is_some()
     }
 }

@@ -164,7 +164,7 @@ pub trait Observer {
     /// its evaluation) and before stopping. The model's weights are those of `state`.
     fn checkpoint(&mut self, state: &TrainState) -> Result<()>;
     /// Asked after every step; true stops the run at the next checkpoint.
-    fn should_stop(&self) -> bool {
+    fn should_stop(&mut self) -> bool {
         false
     }
 }
