@@ -140,7 +140,7 @@ fn default_train_args() -> Result<crate::cli::TrainArgs> {
 fn setup_training(args: &BenchArgs, device: Device) -> Result<(crate::cli::TrainArgs, Splits, VarStore, LeNet5)> {
     let recipe = default_train_args()?;
     let data = data::load(args.data.dataset, args.data.data.as_deref())?;
-    let data = Splits { train: data.train.to_device(device), test: data.test.to_device(device) };
+    let data = data.to_device(device);
     tch::manual_seed(recipe.seed);
     let vs = VarStore::new(device);
     let net = LeNet5::new(&vs.root(), crate::model::ModelConfig { arch: recipe.arch, head: recipe.head });
@@ -190,7 +190,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
     let trainer = Trainer {
         config: &config,
         head: net.config.head,
-        background: -norm.mean / norm.std,
+        background: norm.background(),
         batch_order: Some(order),
         checkpoint_every: None,
     };
@@ -325,7 +325,7 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     let config = recipe.config()?;
     let norm = args.data.dataset.normalization();
     let trainer =
-        Trainer { config: &config, head: net.config.head, background: -norm.mean / norm.std, batch_order: None, checkpoint_every: None };
+        Trainer { config: &config, head: net.config.head, background: norm.background(), batch_order: None, checkpoint_every: None };
     let mut observer = StopAtAccuracy { target: args.target, reached: None };
     let history = match trainer.run(&net, &vs, &data, TrainState::default(), &mut observer)? {
         Outcome::Finished(history) => history,

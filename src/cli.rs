@@ -297,7 +297,7 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     let started = Instant::now();
     tch::manual_seed(config.seed);
     let data = data::load(meta.dataset, meta.data_dir.as_deref())?;
-    let data = data::Splits { train: data.train.to_device(device), test: data.test.to_device(device) };
+    let data = data.to_device(device);
     let mut vs = VarStore::new(device);
     let net = LeNet5::new(&vs.root(), meta.model);
     let weights_source = args.resume.as_ref().map(|d| d.join(CHECKPOINT_FILE)).or(args.init.clone());
@@ -316,7 +316,7 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     let trainer = Trainer {
         config,
         head: meta.model.head,
-        background: -norm.mean / norm.std,
+        background: norm.background(),
         batch_order,
         checkpoint_every: meta.checkpoint_every,
     };

@@ -71,6 +71,13 @@ pub struct Normalization {
     pub std: f64,
 }
 
+impl Normalization {
+    /// What a blank (black) pixel becomes: the fill for padding and shifts.
+    pub fn background(&self) -> f64 {
+        -self.mean / self.std
+    }
+}
+
 /// Images and labels of one split, resident on one device.
 #[derive(Debug)]
 pub struct Dataset {
@@ -105,6 +112,12 @@ impl Dataset {
 pub struct Splits {
     pub train: Dataset,
     pub test: Dataset,
+}
+
+impl Splits {
+    pub fn to_device(&self, device: Device) -> Splits {
+        Splits { train: self.train.to_device(device), test: self.test.to_device(device) }
+    }
 }
 
 /// A parsed IDX file: its dimensions and its raw bytes.

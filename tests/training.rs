@@ -41,7 +41,7 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         let before = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
         let config = recipe();
-        let trainer = Trainer { config: &config, head, background: -0.1307 / 0.3081, batch_order: None, checkpoint_every: None };
+        let trainer = Trainer { config: &config, head, background: DatasetKind::Mnist.normalization().background(), batch_order: None, checkpoint_every: None };
         let Outcome::Finished(history) = trainer.run(&net, &vs, &splits, TrainState::default(), &mut NoCheckpoints).unwrap() else { panic!("nothing asked the run to stop") };
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > bar, "{arch:?}/{head:?}: {after} after 3 epochs of 5,000 images");
