@@ -205,19 +205,26 @@ pub struct Window {
     pub sum: f64,
 }
 
+/// `input` inside `padding` rings of zeros.
+fn padded(input: &Matrix, padding: usize) -> Matrix {
+    let m = input[0].len();
+    let mut out = vec![vec![0.0; m + 2 * padding]; input.len() + 2 * padding];
+    for (y, row) in input.iter().enumerate() {
+        out[y + padding][padding..padding + m].copy_from_slice(row);
+    }
+    out
+}
+
 /// Every window of the cross-correlation, row by row: the plain loop of the definition.
 pub fn windows(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) -> Vec<Window> {
     let (n, m, k, l) = (input.len(), input[0].len(), filter.len(), filter[0].len());
-    let at = |y: usize, x: usize| -> f64 {
-        // Coordinates in the padded input; the padding is zeros.
-        if y < padding || x < padding || y - padding >= n || x - padding >= m { 0.0 } else { input[y - padding][x - padding] }
-    };
+    let input = padded(input, padding);
     let (oh, ow) = (output_size(n, k, stride, padding), output_size(m, l, stride, padding));
     let mut out = Vec::with_capacity(oh * ow);
     for i in 0..oh {
         for j in 0..ow {
             let terms: Vec<(f64, f64)> =
-                (0..k).flat_map(|a| (0..l).map(move |b| (a, b))).map(|(a, b)| (at(i * stride + a, j * stride + b), filter[a][b])).collect();
+                (0..k).flat_map(|a| (0..l).map(move |b| (a, b))).map(|(a, b)| (input[i * stride + a][j * stride + b], filter[a][b])).collect();
             let sum = terms.iter().map(|(x, w)| x * w).sum();
             out.push(Window { row: i, col: j, terms, sum });
         }
@@ -228,7 +235,12 @@ pub fn windows(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) -
 /// Cross-correlation by the definition: out[i][j] = sum over the window of input * filter.
 pub fn naive_conv2d(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) -> Matrix {
     let ow = output_size(input[0].len(), filter[0].len(), stride, padding);
-    windows(input, filter, stride, padding).chunks(ow).map(|row| row.iter().map(|w| w.sum).collect()).collect()
+    sums(&windows(input, filter, stride, padding), ow)
+}
+
+/// The output matrix of `windows`, `ow` per row.
+fn sums(windows: &[Window], ow: usize) -> Matrix {
+    windows.chunks(ow).map(|row| row.iter().map(|w| w.sum).collect()).collect()
 }
 
 fn to_tensor(m: &Matrix) -> Tensor {
@@ -294,11 +306,7 @@ pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usiz
     let mut s = String::from("Convolution as deep learning computes it (cross-correlation: the filter slides over the input unflipped).\n\n");
     s += &format!("input ({n}x{m}){input_name}:\n{}\n", format_matrix(input));
     if padding > 0 {
-        let mut padded = vec![vec![0.0; m + 2 * padding]; n + 2 * padding];
-        for (y, row) in input.iter().enumerate() {
-            padded[y + padding][padding..padding + m].copy_from_slice(row);
-        }
-        s += &format!("input padded with {padding} ring(s) of zeros ({}x{}); windows are placed on this:\n{}\n", n + 2 * padding, m + 2 * padding, format_matrix(&padded));
+        s += &format!("input padded with {padding} ring(s) of zeros ({}x{}); windows are placed on this:\n{}\n", n + 2 * padding, m + 2 * padding, format_matrix(&padded(input, padding)));
     }
     s += &format!("filter ({k}x{l}), stride {stride}, padding {padding}:\n{}\n", format_matrix(filter));
 
@@ -350,7 +358,7 @@ pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usiz
         }
         s += "\n";
     }
-    let naive = naive_conv2d(input, filter, stride, padding);
+    let naive = sums(&all, ow);
     let torch = torch_conv2d(input, filter, stride, padding)?;
     let rounded = naive.iter().flatten().any(|v| format_number(*v, 2) != format_number(*v, 12));
     s += &format!(
