@@ -44,7 +44,18 @@ CLASSES = {  # data.rs DatasetKind::class_names
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
-DEFAULT_DATA_DIR = {"mnist": "data/mnist", "fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+# The folders searched unless --data says otherwise (data.rs DatasetKind::default_dirs):
+# the project's own, which scripts/setup fills, then where Debian's package installs it.
+DEFAULT_DATA_DIRS = {"mnist": ["data/mnist"],
+                     "fashion-mnist": ["data/fashion-mnist", "/usr/share/datasets/fashion-mnist"]}
+FETCH_HINT = {"mnist": "scripts/setup (or scripts/fetch-data mnist) fetches it",  # data.rs fetch_hint
+              "fashion-mnist": "scripts/setup (or scripts/fetch-data fashion-mnist, on Debian) fetches it"}
+
+
+def default_data_dir(dataset: str) -> Path:
+    """The first of DEFAULT_DATA_DIRS[dataset] that exists, else the first (data.rs default_dir)."""
+    dirs = [Path(d) for d in DEFAULT_DATA_DIRS[dataset]]
+    return next((d for d in dirs if d.is_dir()), dirs[0])
 
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension

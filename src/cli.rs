@@ -55,8 +55,8 @@ pub struct DataArgs {
     /// Which data set to use.
     #[arg(long, value_enum, default_value = "mnist")]
     pub dataset: DatasetKind,
-    /// Folder holding the four IDX files, plain or gzip'd [default: data/mnist, or
-    /// /usr/share/datasets/fashion-mnist for fashion-mnist].
+    /// Folder holding the four IDX files, plain or gzip'd [default: data/mnist; for
+    /// fashion-mnist data/fashion-mnist, else /usr/share/datasets/fashion-mnist].
     #[arg(long, value_name = "DIR", env = "LENET5_DATA")]
     pub data: Option<PathBuf>,
 }

@@ -48,19 +48,26 @@ impl DatasetKind {
         names.iter().map(|s| s.to_string()).collect()
     }
 
-    /// Where the data lives unless `--data` says otherwise.
-    pub fn default_dir(self) -> PathBuf {
+    /// The folders searched, in order, unless `--data` says otherwise: the project's own
+    /// (scripts/setup fills it), then, for Fashion-MNIST, where Debian's package installs it.
+    pub fn default_dirs(self) -> &'static [&'static str] {
         match self {
-            DatasetKind::Mnist => PathBuf::from("data/mnist"),
-            DatasetKind::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            DatasetKind::Mnist => &["data/mnist"],
+            DatasetKind::FashionMnist => &["data/fashion-mnist", "/usr/share/datasets/fashion-mnist"],
         }
+    }
+
+    /// The first of [`Self::default_dirs`] that exists, else the first (for the error message).
+    pub fn default_dir(self) -> PathBuf {
+        let dirs = self.default_dirs();
+        PathBuf::from(dirs.iter().find(|d| Path::new(d).is_dir()).unwrap_or(&dirs[0]))
     }
 
     /// The command that puts the data in its default folder.
     pub fn fetch_hint(self) -> &'static str {
         match self {
-            DatasetKind::Mnist => "scripts/setup (or scripts/fetch-mnist) fetches it",
-            DatasetKind::FashionMnist => "`apt-get install dataset-fashion-mnist` installs it",
+            DatasetKind::Mnist => "scripts/setup (or scripts/fetch-data mnist) fetches it",
+            DatasetKind::FashionMnist => "scripts/setup (or scripts/fetch-data fashion-mnist, on Debian) fetches it",
         }
     }
 }

@@ -106,9 +106,9 @@ def test_the_constants_match_the_paper_and_the_data(test_set):
 
 
 def test_fashion_mnist_reads_from_its_gzipped_files():
-    folder = Path(L.DEFAULT_DATA_DIR["fashion-mnist"])
+    folder = L.default_data_dir("fashion-mnist")
     if not (folder / "t10k-labels-idx1-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST is not in {folder} (apt-get install dataset-fashion-mnist)")
+        pytest.skip(f"Fashion-MNIST is in none of {L.DEFAULT_DATA_DIRS['fashion-mnist']}; {L.FETCH_HINT['fashion-mnist']}")
     x, y = L.load_split(folder, "t10k", "fashion-mnist")
     assert x.shape == (10_000, 1, 32, 32)
     assert torch.bincount(y).tolist() == [1000] * 10

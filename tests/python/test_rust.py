@@ -32,9 +32,9 @@ def test_lenet5_export_passes_crosscheck(binary, rust_run, mnist_dir, tmp_path, 
 
 def test_a_fashion_mnist_run_passes_crosscheck(binary, tmp_path, monkeypatch, capsys):
     """Fashion-MNIST's own normalisation and class names, gzipped IDX files on both sides."""
-    folder = Path(L.DEFAULT_DATA_DIR["fashion-mnist"])
+    folder = L.default_data_dir("fashion-mnist")
     if not (folder / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST is not in {folder} (apt-get install dataset-fashion-mnist)")
+        pytest.skip(f"Fashion-MNIST is in none of {L.DEFAULT_DATA_DIRS['fashion-mnist']}; {L.FETCH_HINT['fashion-mnist']}")
     run([binary, "train", "--dataset", "fashion-mnist", "--data", folder, "--dry-run", "--epochs", "1", "--out", tmp_path])
     card = L.read_card(tmp_path / "lenet5.json")
     assert card["dataset"] == "fashion-mnist" and card["classes"] == L.CLASSES["fashion-mnist"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import L, load_script
+from conftest import L, ROOT, load_script
 
 
 @pytest.mark.parametrize("script, expected", [
@@ -38,3 +38,16 @@ def test_train_reference_writes_rusts_files(python_run, test_set):
     for f in ("reference_state_dict.pt", "reference_scripted.pt"):
         got = L.evaluate(L.load_model(python_run / f), x, y)
         assert (got.correct, got.total) == (card["metrics"]["test_correct"], card["metrics"]["test_total"]), f
+
+
+def test_ci_runs_the_readmes_test_command_and_nothing_else():
+    """CI must walk the user's path: a step that only .ci/run performs (an apt-get install, say)
+    would hide a set-up that is incomplete on a fresh machine."""
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    test_line = next(line for line in first_block.splitlines() if "every test" in line)
+    test_command = test_line.split("#", 1)[0].strip()
+    assert test_command == "scripts/test"
+    commands = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert commands == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', test_command], commands
