@@ -1,5 +1,6 @@
 //! Link-time glue for libtorch: an rpath so binaries and tests run without LD_LIBRARY_PATH,
-//! and libtorch linked unconditionally so its CUDA half is loaded on GPU machines.
+//! libtorch linked unconditionally so its CUDA half is loaded on GPU machines, and the small
+//! C++ file of ATen calls that tch does not bind (src/aten_ops.cpp).
 
 fn main() {
     // torch-sys (`links = "tch"`) tells its direct dependents where libtorch's libraries are.
@@ -16,6 +17,19 @@ fn main() {
             .unwrap_or_else(|| "unknown".into());
         println!("cargo:rustc-env=LENET5_LIBTORCH_VERSION={version}");
         println!("cargo:rerun-if-changed={}", version_py.display());
+        // The few ATen calls tch does not bind (see the file's comment), built against the
+        // same libtorch headers torch-sys uses.
+        let include = std::path::Path::new(&lib).join("../include");
+        cc::Build::new()
+            .cpp(true)
+            .file("src/aten_ops.cpp")
+            .include(&include)
+            .flag("-std=c++17")
+            .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            .warnings(false)
+            .compile("lenet5_aten_ops");
+        println!("cargo:rerun-if-changed=src/aten_ops.cpp");
     }
     // Nothing in our code references libtorch_cuda's symbols, so with --as-needed the linker
     // would drop it and `Cuda::is_available()` would be false even on a GPU machine

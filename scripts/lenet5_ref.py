@@ -39,6 +39,14 @@ NORMALIZATION = {
     "mnist": (0.1307, 0.3081),
     "fashion-mnist": (0.2860, 0.3530),
 }
+
+
+def background(dataset: str) -> float:
+    """The normalised value of a blank pixel, the fill of padding and shifts (data.rs Normalization::background)."""
+    mean, std = NORMALIZATION[dataset]
+    return -mean / std
+
+
 CLASSES = {  # data.rs DatasetKind::class_names
     "mnist": [str(d) for d in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -251,48 +259,99 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
-# Training: one loop over batches given as index tensors, shared by train_reference and
-# parity (train.rs Trainer::run, without its random shifts).
+# Training: the optimizers, schedules and random streams of `lenet5 train`, and one loop over
+# batches given as index tensors, shared by train_reference and parity (train.rs Trainer::run).
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-    """The optimizers with tch's settings (train.rs Trainer::optimizer): sgd(momentum, dampening 0,
-    wd, nesterov false); adam and adamw with betas (0.9, 0.999) and libtorch's eps 1e-8, wd an L2
-    penalty for sgd/adam and decoupled for adamw. foreach=False: one tensor at a time, as
-    libtorch's C++ optimizers do it."""
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                   dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
+                   amsgrad: bool = False) -> torch.optim.Optimizer:
+    """The stock torch.optim optimizer `lenet5 train --optimizer NAME` reproduces (optim.rs), with
+    the same settings. On the CPU torch.optim takes its single-tensor path, which optim.rs follows
+    op for op."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=0, weight_decay=weight_decay,
-                               nesterov=False, foreach=False)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                               nesterov=nesterov)
     if name in ("adam", "adamw"):
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=False)
+        return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
     raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', not {name!r}")
 
 
-def make_schedule(name: str, optimizer, steps_per_epoch: int, epochs: int, gamma: float = 0.7):
-    """A per-step learning-rate scheduler matching schedule.rs ScheduleKind, or None (constant)."""
+def make_schedule(name: str, optimizer, steps_per_epoch: int, epochs: int, gamma: float = 0.7,
+                  cycle_momentum: bool = True):
+    """(scheduler or None, per_batch): the stock lr_scheduler class `--schedule NAME` reproduces
+    (schedule.rs), and whether it steps after every batch (else after every epoch)."""
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler
     if name == "constant":
-        return None
-    if name == "step":  # times gamma after every epoch
-        return sched.StepLR(optimizer, step_size=steps_per_epoch, gamma=gamma)
+        return None, True
+    if name == "step":  # as in pytorch/examples' MNIST: times gamma after every epoch
+        return sched.StepLR(optimizer, step_size=1, gamma=gamma), False
     if name == "cosine":  # lr -> 0 over the run
-        return sched.CosineAnnealingLR(optimizer, T_max=total)
-    if name == "onecycle":  # OneCycleLR's defaults, without its momentum cycling (as in Rust)
+        return sched.CosineAnnealingLR(optimizer, T_max=total), True
+    if name == "onecycle":  # OneCycleLR's defaults, momentum cycling included unless turned off
         lr = optimizer.param_groups[0]["lr"]
-        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=total, cycle_momentum=False)
+        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=total, cycle_momentum=cycle_momentum), True
     raise ValueError(f"schedule must be constant, step, cosine or onecycle, not {name!r}")
 
 
-def train_batches(model, optimizer, images, labels, batches, scheduler=None) -> tuple[float, float, float]:
-    """One optimizer step per index tensor in `batches` (then one scheduler step); returns the
-    mean loss, the accuracy over the images seen and the learning rate of the last step."""
+def optimizer_for(recipe: dict, params) -> torch.optim.Optimizer:
+    """make_optimizer from a recipe as `lenet5 train` saves it (train.rs TrainConfig as JSON)."""
+    return make_optimizer(recipe["optimizer"], params, recipe["lr"], recipe["momentum"], recipe["weight_decay"],
+                          recipe["dampening"], recipe["nesterov"], recipe["betas"], recipe["eps"], recipe["amsgrad"])
+
+
+def schedule_for(recipe: dict, optimizer, steps_per_epoch: int):
+    """make_schedule from a recipe as `lenet5 train` saves it."""
+    return make_schedule(recipe["schedule"], optimizer, steps_per_epoch, recipe["epochs"], recipe["gamma"],
+                         recipe["cycle_momentum"])
+
+
+# Random streams (train.rs stream_seed): every shuffle and every augmentation draws from the
+# global generator freshly seeded from (seed, stream, index), so a run resumed anywhere replays them.
+SHUFFLE_STREAM, SHIFT_STREAM = 1, 2
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int, stream: int, index: int) -> int:
+    """SplitMix64 of (seed, stream, index), as train.rs stream_seed."""
+    z = (seed & _MASK64) ^ ((stream * 0x9E3779B97F4A7C15) & _MASK64) ^ ((index * 0xBF58476D1CE4E5B9) & _MASK64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> list[torch.Tensor]:
+    """The index tensors of epoch `epoch` (from 1): train.rs Trainer::batches."""
+    torch.manual_seed(stream_seed(seed, SHUFFLE_STREAM, epoch))
+    return list(torch.randperm(n).split(batch_size))
+
+
+def random_shift(xs: torch.Tensor, max_shift: int, background: float) -> torch.Tensor:
+    """Each image of xs (B, 1, H, W) moved by its own offset of up to max_shift pixels in x and y,
+    filled with `background` (train.rs random_shift, draw for draw)."""
+    b, _, h, w = xs.shape
+    padded = torch.full((b, h + 2 * max_shift, w + 2 * max_shift), background, dtype=xs.dtype)  # (B, H+2m, W+2m)
+    padded[:, max_shift:max_shift + h, max_shift:max_shift + w] = xs[:, 0]
+    rows = (torch.randint(2 * max_shift + 1, (b, 1)) + torch.arange(h).view(1, h)).view(b, h, 1)
+    cols = (torch.randint(2 * max_shift + 1, (b, 1)) + torch.arange(w).view(1, w)).view(b, 1, w)
+    return padded[torch.arange(b).view(b, 1, 1), rows, cols].unsqueeze(1)  # (B, 1, H, W)
+
+
+def train_batches(model, optimizer, images, labels, batches, scheduler=None, shift: int = 0, seed: int = 0,
+                  first_step: int = 0, background: float = 0.0) -> tuple[float, float, float]:
+    """One optimizer step per index tensor in `batches` (then one scheduler step, for a per-batch
+    scheduler); with `shift`, each batch shifted as train.rs does at global step first_step + i.
+    Returns the mean loss, the accuracy over the images seen and the learning rate of the last step."""
     model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-    for idx in batches:
+    for i, idx in enumerate(batches):
         lr = optimizer.param_groups[0]["lr"]
         x, y = images[idx], labels[idx]  # (B, 1, 32, 32), (B,)
+        if shift:
+            torch.manual_seed(stream_seed(seed, SHIFT_STREAM, first_step + i))
+            x = random_shift(x, shift, background)
         logits = model(x)  # (B, 10)
         loss = loss_fn(logits, y, model.head)
         optimizer.zero_grad()

@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 use crate::cli::{Cli, Command, DataArgs, RuntimeArgs};
 use crate::data::{self, Splits};
 use crate::model::LeNet5;
+use crate::optim::Optimizer;
 use crate::train::{self, EpochMetrics, Observer, Outcome, TrainState, Trainer};
 use crate::weights::{self, Classifier, Engine, LoadOptions};
 
@@ -159,7 +160,7 @@ struct StepClock {
 }
 
 impl Observer for StepClock {
-    fn checkpoint(&mut self, _: &TrainState) -> Result<()> {
+    fn checkpoint(&mut self, _: &TrainState, _: &Optimizer) -> Result<()> {
         Ok(())
     }
 
@@ -196,7 +197,8 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
     };
     let mut clock =
         StepClock { warmup, steps, device, taken: 0, started: None, seconds: 0.0 };
-    match trainer.run(&net, &vs, &data, TrainState::default(), &mut clock)? {
+    let mut opt = trainer.optimizer(&net, &vs)?;
+    match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut clock)? {
         Outcome::Stopped(_) => {}
         Outcome::Finished(_) => bail!("the run ended before {} steps", warmup + steps),
     }
@@ -305,7 +307,7 @@ struct StopAtAccuracy {
 }
 
 impl Observer for StopAtAccuracy {
-    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
+    fn checkpoint(&mut self, state: &TrainState, _: &Optimizer) -> Result<()> {
         if self.reached.is_none() {
             self.reached = state.history.last().filter(|row| row.test_accuracy >= self.target).cloned();
         }
@@ -327,7 +329,8 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     let trainer =
         Trainer { config: &config, head: net.config.head, background: norm.background(), batch_order: None, checkpoint_every: None };
     let mut observer = StopAtAccuracy { target: args.target, reached: None };
-    let history = match trainer.run(&net, &vs, &data, TrainState::default(), &mut observer)? {
+    let mut opt = trainer.optimizer(&net, &vs)?;
+    let history = match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut observer)? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => state.history,
     };
@@ -359,8 +362,9 @@ mod tests {
     #[test]
     fn time_to_99_trains_with_the_defaults_of_lenet5_train() {
         let recipe = default_train_args().unwrap().config().unwrap();
-        assert_eq!((recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay), (8, 128, 3e-3, 1e-4));
-        assert_eq!(recipe.optimizer, train::OptimizerKind::Adamw);
+        let o = recipe.optimizer;
+        assert_eq!((recipe.epochs, recipe.batch_size, o.lr, o.weight_decay), (8, 128, 3e-3, 1e-4));
+        assert_eq!(o.kind, crate::optim::OptimizerKind::Adamw);
         assert_eq!(recipe.schedule, crate::schedule::ScheduleKind::Onecycle);
     }
 

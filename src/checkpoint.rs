@@ -1,6 +1,7 @@
-//! Training checkpoints: the weights and everything needed to continue the run, in one
-//! safetensors file (the run's state rides along as a JSON byte tensor), so a checkpoint
-//! is replaced in a single atomic rename and can never disagree with itself.
+//! Training checkpoints: the weights, the optimizer's state and everything else needed to
+//! continue the run, in one safetensors file (the run's state rides along as a JSON byte
+//! tensor), so a checkpoint is replaced in a single atomic rename and can never disagree
+//! with itself.
 
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -11,12 +12,16 @@ use tch::{Device, Kind, Tensor};
 use crate::card::Provenance;
 use crate::data::DatasetKind;
 use crate::model::ModelConfig;
+use crate::optim::Optimizer;
 use crate::train::{TrainConfig, TrainState};
 
 /// The name of the tensor holding the JSON metadata.
 const META_TENSOR: &str = "__lenet5_checkpoint__";
+/// The prefix of the optimizer's state tensors (`optimizer.conv1.weight.exp_avg`).
+const OPTIMIZER_PREFIX: &str = "optimizer.";
 const FORMAT: &str = "lenet5-checkpoint";
-const VERSION: u32 = 1;
+/// 2: the optimizer's state and the schedule's position are saved.
+const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointMeta {
@@ -53,11 +58,24 @@ impl CheckpointMeta {
     }
 }
 
-/// Writes the weights of `vs` and `meta` to `path`, atomically.
-pub fn save(path: &Path, vs: &VarStore, meta: &CheckpointMeta) -> Result<()> {
+/// What a checkpoint holds besides its metadata.
+pub struct Saved {
+    /// The model's weights, by PyTorch name.
+    pub weights: Vec<(String, Tensor)>,
+    /// The optimizer's state, as [`Optimizer::state_tensors`] names it.
+    pub optimizer: Vec<(String, Tensor)>,
+}
+
+/// Writes the weights of `vs`, the state of `optimizer` and `meta` to `path`, atomically.
+pub fn save(path: &Path, vs: &VarStore, optimizer: &Optimizer, meta: &CheckpointMeta) -> Result<()> {
     let json = serde_json::to_vec(meta).expect("checkpoint metadata always serialises");
-    let mut named: Vec<(String, Tensor)> =
-        vs.variables().into_iter().map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous())).collect();
+    let state = optimizer.state_tensors().into_iter().map(|(k, t)| (format!("{OPTIMIZER_PREFIX}{k}"), t));
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .chain(state)
+        .map(|(k, t)| (k, t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     named.push((META_TENSOR.into(), Tensor::from_slice(&json)));
     crate::atomic::write_with(path, |tmp| {
@@ -65,8 +83,8 @@ pub fn save(path: &Path, vs: &VarStore, meta: &CheckpointMeta) -> Result<()> {
     })
 }
 
-/// Reads a checkpoint: its metadata and the weights, by PyTorch name.
-pub fn load(path: &Path) -> Result<(CheckpointMeta, Vec<(String, Tensor)>)> {
+/// Reads a checkpoint: its metadata, the weights and the optimizer's state.
+pub fn load(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     let name = path.display();
     ensure!(path.is_file(), "{name}: no checkpoint there (train writes one at the end of every epoch)");
     let mut tensors = Tensor::read_safetensors(path)
@@ -82,9 +100,16 @@ pub fn load(path: &Path) -> Result<(CheckpointMeta, Vec<(String, Tensor)>)> {
         serde_json::from_slice(&bytes).with_context(|| format!("{name}: damaged checkpoint metadata"))?;
     ensure!(
         meta.format == FORMAT && meta.format_version == VERSION,
-        "{name}: checkpoint format {} v{} is not {FORMAT} v{VERSION}",
+        "{name}: checkpoint format {} v{} is not {FORMAT} v{VERSION}{}",
         meta.format,
-        meta.format_version
+        meta.format_version,
+        if meta.format == FORMAT && meta.format_version < VERSION {
+            " (written by an older lenet5 that could not save the optimizer's state; start the run afresh)"
+        } else {
+            ""
+        }
     );
-    Ok((meta, tensors))
+    let (optimizer, weights): (Vec<_>, Vec<_>) = tensors.into_iter().partition(|(k, _)| k.starts_with(OPTIMIZER_PREFIX));
+    let optimizer = optimizer.into_iter().map(|(k, t)| (k[OPTIMIZER_PREFIX.len()..].to_string(), t)).collect();
+    Ok((meta, Saved { weights, optimizer }))
 }

@@ -15,7 +15,8 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::interrupt::{Interrupted, StopRequest};
 use crate::run::{RunDir, RunObserver, CHECKPOINT_FILE};
 use crate::schedule::ScheduleKind;
-use crate::train::{self, OptimizerKind, Outcome, TrainConfig, Trainer};
+use crate::optim::{Implementation, OptimizerConfig, OptimizerKind};
+use crate::train::{self, Outcome, TrainConfig, Trainer};
 use crate::weights::{self, Classifier, Engine, KeyMap, LoadOptions};
 
 #[derive(Parser, Debug)]
@@ -120,19 +121,47 @@ pub struct TrainArgs {
     /// Learning rate (the peak rate for onecycle).
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// The optimizer, as torch.optim's class of that name.
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerKind,
+    /// torch: torch.optim's algorithms op for op (bit-identical to PyTorch, state
+    /// checkpointed); libtorch: tch's C++ optimizers (another op order, state not saved).
+    #[arg(long, value_enum, default_value = "torch")]
+    pub optimizer_impl: Implementation,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
+    /// SGD dampening.
+    #[arg(long, default_value_t = 0.0)]
+    pub dampening: f64,
+    /// SGD with Nesterov momentum.
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Adam's and AdamW's beta1 (OneCycleLR cycles it unless --no-cycle-momentum).
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// Adam's and AdamW's beta2.
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    /// Adam's and AdamW's eps.
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Adam's and AdamW's AMSGrad variant.
+    #[arg(long)]
+    pub amsgrad: bool,
     /// L2 penalty (sgd, adam) or decoupled weight decay (adamw).
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f64,
+    /// Learning-rate schedule, as torch.optim.lr_scheduler's class (see README: Schedules).
     #[arg(long, value_enum, default_value = "onecycle")]
     pub schedule: ScheduleKind,
     /// Learning-rate factor per epoch for --schedule step.
     #[arg(long, default_value_t = 0.7)]
     pub gamma: f64,
+    /// Keep the momentum (SGD's, or Adam's beta1) fixed under --schedule onecycle, which
+    /// otherwise cycles it between 0.95 and 0.85 as PyTorch's OneCycleLR does by default.
+    #[arg(long)]
+    pub no_cycle_momentum: bool,
     /// Random shifts of training images by up to this many pixels (0 = none).
     #[arg(long, default_value_t = 0)]
     pub shift: i64,
@@ -167,9 +196,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<usize>,
     /// Continue the interrupted run in DIR from its checkpoint, with its saved recipe (the
-    /// recipe flags here are ignored). Weights, step, schedule position, shuffling and metrics
-    /// carry over exactly; the optimizer's momentum and Adam moments restart from zero, since
-    /// tch cannot save them, so only plain SGD resumes bit-identically.
+    /// recipe flags here are ignored). Weights, optimizer state, step, schedule, random
+    /// streams and metrics carry over, so the run ends bit-identical to an uninterrupted one
+    /// (with --optimizer-impl libtorch the optimizer's state restarts: tch cannot save it).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
 }
@@ -180,10 +209,24 @@ impl TrainArgs {
         ensure!(self.epochs > 0, "--epochs {}: must be at least 1", self.epochs);
         ensure!(self.batch_size > 0, "--batch-size {}: must be at least 1", self.batch_size);
         ensure!(self.test_batch_size > 0, "--test-batch-size {}: must be at least 1", self.test_batch_size);
-        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {}: must be a positive number", self.lr);
-        ensure!((0.0..1.0).contains(&self.momentum), "--momentum {}: must be in [0, 1)", self.momentum);
-        ensure!(self.weight_decay >= 0.0, "--weight-decay {}: must not be negative", self.weight_decay);
+        let optimizer = OptimizerConfig {
+            kind: self.optimizer,
+            implementation: self.optimizer_impl,
+            lr: self.lr,
+            momentum: self.momentum,
+            dampening: self.dampening,
+            nesterov: self.nesterov,
+            betas: (self.beta1, self.beta2),
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            amsgrad: self.amsgrad,
+        };
+        optimizer.validate()?;
         ensure!(self.gamma > 0.0, "--gamma {}: must be positive", self.gamma);
+        ensure!(
+            !(self.optimizer_impl == Implementation::Libtorch && self.schedule == ScheduleKind::Onecycle && !self.no_cycle_momentum),
+            "--optimizer-impl libtorch cannot cycle the momentum as --schedule onecycle does: add --no-cycle-momentum"
+        );
         ensure!((0..=4).contains(&self.shift), "--shift {}: must be between 0 and 4 pixels", self.shift);
         if let Some(n) = self.limit_train {
             ensure!(n > 0, "--limit-train {n}: must be at least 1");
@@ -193,12 +236,10 @@ impl TrainArgs {
             epochs: self.epochs,
             batch_size: self.batch_size,
             test_batch_size: self.test_batch_size,
-            lr: self.lr,
-            optimizer: self.optimizer,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
+            optimizer,
             schedule: self.schedule,
             gamma: self.gamma,
+            cycle_momentum: !self.no_cycle_momentum,
             shift: self.shift,
             seed: self.seed,
             limit_train: self.limit_train,
@@ -280,11 +321,11 @@ const CHECK_BATCH: i64 = 64;
 fn train_command(args: &TrainArgs) -> Result<()> {
     let device = args.runtime.apply()?;
     // A new run takes its recipe from the flags; a resumed one from its checkpoint.
-    let (meta, saved_weights, out) = match &args.resume {
+    let (meta, saved, out) = match &args.resume {
         Some(dir) => {
             ensure!(args.init.is_none() && args.batch_order.is_none(), "--resume continues a run as it was; it takes no --init or --batch-order");
-            let (meta, weights) = checkpoint::load(&dir.join(CHECKPOINT_FILE))?;
-            (meta, Some(weights), dir.clone())
+            let (meta, saved) = checkpoint::load(&dir.join(CHECKPOINT_FILE))?;
+            (meta, Some(saved), dir.clone())
         }
         None => {
             let model = ModelConfig { arch: args.arch, head: args.head };
@@ -301,9 +342,13 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     let mut vs = VarStore::new(device);
     let net = LeNet5::new(&vs.root(), meta.model);
     let weights_source = args.resume.as_ref().map(|d| d.join(CHECKPOINT_FILE)).or(args.init.clone());
+    let mut optimizer_state = vec![];
     if let Some(source) = &weights_source {
-        let tensors = match saved_weights {
-            Some(tensors) => tensors,
+        let tensors = match saved {
+            Some(saved) => {
+                optimizer_state = saved.optimizer;
+                saved.weights
+            }
             None => weights::read_tensors(source, weights::detect(source)?)?,
         };
         weights::load_state_dict(&mut vs, tensors, &[], &source.display().to_string())?;
@@ -320,31 +365,37 @@ fn train_command(args: &TrainArgs) -> Result<()> {
         batch_order,
         checkpoint_every: meta.checkpoint_every,
     };
+    let mut optimizer = trainer.optimizer(&net, &vs)?;
+    if let Some(source) = &weights_source {
+        optimizer.load_state_tensors(optimizer_state, &source.display().to_string())?;
+    }
     eprintln!(
         "{} LeNet-5 ({}, {}) on {} with {} on {}: {} epochs, batch {}, lr {}, {} schedule, {} threads",
         if args.resume.is_some() { "resuming" } else { "training" },
         crate::flag_name(&meta.model.arch),
         crate::flag_name(&meta.model.head),
         crate::flag_name(&meta.dataset),
-        crate::flag_name(&config.optimizer),
+        crate::flag_name(&config.optimizer.kind),
         crate::device::name(device),
         trainer.epochs(),
         config.batch_size,
-        config.lr,
+        config.optimizer.lr,
         crate::flag_name(&config.schedule),
         tch::get_num_threads()
     );
     if args.resume.is_some() {
+        let fresh = config.optimizer.implementation == Implementation::Libtorch;
         eprintln!(
-            "continuing at epoch {} after step {}; the optimizer's momentum/moment buffers start afresh (tch cannot save them)",
+            "continuing at epoch {} after step {}{}",
             meta.state.epoch.max(1),
-            meta.state.step
+            meta.state.step,
+            if fresh { "; libtorch's optimizer state starts afresh (tch cannot save it)" } else { "" }
         );
     }
     let stop = StopRequest::install()?;
     let state = meta.state.clone();
     let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), stop: stop.clone() };
-    let history = match trainer.run(&net, &vs, &data, state, &mut observer)? {
+    let history = match trainer.run(&net, &vs, &mut optimizer, &data, state, &mut observer)? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => {
             eprintln!(

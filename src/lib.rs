@@ -14,6 +14,7 @@ pub mod export;
 pub mod interrupt;
 pub mod handwriting;
 pub mod model;
+pub mod optim;
 pub mod pictures;
 pub mod predict;
 pub mod run;

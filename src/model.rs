@@ -88,28 +88,41 @@ pub struct LeNet5 {
     pub config: ModelConfig,
 }
 
-/// PyTorch's default initialisation for Conv2d and Linear: weights and biases uniform in
-/// +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5)). tch's own default differs, and a
-/// twin of a notebook model should start from the same distribution.
-fn torch_default_bound(fan_in: i64) -> (f64, f64) {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    (-bound, bound)
+/// PyTorch's default initialisation of a Conv2d or Linear layer (`reset_parameters`):
+/// `kaiming_uniform_(weight, a=sqrt(5))`, then the bias uniform in +-1/sqrt(fan_in), drawn in
+/// that order from libtorch's generator with the bounds computed as torch computes them, so
+/// `torch.manual_seed(s); LeNet5()` and `tch::manual_seed(s); LeNet5::new` start identical.
+/// (tch's own initialisers draw the bias first, and round the bound differently.)
+fn reset_parameters(weight: &mut Tensor, bias: &mut Tensor) {
+    let fan_in = weight.size()[1..].iter().product::<i64>() as f64;
+    let a = 5f64.sqrt();
+    let gain = (2.0 / (1.0 + a * a)).sqrt(); // calculate_gain("leaky_relu", a)
+    let std = gain / fan_in.sqrt();
+    let bound = 3f64.sqrt() * std;
+    tch::no_grad(|| {
+        let _ = weight.uniform_(-bound, bound);
+        let bound = 1.0 / fan_in.sqrt();
+        let _ = bias.uniform_(-bound, bound);
+    });
 }
 
 fn conv(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    let (lo, up) = torch_default_bound(c_in * 5 * 5);
-    let init = nn::Init::Uniform { lo, up };
-    nn::conv2d(p, c_in, c_out, 5, nn::ConvConfig { ws_init: init, bs_init: init, ..Default::default() })
+    let zero = nn::Init::Const(0.0); // drawn by reset_parameters, in PyTorch's order
+    let mut conv = nn::conv2d(p, c_in, c_out, 5, nn::ConvConfig { ws_init: zero, bs_init: zero, ..Default::default() });
+    reset_parameters(&mut conv.ws, conv.bs.as_mut().expect("conv2d has a bias by default"));
+    conv
 }
 
 fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
-    let (lo, up) = torch_default_bound(d_in);
-    let init = nn::Init::Uniform { lo, up };
-    nn::linear(p, d_in, d_out, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
+    let zero = nn::Init::Const(0.0);
+    let mut linear = nn::linear(p, d_in, d_out, nn::LinearConfig { ws_init: zero, bs_init: Some(zero), bias: true });
+    reset_parameters(&mut linear.ws, linear.bs.as_mut().expect("built with bias: true"));
+    linear
 }
 
 impl LeNet5 {
-    /// Builds the layers under `p`, named `conv1`, `conv2`, `fc1`, `fc2`, `fc3` as in PyTorch.
+    /// Builds the layers under `p`, named `conv1`, `conv2`, `fc1`, `fc2`, `fc3` as in PyTorch,
+    /// and initialised as PyTorch does, layer by layer in this order.
     pub fn new(p: &nn::Path, config: ModelConfig) -> LeNet5 {
         LeNet5 {
             conv1: conv(p / "conv1", 1, 6),
@@ -119,6 +132,26 @@ impl LeNet5 {
             fc3: linear(p / "fc3", 84, NUM_CLASSES),
             config,
         }
+    }
+
+    /// The parameters in the order of PyTorch's `model.parameters()`, which is the order of
+    /// torch.optim's state indices.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let layers: [(&str, &Tensor, &Option<Tensor>); 5] = [
+            ("conv1", &self.conv1.ws, &self.conv1.bs),
+            ("conv2", &self.conv2.ws, &self.conv2.bs),
+            ("fc1", &self.fc1.ws, &self.fc1.bs),
+            ("fc2", &self.fc2.ws, &self.fc2.bs),
+            ("fc3", &self.fc3.ws, &self.fc3.bs),
+        ];
+        let mut out = vec![];
+        for (name, w, b) in layers {
+            out.push((format!("{name}.weight"), w.shallow_clone()));
+            if let Some(b) = b {
+                out.push((format!("{name}.bias"), b.shallow_clone()));
+            }
+        }
+        out
     }
 
     fn activation(&self, xs: &Tensor) -> Tensor {

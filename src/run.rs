@@ -9,6 +9,7 @@ use tch::nn::VarStore;
 
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::interrupt::StopRequest;
+use crate::optim::Optimizer;
 use crate::train::{EpochMetrics, Observer, TrainState};
 
 /// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
@@ -80,9 +81,9 @@ pub struct RunObserver<'a> {
 }
 
 impl Observer for RunObserver<'_> {
-    fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
+    fn checkpoint(&mut self, state: &TrainState, optimizer: &Optimizer) -> Result<()> {
         self.meta.state = state.clone();
-        checkpoint::save(&self.run.dir.join(CHECKPOINT_FILE), self.vs, &self.meta)?;
+        checkpoint::save(&self.run.dir.join(CHECKPOINT_FILE), self.vs, optimizer, &self.meta)?;
         self.run.write_metrics(&state.history)
     }
 

@@ -6,20 +6,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::time::Instant;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Dataset, Splits};
-use crate::model::{Head, NUM_CLASSES};
-use crate::schedule::{Schedule, ScheduleKind};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    Sgd,
-    Adam,
-    Adamw,
-}
+use crate::model::{Head, LeNet5, NUM_CLASSES};
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::schedule::{Schedule, ScheduleKind, ScheduleState};
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,12 +20,14 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: i64,
     pub test_batch_size: i64,
-    pub lr: f64,
-    pub optimizer: OptimizerKind,
-    pub momentum: f64,
-    pub weight_decay: f64,
+    /// The optimizer and its settings, saved flat beside the rest (`"optimizer": "adamw"`, `"lr"`, ...).
+    #[serde(flatten)]
+    pub optimizer: OptimizerConfig,
     pub schedule: ScheduleKind,
     pub gamma: f64,
+    /// OneCycleLR's `cycle_momentum` (PyTorch's default: on).
+    #[serde(default = "yes")]
+    pub cycle_momentum: bool,
     /// Random shifts of up to this many pixels in x and y applied to training images.
     pub shift: i64,
     pub seed: i64,
@@ -40,6 +35,10 @@ pub struct TrainConfig {
     pub limit_train: Option<i64>,
     /// A few batches and a small test set, for smoke tests.
     pub dry_run: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Batches of a dry run, and the size of its test set.
@@ -131,8 +130,8 @@ pub fn random_shift(xs: &Tensor, max: i64, background: f64) -> Tensor {
     padded.index(&[Some(batch), Some(rows), Some(cols)]).unsqueeze(1) // (B, 1, H, W)
 }
 
-/// Where a run stands between two steps: enough to continue it exactly (with a fresh
-/// optimizer state, which tch cannot save). Saved in checkpoints.
+/// Where a run stands between two steps: with the model's weights and the optimizer's state,
+/// enough to continue it exactly. Saved in checkpoints.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
     /// The epoch in progress, from 1.
@@ -148,6 +147,8 @@ pub struct TrainState {
     /// Training seconds of the finished epochs.
     pub seconds: f64,
     pub history: Vec<EpochMetrics>,
+    /// The learning-rate schedule's position and values; None before the first step.
+    pub schedule: Option<ScheduleState>,
 }
 
 /// How a run ended.
@@ -161,8 +162,9 @@ pub enum Outcome {
 /// Hooks through which the caller watches and steers a run.
 pub trait Observer {
     /// Called with the state after every `every` steps, at the end of each epoch (after
-    /// its evaluation) and before stopping. The model's weights are those of `state`.
-    fn checkpoint(&mut self, state: &TrainState) -> Result<()>;
+    /// its evaluation) and before stopping. The model's weights and `optimizer`'s state are
+    /// those of `state`.
+    fn checkpoint(&mut self, state: &TrainState, optimizer: &Optimizer) -> Result<()>;
     /// Asked after every step; true stops the run at the next checkpoint.
     fn should_stop(&mut self) -> bool {
         false
@@ -172,14 +174,15 @@ pub trait Observer {
 /// An observer that keeps nothing, for tests and benchmarks.
 pub struct NoCheckpoints;
 impl Observer for NoCheckpoints {
-    fn checkpoint(&mut self, _: &TrainState) -> Result<()> {
+    fn checkpoint(&mut self, _: &TrainState, _: &Optimizer) -> Result<()> {
         Ok(())
     }
 }
 
-/// The random stream of epoch `epoch` (its shuffle) and of step `step` (its augmentation)
-/// are seeded from the run's seed alone, so a run resumed from any step replays them.
-fn seed_for(seed: i64, stream: u64, index: usize) -> i64 {
+/// The random stream of epoch `epoch` (its shuffle: stream 1) and of step `step` (its
+/// augmentation: stream 2) are seeded from the run's seed alone, so a run resumed from any
+/// step replays them. `lenet5_ref.stream_seed` is the same function in Python.
+pub fn stream_seed(seed: i64, stream: u64, index: usize) -> i64 {
     // SplitMix64 of (seed, stream, index): well-spread seeds for neighbouring indices.
     let mut z = (seed as u64) ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -214,13 +217,9 @@ pub struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
-    fn optimizer(&self, vs: &nn::VarStore) -> Result<nn::Optimizer> {
-        let c = self.config;
-        Ok(match c.optimizer {
-            OptimizerKind::Sgd => nn::sgd(c.momentum, 0.0, c.weight_decay, false).build(vs, c.lr)?,
-            OptimizerKind::Adam => nn::adam(0.9, 0.999, c.weight_decay).build(vs, c.lr)?,
-            OptimizerKind::Adamw => nn::adamw(0.9, 0.999, c.weight_decay).build(vs, c.lr)?,
-        })
+    /// The optimizer of this recipe over `model`'s parameters, with a fresh state.
+    pub fn optimizer(&self, model: &LeNet5, vs: &nn::VarStore) -> Result<Optimizer> {
+        Optimizer::new(self.config.optimizer, vs, model.parameters())
     }
 
     /// Index tensors of each batch of `epoch`.
@@ -228,7 +227,7 @@ impl Trainer<'_> {
         if let Some(order) = &self.batch_order {
             return (0..order.size()[0]).map(|i| order.get(i).to_device(device)).collect();
         }
-        tch::manual_seed(seed_for(self.config.seed, 1, epoch));
+        tch::manual_seed(stream_seed(self.config.seed, 1, epoch));
         let perm = Tensor::randperm(train_len, (Kind::Int64, device));
         let mut batches: Vec<Tensor> = perm.split(self.config.batch_size, 0);
         if self.config.dry_run {
@@ -250,12 +249,14 @@ impl Trainer<'_> {
         if self.batch_order.is_some() || self.config.dry_run { 1 } else { self.config.epochs }
     }
 
-    /// Trains `model` (whose variables live in `vs`) on `data.train` from `state` (the
-    /// default state for a new run), evaluating on `data.test` after every epoch.
+    /// Trains `model` (whose variables live in `vs`) with `opt` (from [`Self::optimizer`],
+    /// its state restored when resuming) on `data.train` from `state` (the default state for
+    /// a new run), evaluating on `data.test` after every epoch.
     pub fn run(
         &self,
-        model: &impl Module,
+        model: &LeNet5,
         vs: &nn::VarStore,
+        opt: &mut Optimizer,
         data: &Splits,
         mut state: TrainState,
         observer: &mut dyn Observer,
@@ -267,12 +268,12 @@ impl Trainer<'_> {
         let steps_per_epoch = self.steps_per_epoch(train.len());
         let schedule = Schedule {
             kind: c.schedule,
-            base_lr: c.lr,
+            base_lr: c.optimizer.lr,
             gamma: c.gamma,
-            steps_per_epoch,
             total_steps: steps_per_epoch * epochs,
+            cycle_momentum: c.cycle_momentum,
         };
-        let mut opt = self.optimizer(vs)?;
+        let mut position = state.schedule.unwrap_or_else(|| schedule.start(opt.hyper));
         let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
         state.epoch = state.epoch.max(1);
         while state.epoch <= epochs {
@@ -284,7 +285,7 @@ impl Trainer<'_> {
             let device = vs.device();
             let mut loss_sum = Tensor::from(state.epoch_loss_sum).to_device(device);
             let mut correct = Tensor::from(state.epoch_correct).to_device(device);
-            let mut lr = schedule.lr_at(state.step);
+            let mut lr = position.hyper.lr;
             let sync = |state: &mut TrainState, loss_sum: &Tensor, correct: &Tensor, lr: f64| -> Result<()> {
                 // Reading values back synchronises with the device, so only now and then.
                 state.epoch_loss_sum = loss_sum.double_value(&[]);
@@ -300,17 +301,21 @@ impl Trainer<'_> {
                 Ok(())
             };
             for idx in &batches[state.batch..] {
-                lr = schedule.lr_at(state.step);
-                opt.set_lr(lr);
+                lr = position.hyper.lr;
+                opt.hyper = position.hyper;
                 let mut xs = train.images.index_select(0, idx); // (B, 1, 32, 32)
                 let ys = train.labels.index_select(0, idx); // (B,)
                 if c.shift > 0 {
-                    tch::manual_seed(seed_for(c.seed, 2, state.step));
+                    tch::manual_seed(stream_seed(c.seed, 2, state.step));
                     xs = random_shift(&xs, c.shift, self.background);
                 }
                 let logits = model.forward(&xs); // (B, 10)
                 let loss = self.head.loss(&logits, &ys);
-                opt.backward_step(&loss);
+                opt.backward_step(&loss)?;
+                if schedule.per_batch() {
+                    schedule.step(&mut position);
+                }
+                state.schedule = Some(position);
                 let b = idx.size()[0];
                 tch::no_grad(|| {
                     loss_sum += loss.detach().to_kind(Kind::Double) * b as f64;
@@ -330,12 +335,12 @@ impl Trainer<'_> {
                     progress.finish();
                     state.seconds += started.elapsed().as_secs_f64();
                     check_finite(vs, &state, lr)?;
-                    observer.checkpoint(&state)?;
+                    observer.checkpoint(&state, opt)?;
                     return Ok(Outcome::Stopped(state));
                 }
                 if at_checkpoint && state.batch < batches.len() {
                     check_finite(vs, &state, lr)?;
-                    observer.checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() })?;
+                    observer.checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() }, opt)?;
                 }
             }
             sync(&mut state, &loss_sum, &correct, lr)?;
@@ -362,9 +367,19 @@ impl Trainer<'_> {
                 row.seconds
             );
             state.history.push(row);
-            state = TrainState { epoch: epoch + 1, step: state.step, seconds: state.seconds, history: state.history, ..Default::default() };
+            if !schedule.per_batch() {
+                schedule.step(&mut position); // after the epoch's evaluation, as PyTorch's MNIST example
+            }
+            state = TrainState {
+                epoch: epoch + 1,
+                step: state.step,
+                seconds: state.seconds,
+                history: state.history,
+                schedule: Some(position),
+                ..Default::default()
+            };
             check_finite(vs, &state, lr)?;
-            observer.checkpoint(&state)?;
+            observer.checkpoint(&state, opt)?;
         }
         Ok(Outcome::Finished(state.history))
     }

@@ -1,6 +1,7 @@
 //! Interrupted runs lose nothing: SIGINT/SIGTERM checkpoint and exit 130/143, SIGKILL at any
-//! moment leaves a loadable run folder, `--resume` of plain SGD ends bit-identical to an
-//! uninterrupted run, and a diverging run stops with the last good checkpoint.
+//! moment leaves a loadable run folder, `--resume` ends bit-identical to an uninterrupted run
+//! (the default recipe, AdamW with OneCycleLR cycling beta1, and SGD with Nesterov momentum
+//! under StepLR), and a diverging run stops with the last good checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -8,12 +9,15 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lenet5");
 
-/// Plain SGD (no momentum), so resuming loses no optimizer state; shifts exercise the
-/// per-step random streams.
+/// The default recipe (AdamW, OneCycleLR with beta1 cycling) on a small run; shifts exercise
+/// the per-step random streams, and checkpoints fall inside epochs as well as at their ends.
 const RECIPE: &[&str] = &[
-    "--epochs", "3", "--limit-train", "6000", "--batch-size", "64", "--optimizer", "sgd", "--momentum", "0",
-    "--lr", "0.05", "--schedule", "cosine", "--shift", "1", "--seed", "5", "--threads", "1", "--checkpoint-every", "10",
+    "--epochs", "3", "--limit-train", "6000", "--batch-size", "64", "--shift", "1", "--seed", "5", "--threads", "1",
+    "--checkpoint-every", "10", "--optimizer", "adamw", "--lr", "3e-3", "--schedule", "onecycle",
 ];
+
+/// SGD's momentum buffers and a schedule that steps once per epoch.
+const SGD: &[(&str, &str)] = &[("--optimizer", "sgd"), ("--lr", "0.05"), ("--schedule", "step")];
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lenet5-resume-{}-{name}", std::process::id()));
@@ -33,24 +37,28 @@ fn train(out: &Path, overrides: &[(&str, &str)]) -> Command {
     cmd
 }
 
-fn spawn(out: &Path) -> Child {
-    train(out, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+fn spawn(out: &Path, overrides: &[(&str, &str)]) -> Child {
+    train(out, overrides).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 fn resume(out: &Path) -> Output {
     Command::new(BIN).args(["train", "--resume"]).arg(out).args(["--threads", "1"]).output().unwrap()
 }
 
-/// The reference: the same recipe, never interrupted.
-fn uninterrupted() -> Vec<u8> {
-    static ONCE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let out = temp_dir("reference");
-        let status = train(&out, &[]).output().unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-        std::fs::read(out.join("lenet5.safetensors")).unwrap()
-    })
-    .clone()
+/// The reference: the same recipe, never interrupted (trained once per recipe).
+fn uninterrupted(overrides: &[(&str, &str)]) -> Vec<u8> {
+    static DONE: std::sync::Mutex<Vec<(String, Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
+    let key = format!("{overrides:?}");
+    let mut done = DONE.lock().unwrap();
+    if let Some((_, weights)) = done.iter().find(|(k, _)| *k == key) {
+        return weights.clone();
+    }
+    let out = temp_dir(&format!("reference-{}", done.len()));
+    let status = train(&out, overrides).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let weights = std::fs::read(out.join("lenet5.safetensors")).unwrap();
+    done.push((key, weights.clone()));
+    weights
 }
 
 /// Waits until the run has written its first checkpoint (or gives up after 60 s).
@@ -71,9 +79,10 @@ fn signal(child: &Child, sig: &str) {
 
 #[test]
 fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
-    for (sig, code) in [("-INT", 130), ("-TERM", 143)] {
+    const DEFAULT: &[(&str, &str)] = &[];
+    for (sig, code, recipe) in [("-INT", 130, DEFAULT), ("-TERM", 143, SGD)] {
         let out = temp_dir(&format!("signal{code}"));
-        let child = spawn(&out);
+        let child = spawn(&out, recipe);
         wait_for_checkpoint(&out);
         signal(&child, sig);
         let stopped = child.wait_with_output().unwrap();
@@ -85,7 +94,7 @@ fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
         assert!(stderr.contains(&format!("resume with: lenet5 train --resume {}", out.display())), "{stderr}");
         let resumed = resume(&out);
         assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-        assert!(std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(), "{sig}: resumed weights differ");
+        assert!(std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(recipe), "{sig}: resumed weights differ");
     }
 }
 
@@ -94,20 +103,22 @@ fn sigkill_at_any_moment_leaves_a_loadable_run_that_resumes_exactly() {
     // Fixed, spread-out kill times (ms after the first checkpoint) stand in for random ones.
     for (i, delay) in [0u64, 130, 470, 900, 1700].into_iter().enumerate() {
         let out = temp_dir(&format!("kill{i}"));
-        let mut child = spawn(&out);
+        let mut child = spawn(&out, &[]);
         wait_for_checkpoint(&out);
         std::thread::sleep(Duration::from_millis(delay));
         child.kill().unwrap(); // SIGKILL
         let _ = child.wait();
         // Whatever the moment, the checkpoint and the metrics in the folder are whole.
-        let (meta, weights) = lenet5::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
-        assert_eq!(weights.len(), 10);
+        let (meta, saved) = lenet5::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
+        assert_eq!(saved.weights.len(), 10);
+        // AdamW's step, exp_avg and exp_avg_sq for each of the 10 parameters.
+        assert_eq!(saved.optimizer.len(), 30, "{:?}", saved.optimizer.iter().map(|(k, _)| k).collect::<Vec<_>>());
         let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap_or_default();
         let rows = csv.lines().skip(1).count();
         assert!(rows <= meta.state.history.len(), "metrics ahead of the checkpoint");
         let resumed = resume(&out);
         assert!(resumed.status.success(), "kill {i}: {}", String::from_utf8_lossy(&resumed.stderr));
-        assert!(std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(), "kill {i}: resumed weights differ");
+        assert!(std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(&[]), "kill {i}: resumed weights differ");
         let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
         assert_eq!(csv.lines().count(), 4, "three epochs of metrics after resuming:\n{csv}");
     }
@@ -123,8 +134,8 @@ fn a_diverging_run_stops_with_step_and_rate_and_keeps_the_last_good_checkpoint()
     assert!(stderr.contains("(learning rate ") && stderr.contains("try a lower --lr"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     if out.join("checkpoint.safetensors").exists() {
-        let (_, weights) = lenet5::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
-        for (name, t) in weights {
+        let (_, saved) = lenet5::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
+        for (name, t) in saved.weights.into_iter().chain(saved.optimizer) {
             assert!(t.isfinite().all().int64_value(&[]) == 1, "checkpoint holds non-finite {name}");
         }
     }

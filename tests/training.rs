@@ -5,7 +5,8 @@
 use lenet5::data::{self, DatasetKind};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::schedule::ScheduleKind;
-use lenet5::train::{evaluate, NoCheckpoints, OptimizerKind, Outcome, TrainConfig, TrainState, Trainer};
+use lenet5::optim::{OptimizerConfig, OptimizerKind};
+use lenet5::train::{evaluate, NoCheckpoints, Outcome, TrainConfig, TrainState, Trainer};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
 
@@ -14,12 +15,10 @@ fn recipe() -> TrainConfig {
         epochs: 3,
         batch_size: 64,
         test_batch_size: 1000,
-        lr: 3e-3,
-        optimizer: OptimizerKind::Adamw,
-        momentum: 0.0,
-        weight_decay: 1e-4,
+        optimizer: OptimizerConfig { weight_decay: 1e-4, ..OptimizerConfig::new(OptimizerKind::Adamw, 3e-3) },
         schedule: ScheduleKind::Onecycle,
         gamma: 0.7,
+        cycle_momentum: true,
         shift: 0,
         seed: 3,
         limit_train: Some(5000),
@@ -42,7 +41,8 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
         let config = recipe();
         let trainer = Trainer { config: &config, head, background: DatasetKind::Mnist.normalization().background(), batch_order: None, checkpoint_every: None };
-        let Outcome::Finished(history) = trainer.run(&net, &vs, &splits, TrainState::default(), &mut NoCheckpoints).unwrap() else { panic!("nothing asked the run to stop") };
+        let mut opt = trainer.optimizer(&net, &vs).unwrap();
+        let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut NoCheckpoints).unwrap() else { panic!("nothing asked the run to stop") };
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > bar, "{arch:?}/{head:?}: {after} after 3 epochs of 5,000 images");
         assert_eq!(history.len(), 3);

@@ -1,0 +1,404 @@
+//! SGD, Adam and AdamW as torch.optim writes them: its single-tensor path (the one PyTorch
+//! takes on the CPU), op for op over tch tensors, so a run matches PyTorch bit for bit, and
+//! the state (steps, moments, momentum buffers) is ours to checkpoint. tch's bindings of
+//! libtorch's C++ optimizers stay selectable ([`Implementation::Libtorch`]).
+
+use anyhow::{anyhow, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ffi::{c_char, CStr};
+use tch::nn::{self, OptimizerConfig as _};
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+/// Which code runs the optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Implementation {
+    /// torch.optim's algorithms, op for op (this module): bit-identical to PyTorch, state saved.
+    #[default]
+    Torch,
+    /// libtorch's C++ optimizers through tch: a different op order (Adam's moment update is
+    /// `mul_`+`add_`, not `lerp_`), state kept in C++ where it cannot be saved, fixed momentum.
+    Libtorch,
+}
+
+/// An optimizer's settings, with torch.optim's names and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    #[serde(rename = "optimizer")]
+    pub kind: OptimizerKind,
+    #[serde(default, rename = "optimizer_impl")]
+    pub implementation: Implementation,
+    pub lr: f64,
+    /// SGD's momentum.
+    pub momentum: f64,
+    #[serde(default)]
+    pub dampening: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Adam's `betas`.
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// An L2 penalty added to the gradient (sgd, adam) or decoupled weight decay (adamw).
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub amsgrad: bool,
+}
+
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+
+fn default_eps() -> f64 {
+    1e-8
+}
+
+impl OptimizerConfig {
+    /// `kind` at learning rate `lr` with torch.optim's other defaults (AdamW's weight decay
+    /// aside, which is 0 here as for the other two).
+    pub fn new(kind: OptimizerKind, lr: f64) -> OptimizerConfig {
+        OptimizerConfig {
+            kind,
+            implementation: Implementation::Torch,
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+            amsgrad: false,
+        }
+    }
+
+    /// The hyper-parameter OneCycleLR cycles: SGD's momentum or Adam's beta1.
+    pub fn momentum_like(&self) -> f64 {
+        match self.kind {
+            OptimizerKind::Sgd => self.momentum,
+            OptimizerKind::Adam | OptimizerKind::Adamw => self.betas.0,
+        }
+    }
+
+    /// The checks torch.optim makes in its constructors, with the flag names of `lenet5 train`.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {}: must be a positive number", self.lr);
+        ensure!((0.0..1.0).contains(&self.momentum), "--momentum {}: must be in [0, 1)", self.momentum);
+        ensure!((0.0..=1.0).contains(&self.dampening), "--dampening {}: must be in [0, 1]", self.dampening);
+        ensure!(
+            !self.nesterov || (self.momentum > 0.0 && self.dampening == 0.0),
+            "--nesterov needs a momentum above 0 and no dampening (as torch.optim.SGD)"
+        );
+        for (flag, b) in [("--beta1", self.betas.0), ("--beta2", self.betas.1)] {
+            ensure!((0.0..1.0).contains(&b), "{flag} {b}: must be in [0, 1)");
+        }
+        ensure!(self.eps >= 0.0, "--eps {}: must not be negative", self.eps);
+        ensure!(self.weight_decay >= 0.0, "--weight-decay {}: must not be negative", self.weight_decay);
+        ensure!(
+            self.kind == OptimizerKind::Sgd || !(self.nesterov || self.dampening != 0.0),
+            "--nesterov and --dampening are SGD's; --optimizer is {}",
+            crate::flag_name(&self.kind)
+        );
+        ensure!(self.kind != OptimizerKind::Sgd || !self.amsgrad, "--amsgrad is Adam's and AdamW's, not SGD's");
+        Ok(())
+    }
+}
+
+/// The per-parameter state torch.optim keeps, by its names.
+#[derive(Debug, Default)]
+struct ParamState {
+    /// A float32 scalar, as torch.optim.Adam keeps it.
+    step: Option<Tensor>,
+    exp_avg: Option<Tensor>,
+    exp_avg_sq: Option<Tensor>,
+    max_exp_avg_sq: Option<Tensor>,
+    momentum_buffer: Option<Tensor>,
+}
+
+impl ParamState {
+    fn fields(&self) -> [(&'static str, &Option<Tensor>); 5] {
+        [
+            ("step", &self.step),
+            ("exp_avg", &self.exp_avg),
+            ("exp_avg_sq", &self.exp_avg_sq),
+            ("max_exp_avg_sq", &self.max_exp_avg_sq),
+            ("momentum_buffer", &self.momentum_buffer),
+        ]
+    }
+
+    fn field_mut(&mut self, name: &str) -> Option<&mut Option<Tensor>> {
+        Some(match name {
+            "step" => &mut self.step,
+            "exp_avg" => &mut self.exp_avg,
+            "exp_avg_sq" => &mut self.exp_avg_sq,
+            "max_exp_avg_sq" => &mut self.max_exp_avg_sq,
+            "momentum_buffer" => &mut self.momentum_buffer,
+            _ => return None,
+        })
+    }
+}
+
+/// The values a scheduler changes between steps: torch.optim's `param_groups[0]["lr"]` and
+/// its `"momentum"` (SGD) or `"betas"[0]` (Adam).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Hyper {
+    pub lr: f64,
+    pub momentum: f64,
+}
+
+/// One optimizer over a model's parameters, in the order of PyTorch's `model.parameters()`.
+pub struct Optimizer {
+    config: OptimizerConfig,
+    params: Vec<(String, Tensor)>,
+    engine: Engine,
+    pub hyper: Hyper,
+}
+
+enum Engine {
+    Torch(Vec<ParamState>),
+    Libtorch(nn::Optimizer),
+}
+
+impl Optimizer {
+    /// An optimizer for `params` (PyTorch's order; the variables of `vs`, shallow clones).
+    pub fn new(config: OptimizerConfig, vs: &nn::VarStore, params: Vec<(String, Tensor)>) -> Result<Optimizer> {
+        config.validate()?;
+        let engine = match config.implementation {
+            Implementation::Torch => Engine::Torch(params.iter().map(|_| ParamState::default()).collect()),
+            Implementation::Libtorch => {
+                let c = config;
+                ensure!(
+                    c.betas == default_betas() && c.eps == default_eps() && !c.amsgrad,
+                    "--optimizer-impl libtorch: tch's Adam takes no --beta1/--beta2/--eps/--amsgrad"
+                );
+                Engine::Libtorch(match c.kind {
+                    OptimizerKind::Sgd => nn::sgd(c.momentum, c.dampening, c.weight_decay, c.nesterov).build(vs, c.lr)?,
+                    OptimizerKind::Adam => nn::adam(c.betas.0, c.betas.1, c.weight_decay).build(vs, c.lr)?,
+                    OptimizerKind::Adamw => nn::adamw(c.betas.0, c.betas.1, c.weight_decay).build(vs, c.lr)?,
+                })
+            }
+        };
+        Ok(Optimizer { hyper: Hyper { lr: config.lr, momentum: config.momentum_like() }, config, params, engine })
+    }
+
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// `optimizer.zero_grad()` (gradients set to None), `loss.backward()`, `optimizer.step()`.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        match &mut self.engine {
+            Engine::Libtorch(opt) => {
+                ensure!(
+                    self.hyper.momentum == self.config.momentum_like(),
+                    "libtorch's optimizers cannot change their momentum mid-run: use --optimizer-impl torch or --no-cycle-momentum"
+                );
+                opt.set_lr(self.hyper.lr);
+                opt.backward_step(loss);
+                Ok(())
+            }
+            Engine::Torch(states) => {
+                for (_, p) in &mut self.params {
+                    check(unsafe { lenet5_clear_grad(p.as_mut_ptr()) })?;
+                }
+                loss.f_backward()?;
+                let (config, hyper) = (&self.config, self.hyper);
+                tch::no_grad(|| -> Result<()> {
+                    for ((_, p), state) in self.params.iter_mut().zip(states.iter_mut()) {
+                        let grad = p.grad();
+                        if !grad.defined() {
+                            continue; // torch.optim skips parameters whose .grad is None
+                        }
+                        match config.kind {
+                            OptimizerKind::Sgd => sgd(config, hyper, p, grad, state)?,
+                            OptimizerKind::Adam | OptimizerKind::Adamw => adam(config, hyper, p, grad, state)?,
+                        }
+                    }
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// The state as named tensors, `PARAM.FIELD` (e.g. `conv1.weight.exp_avg`); empty for the
+    /// libtorch optimizers, whose state tch cannot reach.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let Engine::Torch(states) = &self.engine else { return vec![] };
+        let mut out = vec![];
+        for ((name, _), state) in self.params.iter().zip(states) {
+            for (field, t) in state.fields() {
+                if let Some(t) = t {
+                    out.push((format!("{name}.{field}"), t.shallow_clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Self::state_tensors`] gave, checking every name and shape first.
+    pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, source: &str) -> Result<()> {
+        let Engine::Torch(states) = &mut self.engine else {
+            ensure!(tensors.is_empty(), "{source}: optimizer state saved, but libtorch's optimizers cannot take it");
+            return Ok(());
+        };
+        let index: BTreeMap<&str, usize> = self.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
+        let mut placed = vec![];
+        for (key, t) in tensors {
+            let (param, field) = key.rsplit_once('.').with_context(|| format!("{source}: optimizer state {key}: no PARAM.FIELD name"))?;
+            let i = *index.get(param).with_context(|| format!("{source}: optimizer state {key}: no parameter {param}"))?;
+            let p = &self.params[i].1;
+            let scalar = field == "step";
+            let shape_ok = if scalar { t.numel() == 1 } else { t.size() == p.size() };
+            ensure!(shape_ok, "{source}: optimizer state {key} has shape {:?}, expected {:?}", t.size(), if scalar { vec![] } else { p.size() });
+            ensure!(t.is_floating_point(), "{source}: optimizer state {key} is {:?}, not floating point", t.kind());
+            placed.push((i, field.to_string(), key.clone(), t));
+        }
+        let mut fresh: Vec<ParamState> = self.params.iter().map(|_| ParamState::default()).collect();
+        for (i, field, key, t) in placed {
+            let p = &self.params[i].1;
+            // torch.optim keeps `step` as a float32 CPU scalar, the rest like the parameter.
+            let (kind, device, shape) =
+                if field == "step" { (Kind::Float, tch::Device::Cpu, vec![]) } else { (p.kind(), p.device(), p.size()) };
+            let slot = fresh[i].field_mut(&field).with_context(|| format!("{source}: optimizer state {key}: unknown field {field}"))?;
+            *slot = Some(t.to_kind(kind).to_device(device).reshape(shape));
+        }
+        *states = fresh;
+        Ok(())
+    }
+}
+
+/// `torch.optim.SGD`'s `_single_tensor_sgd` for one parameter.
+fn sgd(c: &OptimizerConfig, h: Hyper, p: &mut Tensor, grad: Tensor, state: &mut ParamState) -> Result<()> {
+    let mut grad = grad;
+    if c.weight_decay != 0.0 {
+        grad = add(&grad, p, c.weight_decay)?;
+    }
+    if h.momentum != 0.0 {
+        let buf = match &mut state.momentum_buffer {
+            None => state.momentum_buffer.insert(grad.detach().copy()),
+            Some(buf) => {
+                let _ = buf.f_mul_scalar_(h.momentum)?;
+                add_(buf, &grad, 1.0 - c.dampening)?;
+                buf
+            }
+        };
+        grad = if c.nesterov { add(&grad, buf, h.momentum)? } else { buf.shallow_clone() };
+    }
+    add_(p, &grad, -h.lr)
+}
+
+/// `torch.optim.Adam`'s `_single_tensor_adam` for one parameter (AdamW: decoupled decay).
+fn adam(c: &OptimizerConfig, h: Hyper, p: &mut Tensor, grad: Tensor, state: &mut ParamState) -> Result<()> {
+    let (beta1, beta2) = (h.momentum, c.betas.1);
+    let step_t = state.step.get_or_insert_with(|| Tensor::from(0f32));
+    let exp_avg = state.exp_avg.get_or_insert_with(|| p.zeros_like());
+    let exp_avg_sq = state.exp_avg_sq.get_or_insert_with(|| p.zeros_like());
+    let _ = step_t.f_add_scalar_(1i64)?;
+    let mut grad = grad;
+    if c.weight_decay != 0.0 {
+        if c.kind == OptimizerKind::Adamw {
+            let _ = p.f_mul_scalar_(1.0 - h.lr * c.weight_decay)?;
+        } else {
+            grad = add(&grad, p, c.weight_decay)?;
+        }
+    }
+    let _ = exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
+    let _ = exp_avg_sq.f_mul_scalar_(beta2)?;
+    addcmul_(exp_avg_sq, &grad, &grad, 1.0 - beta2)?;
+    // Python floats: `step_t.item()`, `beta ** step`, `bias_correction2 ** 0.5` (libm's pow).
+    let step = step_t.f_double_value(&[])?;
+    let bias_correction1 = 1.0 - beta1.powf(step);
+    let bias_correction2 = 1.0 - beta2.powf(step);
+    let step_size = h.lr / bias_correction1;
+    let bias_correction2_sqrt = bias_correction2.powf(0.5);
+    let second = if c.amsgrad {
+        let max = state.max_exp_avg_sq.get_or_insert_with(|| p.zeros_like());
+        let _ = max.f_maximum_out(max, exp_avg_sq)?;
+        &*max
+    } else {
+        &*exp_avg_sq
+    };
+    let mut denom = second.f_sqrt()?.f_div_scalar(bias_correction2_sqrt)?;
+    let _ = denom.f_add_scalar_(c.eps)?;
+    addcdiv_(p, exp_avg, &denom, -step_size)
+}
+
+extern "C" {
+    fn lenet5_add_(this: *mut C_tensor, other: *const C_tensor, alpha: f64) -> *mut c_char;
+    fn lenet5_add(out: *mut *mut C_tensor, this: *const C_tensor, other: *const C_tensor, alpha: f64) -> *mut c_char;
+    fn lenet5_addcmul_(this: *mut C_tensor, t1: *const C_tensor, t2: *const C_tensor, value: f64) -> *mut c_char;
+    fn lenet5_addcdiv_(this: *mut C_tensor, t1: *const C_tensor, t2: *const C_tensor, value: f64) -> *mut c_char;
+    fn lenet5_clear_grad(this: *mut C_tensor) -> *mut c_char;
+    fn lenet5_free_error(error: *mut c_char);
+}
+
+/// Turns the shim's error string (null for success) into a Result, freeing it.
+fn check(error: *mut c_char) -> Result<()> {
+    if error.is_null() {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a NUL-terminated string from strdup, freed once here.
+    let message = unsafe { CStr::from_ptr(error) }.to_string_lossy().lines().next().unwrap_or("").to_string();
+    unsafe { lenet5_free_error(error) };
+    Err(anyhow!("libtorch: {message}"))
+}
+
+// SAFETY (all four): the pointers come from live tch tensors borrowed for the call; the shim
+// catches every C++ exception and returns it as an error string.
+
+/// `this.add_(other, alpha=alpha)`.
+fn add_(this: &mut Tensor, other: &Tensor, alpha: f64) -> Result<()> {
+    check(unsafe { lenet5_add_(this.as_mut_ptr(), other.as_ptr(), alpha) })
+}
+
+/// `this.add(other, alpha=alpha)`.
+fn add(this: &Tensor, other: &Tensor, alpha: f64) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    check(unsafe { lenet5_add(&mut out, this.as_ptr(), other.as_ptr(), alpha) })?;
+    // SAFETY: on success the shim returned a new heap tensor, now owned (and freed) by tch.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `this.addcmul_(t1, t2, value=value)`.
+fn addcmul_(this: &mut Tensor, t1: &Tensor, t2: &Tensor, value: f64) -> Result<()> {
+    check(unsafe { lenet5_addcmul_(this.as_mut_ptr(), t1.as_ptr(), t2.as_ptr(), value) })
+}
+
+/// `this.addcdiv_(t1, t2, value=value)`.
+fn addcdiv_(this: &mut Tensor, t1: &Tensor, t2: &Tensor, value: f64) -> Result<()> {
+    check(unsafe { lenet5_addcdiv_(this.as_mut_ptr(), t1.as_ptr(), t2.as_ptr(), value) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_with_alpha_is_one_rounding_per_element_and_errors_are_results() {
+        let a = Tensor::from_slice(&[1f32, 2.0, 3.0]);
+        let b = Tensor::from_slice(&[10f32, 20.0, 30.0]);
+        let got = add(&a, &b, 0.5).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&got).unwrap(), [6.0, 12.0, 18.0]);
+        let wrong = Tensor::from_slice(&[1f32, 2.0]);
+        let err = add(&a, &wrong, 1.0).unwrap_err().to_string();
+        assert!(err.starts_with("libtorch: ") && err.contains("size"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_flag() {
+        let c = OptimizerConfig { nesterov: true, ..OptimizerConfig::new(OptimizerKind::Sgd, 0.1) };
+        assert!(c.validate().unwrap_err().to_string().contains("--nesterov"));
+        let c = OptimizerConfig { kind: OptimizerKind::Adam, nesterov: false, betas: (1.0, 0.999), ..c };
+        assert!(c.validate().unwrap_err().to_string().contains("--beta1 1"));
+    }
+}
