@@ -91,6 +91,27 @@ impl Value {
     pub fn as_state_dict(&self) -> Option<Vec<(&str, &Tensor)>> {
         self.as_dict()?.iter().map(|(k, v)| Some((k.as_str()?, v.as_tensor()?))).collect()
     }
+    /// The same, taken out; the value itself back unless every key is a string and every value
+    /// a tensor.
+    pub fn into_state_dict(self) -> Result<Vec<(String, Tensor)>, Value> {
+        if self.as_state_dict().is_none() {
+            return Err(self);
+        }
+        let Value::Dict(items) = self else { return Err(self) };
+        let pairs = items.into_iter().filter_map(|(k, v)| match (k, v) {
+            (Value::Str(k), Value::Tensor(t)) => Some((k, t)),
+            _ => None, // as_state_dict saw none of these
+        });
+        Ok(pairs.collect())
+    }
+    /// A dict key as Python prints it, for messages: `"epoch"`, `0`.
+    pub fn key_repr(&self) -> String {
+        match self {
+            Value::Str(s) => format!("{s:?}"),
+            Value::Int(i) => i.to_string(),
+            other => other.type_name().to_string(),
+        }
+    }
     /// The Python type, for messages: `a tensor`, `a dict`.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -186,31 +207,15 @@ fn read_from<R: Read + Seek>(mut zip: zip::ZipArchive<R>, objects: Objects) -> R
 
 /// The named tensors of a dict of tensors, refusing anything else with what it holds.
 fn state_dict(value: Value) -> Result<Vec<(String, Tensor)>> {
-    let Value::Dict(items) = value else { bail!("holds {}, not a dict of tensors", value.type_name()) };
-    if !items.iter().all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_)))) {
-        let shown: Vec<String> = items.iter().take(20).map(|(k, _)| key_text(k)).collect();
-        bail!(
+    let Value::Dict(items) = &value else { bail!("holds {}, not a dict of tensors", value.type_name()) };
+    let shown: Vec<String> = items.iter().take(20).map(|(k, _)| k.key_repr()).collect();
+    value.into_state_dict().map_err(|_| {
+        anyhow!(
             "holds a dict whose values are not all tensors (keys: {}); save model.state_dict() itself \
              (--key-map only renames keys)",
             shown.join(", ")
-        );
-    }
-    Ok(items
-        .into_iter()
-        .filter_map(|(k, v)| match (k, v) {
-            (Value::Str(k), Value::Tensor(t)) => Some((k, t)),
-            _ => None, // checked above: every entry is a string and a tensor
-        })
-        .collect())
-}
-
-/// A dict key as Python prints it: `"epoch"`, `0`.
-fn key_text(key: &Value) -> String {
-    match key {
-        Value::Str(s) => format!("{s:?}"),
-        Value::Int(i) => i.to_string(),
-        other => other.type_name().to_string(),
-    }
+        )
+    })
 }
 
 /// Reads a whole zip entry, refusing one that declares or yields more than `limit` bytes.
@@ -613,7 +618,7 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
                         Node::Int(i) => Value::Int(*i),
                         other => bail!("a dict key that is {}: only string and int keys are read", other.type_name()),
                     };
-                    ensure!(seen.insert((key.as_str().is_some(), key_text(&key))), "the key {} appears twice", key_text(&key));
+                    ensure!(seen.insert((key.as_str().is_some(), key.key_repr())), "the key {} appears twice", key.key_repr());
                     dict.push((key, self.value(v, depth + 1)?));
                 }
                 Value::Dict(dict)
