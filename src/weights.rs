@@ -1,5 +1,6 @@
 //! Model files in every format people have, recognised by content (a `.pt` may be a state
-//! dict or a TorchScript module), and state dicts checked whole before anything is copied.
+//! dict, a checkpoint, a pickled module or TorchScript), and state dicts checked whole before
+//! anything is copied.
 
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -11,14 +12,16 @@ use tch::{CModule, Device, Kind, Tensor};
 use crate::card::ModelCard;
 use crate::direct::DirectNet;
 use crate::model::{Head, LeNet5, ModelConfig};
+use crate::torch_pickle::{self, ModelPickle, Value};
 
 /// What a model file turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// A safetensors file (what this program writes).
     Safetensors,
-    /// `torch.save(model.state_dict(), path)`: a zip holding a pickle and raw tensor data.
-    TorchStateDict,
+    /// `torch.save(...)`: a zip holding a pickle and raw tensor data. Weights are read from a
+    /// state dict, a checkpoint dict holding one, or a whole pickled `nn.Module`, as data.
+    TorchSave,
     /// `torch.jit.script(model).save(path)` or a traced module: a zip with `code/`.
     TorchScript,
     /// tch's own `VarStore::save` format (`.ot`): a libtorch archive with `|` in names.
@@ -29,7 +32,7 @@ impl Format {
     pub fn describe(self) -> &'static str {
         match self {
             Format::Safetensors => "safetensors",
-            Format::TorchStateDict => "PyTorch state dict (torch.save)",
+            Format::TorchSave => "PyTorch torch.save file",
             Format::TorchScript => "TorchScript module",
             Format::TchArchive => "tch archive (.ot)",
         }
@@ -62,11 +65,18 @@ pub fn detect(path: &Path) -> Result<Format> {
     // Every PyTorch archive keeps its entries under one top-level folder.
     let entries: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
     let find = |suffix: &str| entries.iter().find(|e| e.split_once('/').is_some_and(|(_, rest)| rest == suffix));
+    if find("archive_format").is_some() && find("models/model.json").is_some() {
+        // torch.export.save: an ExportedProgram's graph (JSON) and its weights, not a state dict.
+        bail!(
+            "{name}: a torch.export archive (.pt2), which this program does not read; save its weights \
+             with torch.save(torch.export.load(\"{name}\").state_dict, \"weights.pt\") and pass that"
+        );
+    }
     if find("data.pkl").is_none() {
         bail!("{name}: a zip file, but not a PyTorch one (no data.pkl inside)");
     }
     let Some(code): Option<String> = find("code/__torch__.py").or_else(|| entries.iter().find(|e| e.contains("/code/"))).cloned() else {
-        return Ok(Format::TorchStateDict); // torch.save of a dict: pickle and tensor data only
+        return Ok(Format::TorchSave); // torch.save: pickle and tensor data only
     };
     // tch's VarStore::save writes a libtorch serialize::OutputArchive: a TorchScript
     // container class named `Module` whose parameters are the tensors, `.` spelt `|`.
@@ -116,19 +126,62 @@ pub fn rename(key: &str, maps: &[KeyMap]) -> String {
     key.to_string()
 }
 
-/// Reads the named tensors of a state-dict-like file onto the CPU, names in PyTorch form.
+/// Reads the named tensors of a state-dict-like file onto the CPU, names in PyTorch form
+/// (DataParallel's `module.` prefix dropped). Notes on stderr say where they were found.
 pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>> {
     let name = path.display();
     let tensors = match format {
         Format::Safetensors => Tensor::read_safetensors(path),
         // libtorch's unpickler cannot read state_dict()'s OrderedDict; ours names its errors.
-        Format::TorchStateDict => return crate::torch_pickle::read_state_dict(path),
+        Format::TorchSave => Ok(torch_save_tensors(path)?),
         Format::TchArchive => Tensor::load_multi_with_device(path, Device::Cpu),
         Format::TorchScript => bail!("{name}: a TorchScript module, not a state dict"),
     }
     .map_err(|e| anyhow::anyhow!("{name}: cannot read the {} ({})", format.describe(), first_line(&e.to_string())))?;
     // tch writes `conv1|weight` because libtorch archives reserve '.'.
-    Ok(tensors.into_iter().map(|(k, t)| (k.replace('|', "."), t)).collect())
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().map(|(k, t)| (k.replace('|', "."), t)).collect();
+    // DataParallel and DistributedDataParallel keep the model as their `module`.
+    let prefix = "module.";
+    if !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with(prefix)) {
+        eprintln!("note: {name}: every key starts with '{prefix}' (DataParallel); reading them without it");
+        return Ok(tensors.into_iter().map(|(k, t)| (k[prefix.len()..].to_string(), t)).collect());
+    }
+    Ok(tensors)
+}
+
+/// Where notebooks keep the model's weights in a checkpoint dict, most specific first
+/// (PyTorch's tutorial writes `model_state_dict`).
+const CHECKPOINT_KEYS: [&str; 4] = ["model_state_dict", "state_dict", "model", "net"];
+
+/// The weights in a torch.save file, read as data (nothing in it runs): a state dict, a
+/// checkpoint dict holding one under a [`CHECKPOINT_KEYS`] entry, or a whole pickled module.
+fn torch_save_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let name = path.display();
+    let ModelPickle { value, modules } = torch_pickle::read_model(path)?;
+    let value = match value.into_state_dict() {
+        Ok(tensors) => {
+            if let Some(class) = modules.first() {
+                eprintln!("note: {name}: a whole pickled {class}; its parameters and buffers read as data, nothing in it run");
+            }
+            return Ok(tensors);
+        }
+        Err(value) => value,
+    };
+    let Value::Dict(mut items) = value else {
+        bail!("{name}: holds {}, not a state dict, a checkpoint dict or a pickled module", value.type_name())
+    };
+    for key in CHECKPOINT_KEYS {
+        let Some(i) = items.iter().position(|(k, v)| k.as_str() == Some(key) && v.as_state_dict().is_some()) else { continue };
+        eprintln!("note: {name}: weights from its '{key}' entry");
+        return items.swap_remove(i).1.into_state_dict().map_err(|v| anyhow::anyhow!("{name}: '{key}' holds {}", v.type_name()));
+    }
+    let keys: Vec<String> = items.iter().take(12).map(|(k, _)| k.key_repr()).collect();
+    bail!(
+        "{name}: holds a dict that is neither a state dict nor a checkpoint with one under {} (keys: {}{})",
+        CHECKPOINT_KEYS.map(|k| format!("'{k}'")).join(", "),
+        keys.join(", "),
+        if items.len() > keys.len() { ", …" } else { "" }
+    )
 }
 
 /// libtorch errors carry a C++ backtrace (and TorchScript ones a script traceback) after
@@ -143,37 +196,67 @@ fn first_line(s: &str) -> &str {
 }
 
 /// Checks a whole state dict against `vs` and copies it in only if every tensor fits:
-/// same names, same shapes, floating-point data. Lists every problem otherwise.
+/// same names, same shapes, floating-point data. Says what does not otherwise, in a few lines:
+/// missing and unexpected tensors grouped, the first wrongly shaped or typed ones in full.
 pub fn load_state_dict(vs: &mut VarStore, tensors: Vec<(String, Tensor)>, maps: &[KeyMap], source: &str) -> Result<()> {
     let given: BTreeMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (rename(&k, maps), t)).collect();
     let mut wanted: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     wanted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut problems = Vec::new();
+    let (mut missing, mut wrong) = (Vec::new(), Vec::new());
     for (name, var) in &wanted {
         match given.get(name) {
-            None => problems.push(format!("missing {name} {:?}", var.size())),
+            None => missing.push(format!("{name} {:?}", var.size())),
             Some(t) if t.size() != var.size() => {
-                problems.push(format!("wrong shape for {name}: expected {:?}, got {:?}", var.size(), t.size()))
+                wrong.push(format!("wrong shape for {name}: expected {:?}, got {:?}", var.size(), t.size()))
             }
             Some(t) if !t.is_floating_point() => {
-                problems.push(format!("wrong dtype for {name}: {:?}, expected a floating-point tensor", t.kind()))
+                wrong.push(format!("wrong dtype for {name}: {:?}, expected a floating-point tensor", t.kind()))
             }
             Some(_) => {}
         }
     }
-    for name in given.keys().filter(|k| !wanted.iter().any(|(w, _)| w == *k)) {
-        problems.push(format!("unexpected {name} {:?}", given[name].size()));
+    let unexpected: Vec<&String> = given.keys().filter(|k| !wanted.iter().any(|(w, _)| w == *k)).collect();
+    if missing.is_empty() && wrong.is_empty() && unexpected.is_empty() {
+        tch::no_grad(|| {
+            for (name, mut var) in wanted {
+                var.copy_(&given[&name].to_kind(Kind::Float).to_device(var.device()));
+            }
+        });
+        return Ok(());
     }
-    if !problems.is_empty() {
-        let hint = common_prefix_hint(given.keys());
-        bail!("{source}: the state dict does not fit LeNet-5:\n  {}{hint}", problems.join("\n  "));
+    const SHOWN: usize = 4; // names per line, and wrongly shaped or typed tensors in full
+    let mut lines = Vec::new();
+    if !missing.is_empty() {
+        lines.push(group("missing", &missing, SHOWN));
     }
-    tch::no_grad(|| {
-        for (name, mut var) in wanted {
-            var.copy_(&given[&name].to_kind(Kind::Float).to_device(var.device()));
+    if !unexpected.is_empty() {
+        let shown: Vec<String> = unexpected.iter().map(|k| format!("{k} {:?}", given[*k].size())).collect();
+        let mut line = group("unexpected", &shown, SHOWN);
+        let mut folders: Vec<&str> = unexpected.iter().filter_map(|k| k.split_once('.').map(|(p, _)| p)).collect();
+        folders.dedup(); // sorted already: the keys come from a BTreeMap
+        if unexpected.len() > SHOWN && !folders.is_empty() {
+            let under: Vec<String> = folders.iter().take(SHOWN).map(|p| format!("{p}.*")).collect();
+            line += &format!(" (under {}{})", under.join(", "), if folders.len() > SHOWN { ", …" } else { "" });
         }
-    });
-    Ok(())
+        lines.push(line);
+    }
+    lines.extend(wrong.iter().take(SHOWN).cloned());
+    if wrong.len() > SHOWN {
+        lines.push(format!("and {} more of the wrong shape or dtype", wrong.len() - SHOWN));
+    }
+    let hint = common_prefix_hint(given.keys());
+    bail!("{source}: the state dict does not fit LeNet-5:\n  {}{hint}", lines.join("\n  "))
+}
+
+/// `missing fc2.bias [84]`, or `missing 6 tensors: a [..], b [..], … and 2 more`.
+fn group(what: &str, items: &[String], shown: usize) -> String {
+    match items {
+        [one] => format!("{what} {one}"),
+        _ => {
+            let more = if items.len() > shown { format!(" … and {} more", items.len() - shown) } else { String::new() };
+            format!("{what} {} tensors: {}{more}", items.len(), items[..items.len().min(shown)].join(", "))
+        }
+    }
 }
 
 /// Suggests `--key-map P=` when every key shares a first component like `model` or `module`.
@@ -386,5 +469,26 @@ mod tests {
         assert!(err.starts_with("f.pt: "));
         // Nothing was half-loaded: conv1.weight (which did fit) still holds its old values.
         assert!(vs.variables()["conv1.weight"].equal(&before));
+    }
+
+    #[test]
+    fn a_state_dict_of_another_layout_is_summed_up_in_a_few_lines() {
+        let config = ModelConfig { arch: crate::model::Arch::Modern, head: Head::Softmax };
+        let mut vs = VarStore::new(Device::Cpu);
+        let _net = LeNet5::new(&vs.root(), config);
+        let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+        // An nn.Sequential notebook model: 10 tensors, all under other names.
+        let sequential: Vec<(String, Tensor)> = (0..5)
+            .flat_map(|i| [(format!("{}.{i}.weight", if i < 2 { "features" } else { "classifier" }), zeros(3)), (format!("classifier.{i}.bias"), zeros(3))])
+            .collect();
+        let err = load_state_dict(&mut vs, sequential, &[], "seq.pt").unwrap_err().to_string();
+        assert!(err.lines().count() <= 4, "{err}");
+        assert!(err.contains("missing 10 tensors: conv1.bias [6], conv1.weight [6, 1, 5, 5], conv2.bias [16], conv2.weight [16, 6, 5, 5] … and 6 more"), "{err}");
+        assert!(err.contains("unexpected 10 tensors: classifier.0.bias [3], classifier.1.bias [3], classifier.2.bias [3], classifier.2.weight [3] … and 6 more (under classifier.*, features.*)"), "{err}");
+        // Every tensor there but of the wrong shape: the first few named in full, then a count.
+        let shapes: Vec<(String, Tensor)> = vs.variables().into_keys().map(|k| (k, zeros(1))).collect();
+        let err = load_state_dict(&mut vs, shapes, &[], "small.pt").unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 1 + 4 + 1, "{err}");
+        assert!(err.contains("wrong shape for conv1.bias: expected [6], got [1]") && err.ends_with("and 6 more of the wrong shape or dtype"), "{err}");
     }
 }
