@@ -308,6 +308,29 @@ def schedule_for(recipe: dict, optimizer, steps_per_epoch: int):
                          recipe["cycle_momentum"])
 
 
+def recipe(args) -> dict:
+    """A recipe as `lenet5 train` saves it (train.rs TrainConfig, with the model and data set)
+    from train_reference's flags, which are named as lenet5 train's."""
+    return {"epochs": args.epochs, "batch_size": args.batch_size, "test_batch_size": args.test_batch_size,
+            "optimizer": args.optimizer, "optimizer_impl": "torch", "lr": args.lr, "momentum": args.momentum,
+            "dampening": args.dampening, "nesterov": args.nesterov, "betas": [args.beta1, args.beta2],
+            "eps": args.eps, "weight_decay": args.weight_decay, "amsgrad": args.amsgrad, "schedule": args.schedule,
+            "gamma": args.gamma, "cycle_momentum": not args.no_cycle_momentum, "shift": args.shift, "seed": args.seed,
+            "limit_train": args.limit_train, "dry_run": False, "arch": args.arch, "head": args.head,
+            "dataset": args.dataset, "data_dir": args.data, "checkpoint_every": None}
+
+
+def training_checkpoint(model, optimizer, scheduler, recipe: dict, epoch: int, batch: int, step: int,
+                        history: list) -> dict:
+    """The tutorial's training checkpoint, as `lenet5 train --resume FILE` reads it and
+    `lenet5 torch-checkpoint` writes it (torch_checkpoint.rs): `epoch` epochs finished, then
+    `batch` batches of the next; `step` optimizer steps in all."""
+    return {"epoch": epoch, "step": step, "batch": batch, "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict() if scheduler is not None else None,
+            "recipe": recipe, "history": history}
+
+
 # Random streams (train.rs stream_seed): every shuffle and every augmentation draws from the
 # global generator freshly seeded from (seed, stream, index), so a run resumed anywhere replays them.
 SHUFFLE_STREAM, SHIFT_STREAM = 1, 2

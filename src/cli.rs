@@ -34,6 +34,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write NAME.pt (TorchScript), NAME.safetensors, NAME.check.safetensors and NAME.json.
     Export(ExportArgs),
+    /// Write a run's checkpoint as a PyTorch training checkpoint (the tutorial's layout, with
+    /// torch.optim's and lr_scheduler's own state dicts) that a notebook continues.
+    TorchCheckpoint(TorchCheckpointArgs),
     /// The layer table: output shape and parameters of every layer.
     Summary(SummaryArgs),
     /// Versions of tch and libtorch, threads, CUDA devices and cuDNN.
@@ -195,12 +198,24 @@ pub struct TrainArgs {
     /// Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<usize>,
-    /// Continue the interrupted run in DIR from its checkpoint, with its saved recipe (the
-    /// recipe flags here are ignored). Weights, optimizer state, step, schedule, random
-    /// streams and metrics carry over, so the run ends bit-identical to an uninterrupted one
-    /// (with --optimizer-impl libtorch the optimizer's state restarts: tch cannot save it).
-    #[arg(long, value_name = "DIR")]
+    /// Continue an interrupted run with its saved recipe (the recipe flags here are ignored):
+    /// a run folder, its checkpoint.safetensors, or a PyTorch training checkpoint (.pt, as
+    /// `lenet5 torch-checkpoint` or scripts/train_reference --checkpoint write it; its run
+    /// folder is --out). Weights, optimizer state, step, schedule, random streams and metrics
+    /// carry over, so the run ends bit-identical to an uninterrupted one (with
+    /// --optimizer-impl libtorch the optimizer's state restarts: tch cannot save it).
+    #[arg(long, value_name = "DIR|FILE")]
     pub resume: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TorchCheckpointArgs {
+    /// A run folder or its checkpoint.safetensors.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub run: PathBuf,
+    /// The PyTorch checkpoint to write (torch.load(path, weights_only=True) reads it).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 impl TrainArgs {
@@ -247,9 +262,10 @@ impl TrainArgs {
         })
     }
 
-    fn out_dir(&self) -> PathBuf {
+    /// `--out`, else `runs/DATASET-ARCH-HEAD`.
+    fn out_dir(&self, dataset: DatasetKind, model: ModelConfig) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
-            let (d, a, h) = (crate::flag_name(&self.data.dataset), crate::flag_name(&self.arch), crate::flag_name(&self.head));
+            let (d, a, h) = (crate::flag_name(&dataset), crate::flag_name(&model.arch), crate::flag_name(&model.head));
             PathBuf::from(format!("runs/{d}-{a}-{h}"))
         })
     }
@@ -299,6 +315,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train_command(&args),
         Command::Eval(args) => eval_command(&args),
         Command::Export(args) => export_command(&args),
+        Command::TorchCheckpoint(args) => {
+            let (meta, saved) = checkpoint::load(&checkpoint_file(&args.run))?;
+            crate::torch_checkpoint::write(&args.out, &meta, &saved)?;
+            println!(
+                "{}: epoch {} of {}, step {}; continue it in PyTorch with scripts/train_reference --resume {0}",
+                args.out.display(),
+                meta.state.epoch.saturating_sub(1),
+                meta.config.epochs,
+                meta.state.step
+            );
+            Ok(())
+        }
         Command::Summary(args) => {
             print!("{}", summary(args.arch));
             Ok(())
@@ -322,15 +350,25 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     let device = args.runtime.apply()?;
     // A new run takes its recipe from the flags; a resumed one from its checkpoint.
     let (meta, saved, out) = match &args.resume {
-        Some(dir) => {
+        Some(path) => {
             ensure!(args.init.is_none() && args.batch_order.is_none(), "--resume continues a run as it was; it takes no --init or --batch-order");
-            let (meta, saved) = checkpoint::load(&dir.join(CHECKPOINT_FILE))?;
-            (meta, Some(saved), dir.clone())
+            // A PyTorch checkpoint is a torch.save zip; ours is safetensors (in a run folder).
+            if path.is_file() && weights::detect(path)? == weights::Format::TorchSave {
+                let (meta, saved) = crate::torch_checkpoint::read(path)?;
+                let out = args.out_dir(meta.dataset, meta.model);
+                (meta, Some(saved), out)
+            } else {
+                let file = checkpoint_file(path);
+                let (meta, saved) = checkpoint::load(&file)?;
+                let out = file.parent().map(Path::to_path_buf).unwrap_or_default();
+                (meta, Some(saved), out)
+            }
         }
         None => {
             let model = ModelConfig { arch: args.arch, head: args.head };
             let meta = CheckpointMeta::new(model, args.data.dataset, args.data.data.clone(), args.config()?, args.checkpoint_every);
-            (meta, None, args.out_dir())
+            let out = args.out_dir(meta.dataset, model);
+            (meta, None, out)
         }
     };
     let config = &meta.config;
@@ -341,7 +379,7 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     let data = data.to_device(device);
     let mut vs = VarStore::new(device);
     let net = LeNet5::new(&vs.root(), meta.model);
-    let weights_source = args.resume.as_ref().map(|d| d.join(CHECKPOINT_FILE)).or(args.init.clone());
+    let weights_source = args.resume.as_ref().map(|p| if p.is_dir() { p.join(CHECKPOINT_FILE) } else { p.clone() }).or(args.init.clone());
     let mut optimizer_state = vec![];
     if let Some(source) = &weights_source {
         let tensors = match saved {
@@ -441,6 +479,11 @@ fn train_command(args: &TrainArgs) -> Result<()> {
         prefix.display()
     );
     Ok(())
+}
+
+/// A run folder's checkpoint, or the file itself.
+fn checkpoint_file(path: &Path) -> PathBuf {
+    if path.is_dir() { path.join(CHECKPOINT_FILE) } else { path.to_path_buf() }
 }
 
 fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {

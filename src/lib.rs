@@ -19,6 +19,7 @@ pub mod pictures;
 pub mod predict;
 pub mod run;
 pub mod schedule;
+pub mod torch_checkpoint;
 pub mod torch_pickle;
 pub mod train;
 pub mod visualize;

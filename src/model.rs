@@ -75,6 +75,15 @@ pub struct ModelConfig {
     pub head: Head,
 }
 
+/// The layers in the order PyTorch registers them.
+pub const LAYERS: [&str; 5] = ["conv1", "conv2", "fc1", "fc2", "fc3"];
+
+/// The parameter names in the order of PyTorch's `model.parameters()` (each layer's weight,
+/// then its bias), which is also the order of torch.optim's state indices.
+pub fn parameter_names() -> Vec<String> {
+    LAYERS.iter().flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")]).collect()
+}
+
 /// The named stages of the forward pass, in order, for pictures and the summary table.
 pub const STAGES: [&str; 8] = ["input", "C1", "S2", "C3", "S4", "F5", "F6", "output"];
 
@@ -134,24 +143,14 @@ impl LeNet5 {
         }
     }
 
-    /// The parameters in the order of PyTorch's `model.parameters()`, which is the order of
-    /// torch.optim's state indices.
+    /// The parameters, named as [`parameter_names`] gives them.
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        let layers: [(&str, &Tensor, &Option<Tensor>); 5] = [
-            ("conv1", &self.conv1.ws, &self.conv1.bs),
-            ("conv2", &self.conv2.ws, &self.conv2.bs),
-            ("fc1", &self.fc1.ws, &self.fc1.bs),
-            ("fc2", &self.fc2.ws, &self.fc2.bs),
-            ("fc3", &self.fc3.ws, &self.fc3.bs),
-        ];
-        let mut out = vec![];
-        for (name, w, b) in layers {
-            out.push((format!("{name}.weight"), w.shallow_clone()));
-            if let Some(b) = b {
-                out.push((format!("{name}.bias"), b.shallow_clone()));
-            }
-        }
-        out
+        let layers = [&self.conv1, &self.conv2].map(|c| (&c.ws, &c.bs));
+        let linears = [&self.fc1, &self.fc2, &self.fc3].map(|l| (&l.ws, &l.bs));
+        let tensors = layers.into_iter().chain(linears).flat_map(|(w, b)| {
+            [w.shallow_clone(), b.as_ref().expect("every layer is built with a bias").shallow_clone()]
+        });
+        parameter_names().into_iter().zip(tensors).collect()
     }
 
     fn activation(&self, xs: &Tensor) -> Tensor {

@@ -114,6 +114,9 @@ impl OptimizerConfig {
     }
 }
 
+/// The names of torch.optim's per-parameter state, in the order it creates them.
+pub const STATE_FIELDS: [&str; 5] = ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"];
+
 /// The per-parameter state torch.optim keeps, by its names.
 #[derive(Debug, Default)]
 struct ParamState {
@@ -127,13 +130,8 @@ struct ParamState {
 
 impl ParamState {
     fn fields(&self) -> [(&'static str, &Option<Tensor>); 5] {
-        [
-            ("step", &self.step),
-            ("exp_avg", &self.exp_avg),
-            ("exp_avg_sq", &self.exp_avg_sq),
-            ("max_exp_avg_sq", &self.max_exp_avg_sq),
-            ("momentum_buffer", &self.momentum_buffer),
-        ]
+        let [a, b, c, d, e] = STATE_FIELDS;
+        [(a, &self.step), (b, &self.exp_avg), (c, &self.exp_avg_sq), (d, &self.max_exp_avg_sq), (e, &self.momentum_buffer)]
     }
 
     fn field_mut(&mut self, name: &str) -> Option<&mut Option<Tensor>> {

@@ -149,6 +149,9 @@ pub struct TrainState {
     pub history: Vec<EpochMetrics>,
     /// The learning-rate schedule's position and values; None before the first step.
     pub schedule: Option<ScheduleState>,
+    /// Batches per epoch (which fixes the schedule's length).
+    #[serde(default)]
+    pub steps_per_epoch: usize,
 }
 
 /// How a run ended.
@@ -274,6 +277,7 @@ impl Trainer<'_> {
             cycle_momentum: c.cycle_momentum,
         };
         let mut position = state.schedule.unwrap_or_else(|| schedule.start(opt.hyper));
+        state.steps_per_epoch = steps_per_epoch;
         let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
         state.epoch = state.epoch.max(1);
         while state.epoch <= epochs {
@@ -376,6 +380,7 @@ impl Trainer<'_> {
                 seconds: state.seconds,
                 history: state.history,
                 schedule: Some(position),
+                steps_per_epoch,
                 ..Default::default()
             };
             check_finite(vs, &state, lr)?;
