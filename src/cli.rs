@@ -432,7 +432,7 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     }
     let stop = StopRequest::install()?;
     let state = meta.state.clone();
-    let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), stop: stop.clone() };
+    let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), stop: stop.clone(), progress: Default::default() };
     let history = match trainer.run(&net, &vs, &mut optimizer, &data, state, &mut observer)? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => {

@@ -17,6 +17,7 @@ pub mod model;
 pub mod optim;
 pub mod pictures;
 pub mod predict;
+pub mod progress;
 pub mod run;
 pub mod schedule;
 pub mod torch_checkpoint;

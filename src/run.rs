@@ -10,7 +10,8 @@ use tch::nn::VarStore;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::interrupt::StopRequest;
 use crate::optim::Optimizer;
-use crate::train::{EpochMetrics, Observer, TrainState};
+use crate::progress::TerminalProgress;
+use crate::train::{EpochMetrics, EpochProgress, Observer, TrainState};
 
 /// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
 pub const MODEL_NAME: &str = "lenet5";
@@ -72,12 +73,13 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// Keeps a run folder current while training: a checkpoint and the metrics history at
-/// every checkpoint, and a stop when a signal arrives.
+/// every checkpoint, progress on the terminal, and a stop when a signal arrives.
 pub struct RunObserver<'a> {
     pub run: &'a RunDir,
     pub vs: &'a VarStore,
     pub meta: CheckpointMeta,
     pub stop: StopRequest,
+    pub progress: TerminalProgress,
 }
 
 impl Observer for RunObserver<'_> {
@@ -85,6 +87,10 @@ impl Observer for RunObserver<'_> {
         self.meta.state = state.clone();
         checkpoint::save(&self.run.dir.join(CHECKPOINT_FILE), self.vs, optimizer, &self.meta)?;
         self.run.write_metrics(&state.history)
+    }
+
+    fn progress(&mut self, progress: &EpochProgress) {
+        self.progress.show(progress);
     }
 
     fn should_stop(&mut self) -> bool {

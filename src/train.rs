@@ -2,9 +2,7 @@
 //! metrics rather than printing them so the CLI, the tests and the benchmarks share it.
 
 use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::io::IsTerminal;
 use std::time::Instant;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -168,10 +166,23 @@ pub trait Observer {
     /// its evaluation) and before stopping. The model's weights and `optimizer`'s state are
     /// those of `state`.
     fn checkpoint(&mut self, state: &TrainState, optimizer: &Optimizer) -> Result<()>;
+    /// Called at the start of each epoch, every 20 batches and at the epoch's last batch.
+    fn progress(&mut self, _progress: &EpochProgress) {}
     /// Asked after every step; true stops the run at the next checkpoint.
     fn should_stop(&mut self) -> bool {
         false
     }
+}
+
+/// How far the epoch in progress has got: images seen of `total`, and the running means.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochProgress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub seen: u64,
+    pub total: u64,
+    pub loss: f64,
+    pub accuracy: f64,
 }
 
 /// An observer that keeps nothing, for tests and benchmarks.
@@ -285,7 +296,12 @@ impl Trainer<'_> {
             let started = Instant::now();
             let batches = self.batches(epoch, train.len(), vs.device());
             let images: u64 = batches.iter().map(|b| b.size()[0] as u64).sum();
-            let progress = Progress::new(epoch, epochs, images);
+            let report = |observer: &mut dyn Observer, state: &TrainState| {
+                let seen = state.epoch_seen.max(1) as f64;
+                let (loss, accuracy) = (state.epoch_loss_sum / seen, state.epoch_correct as f64 / seen);
+                observer.progress(&EpochProgress { epoch, epochs, seen: state.epoch_seen as u64, total: images, loss, accuracy });
+            };
+            report(observer, &state);
             let device = vs.device();
             let mut loss_sum = Tensor::from(state.epoch_loss_sum).to_device(device);
             let mut correct = Tensor::from(state.epoch_correct).to_device(device);
@@ -332,11 +348,9 @@ impl Trainer<'_> {
                 let stopping = observer.should_stop();
                 if state.batch % 20 == 0 || state.batch == batches.len() || at_checkpoint || stopping {
                     sync(&mut state, &loss_sum, &correct, lr)?;
-                    let seen = state.epoch_seen as f64;
-                    progress.update(state.epoch_seen as u64, state.epoch_loss_sum / seen, state.epoch_correct as f64 / seen);
+                    report(observer, &state);
                 }
                 if stopping {
-                    progress.finish();
                     state.seconds += started.elapsed().as_secs_f64();
                     check_finite(vs, &state, lr)?;
                     observer.checkpoint(&state, opt)?;
@@ -349,7 +363,6 @@ impl Trainer<'_> {
             }
             sync(&mut state, &loss_sum, &correct, lr)?;
             state.seconds += started.elapsed().as_secs_f64();
-            progress.finish();
             let test_metrics = evaluate(&forward, self.head, &test, c.test_batch_size)?;
             let seen = state.epoch_seen.max(1) as f64;
             let row = EpochMetrics {
@@ -387,56 +400,6 @@ impl Trainer<'_> {
             observer.checkpoint(&state, opt)?;
         }
         Ok(Outcome::Finished(state.history))
-    }
-}
-
-/// A bar with loss, accuracy, images/s and ETA on a terminal; a plain line at each
-/// quarter of the epoch otherwise, so logs stay readable.
-struct Progress {
-    bar: ProgressBar,
-    tty: bool,
-    epoch: usize,
-    epochs: usize,
-    total: u64,
-    next_quarter: std::cell::Cell<u64>,
-    started: Instant,
-}
-
-impl Progress {
-    fn new(epoch: usize, epochs: usize, total: u64) -> Progress {
-        let tty = std::io::stderr().is_terminal();
-        let bar = if tty { ProgressBar::new(total) } else { ProgressBar::hidden() };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} img  {per_sec}  ETA {eta}  {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{epochs}"));
-        Progress { bar, tty, epoch, epochs, total, next_quarter: 1.into(), started: Instant::now() }
-    }
-
-    fn update(&self, seen: u64, loss: f64, accuracy: f64) {
-        self.bar.set_position(seen);
-        self.bar.set_message(format!("loss {loss:.4} acc {:.2}%", 100.0 * accuracy));
-        let quarter = self.next_quarter.get();
-        if !self.tty && seen * 4 >= quarter * self.total && quarter < 4 {
-            let rate = seen as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-            eprintln!(
-                "epoch {}/{} {:>3}%  {seen}/{} img  {rate:.0} img/s  loss {loss:.4} acc {:.2}%",
-                self.epoch,
-                self.epochs,
-                25 * quarter,
-                self.total,
-                100.0 * accuracy
-            );
-            self.next_quarter.set(quarter + 1);
-        }
-    }
-
-    fn finish(&self) {
-        self.bar.finish_and_clear();
     }
 }
 
