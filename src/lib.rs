@@ -18,6 +18,7 @@ pub mod pictures;
 pub mod predict;
 pub mod run;
 pub mod schedule;
+pub mod serve;
 pub mod torch_pickle;
 pub mod train;
 pub mod visualize;
