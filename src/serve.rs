@@ -17,6 +17,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -489,9 +490,11 @@ pub fn run(config: &ServeConfig) -> Result<()> {
         let (host, port) = (config.host.as_str(), config.port);
         let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen on {host} port {port}"))?;
         let address = listener.local_addr().context("the address listened on")?;
-        println!("serving {} on http://{address}/ (Ctrl-C stops)", config.model.display());
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "serving {} on http://{address}/ (Ctrl-C stops)", config.model.display()).context("printing the address")?;
         axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
-        println!("stopped");
+        // The work is done; a stdout closed meanwhile (println! would panic) is no reason to fail.
+        let _ = writeln!(stdout, "stopped");
         Ok(())
     })
 }
