@@ -3,7 +3,7 @@
 // digit and the probability bars back from the page, each checked against the API's own answer
 // for the same canvas; then the convolution view runs. It saves a screenshot of the page with
 // the 7 ($SERVE_SCREENSHOT, default runs/browser/serve.png; scripts/make-pictures writes
-// docs/serve.png). Run by scripts/test-browser, which installs what it needs or says why not.
+// docs/serve.png) of the model $SERVE_MODEL (default: the shipped one). Run by scripts/test-browser, which installs what it needs or says why not.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -16,6 +16,8 @@ const ROOT = path.resolve(import.meta.dirname, '..', '..');
 const BIN = process.env.LENET5_BIN ?? path.join(ROOT, 'target', 'release', 'lenet5');
 const CHROMIUM = process.env.LENET5_CHROMIUM ?? '/usr/bin/chromium';
 const SCREENSHOT = path.resolve(ROOT, process.env.SERVE_SCREENSHOT ?? path.join('runs', 'browser', 'serve.png'));
+/** The model served [default: the binary's, the shipped one]. */
+const MODEL = process.env.SERVE_MODEL ? ['--model', process.env.SERVE_MODEL] : [];
 /** Longest wait for the server to print its address, or for the page to show an answer. */
 const TIMEOUT_MS = 60_000;
 
@@ -28,7 +30,7 @@ let profile;
 /** Starts `lenet5 serve --port 0` and resolves with its address once it prints it. */
 function startServer() {
   return new Promise((resolve, reject) => {
-    server = spawn(BIN, ['serve', '--port', '0'], { cwd: ROOT, env: { ...process.env, OMP_NUM_THREADS: '1' } });
+    server = spawn(BIN, ['serve', '--port', '0', ...MODEL], { cwd: ROOT, env: { ...process.env, OMP_NUM_THREADS: '1' } });
     let stdout = '';
     let stderr = '';
     const timer = setTimeout(() => reject(new Error(`no address from lenet5 serve in ${TIMEOUT_MS} ms:\n${stderr}`)), TIMEOUT_MS);
