@@ -144,6 +144,8 @@ fn predictions_equal_lenet5_predict_on_the_same_images() {
             files.push(path);
         }
     }
+    // And the README's example: the sample scans in docs/digits, as PGM.
+    files.extend((0..10).map(|d| PathBuf::from(format!("docs/digits/digit-{d}.pgm"))));
     let predict = |engine: &str| -> Vec<Value> {
         let mut args = vec!["predict", "--json", "--threads", "1", "--engine", engine, "--model", s(&model)];
         args.extend(files.iter().map(|f| s(f)));
