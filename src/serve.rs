@@ -97,23 +97,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> ApiError {
-        ApiError::rejected(r.status(), r.body_text())
-    }
+/// The refusals of axum's extractors become ours, with their status.
+macro_rules! from_rejections {
+    ($($rejection:ty),*) => {$(
+        impl From<$rejection> for ApiError {
+            fn from(r: $rejection) -> ApiError {
+                ApiError::rejected(r.status(), r.body_text())
+            }
+        }
+    )*};
 }
-
-impl From<QueryRejection> for ApiError {
-    fn from(r: QueryRejection) -> ApiError {
-        ApiError::rejected(r.status(), r.body_text())
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(r: PathRejection) -> ApiError {
-        ApiError::rejected(r.status(), r.body_text())
-    }
-}
+from_rejections!(BytesRejection, QueryRejection, PathRejection);
 
 /// The libtorch model, for the stages' activations. Its tensors may be used by one thread at
 /// a time (tch's `Tensor` is `Send`, not `Sync`), hence the mutex around it.

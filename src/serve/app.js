@@ -19,7 +19,11 @@ async function api(path, options) {
 }
 
 const fmt = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(2));
-const status = (text) => { $('status').textContent = text; };
+/** A line under the picker: what is shown, or (`error`) why nothing is. */
+const status = (text, error = false) => {
+  $('status').textContent = text;
+  $('status').classList.toggle('error', error);
+};
 
 // ---- pictures --------------------------------------------------------------------------
 
@@ -142,7 +146,7 @@ async function show(request, version, note) {
       status(note ? note(result) : '');
     }
   } catch (e) {
-    if (version === state.drawn) status(e.message);
+    if (version === state.drawn) status(e.message, true);
   } finally {
     settled(version);
   }
@@ -248,7 +252,7 @@ $('list').addEventListener('click', async () => {
     }));
     status(`${list.matching} matching test images${list.matching > list.images.length ? `, the first ${list.images.length} listed` : ''}`);
   } catch (e) {
-    status(e.message);
+    status(e.message, true);
   }
 });
 
@@ -395,7 +399,7 @@ async function start() {
     classicReset();
     document.body.dataset.ready = 'true';
   } catch (e) {
-    status(`cannot reach the server: ${e.message}`);
+    status(`cannot reach the server: ${e.message}`, true);
   }
 }
 

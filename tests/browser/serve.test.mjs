@@ -155,3 +155,16 @@ test('the convolution view steps through the classic example and slides a filter
   await page.click('#digit-play');
   await page.waitForFunction(() => /\(676 of 676 windows\)/.test(document.getElementById('digit-sum').textContent), null, { timeout: TIMEOUT_MS });
 });
+
+test('a picked test image is shown with its stages, and a file that is not an image gets its reason', async () => {
+  await page.click('.tab[data-view="network"]');
+  await page.fill('#index', '18');
+  await page.click('#show-index');
+  await page.waitForFunction(() => document.body.dataset.rendered === document.body.dataset.drawn, null, { timeout: TIMEOUT_MS });
+  const answer = await (await fetch(`${base}/api/test-images/18`)).json();
+  assert.equal(await page.locator('#prediction').textContent(), answer.label);
+  assert.equal(await page.locator('#status').textContent(), `test image #18, a ${answer.class}`);
+  await page.setInputFiles('#upload', { name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('this is not an image\n') });
+  await page.waitForFunction(() => document.body.dataset.rendered === document.body.dataset.drawn, null, { timeout: TIMEOUT_MS });
+  assert.match(await page.locator('#status.error').textContent(), /^the body: not an image this program reads/);
+});
