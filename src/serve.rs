@@ -428,7 +428,7 @@ async fn conv_matrices(body: Result<Bytes, BytesRejection>) -> Result<Json<Value
                 (Some(f), None) => f,
                 (None, Some(name)) => {
                     let preset = <Preset as clap::ValueEnum>::from_str(&name, true).map_err(|_| {
-                        let names: Vec<String> = <Preset as clap::ValueEnum>::value_variants().iter().map(|p| crate::flag_name(p)).collect();
+                        let names: Vec<String> = <Preset as clap::ValueEnum>::value_variants().iter().map(crate::flag_name).collect();
                         anyhow::anyhow!("preset {name:?}: not one of {}", names.join(", "))
                     })?;
                     preset.filter()

@@ -290,6 +290,10 @@ fn the_convolution_walkthrough_is_the_classic_example_and_any_matrices() {
     assert_eq!(server.stop().0.code(), Some(0));
 }
 
+/// A bad request: path, (content type, body) to POST or none to GET, the status and the
+/// words the reason must hold.
+type Case<'a> = (&'a str, Option<(&'a str, Vec<u8>)>, u16, &'a str);
+
 #[test]
 fn bad_input_gets_its_status_and_a_one_line_reason_and_the_server_carries_on() {
     let server = Server::start(&model());
@@ -299,7 +303,7 @@ fn bad_input_gets_its_status_and_a_one_line_reason_and_the_server_carries_on() {
     let too_big = vec![0u8; 8 * 1024 * 1024 + 1];
     let grey = |rows: usize, cols: usize, v: f64| json!({ "pixels": vec![vec![v; cols]; rows] }).to_string().into_bytes();
     let conv = |v: Value| v.to_string().into_bytes();
-    let cases: Vec<(&str, Option<(&str, Vec<u8>)>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("/api/predict", Some(("application/octet-stream", too_big)), 413, "the body is larger than the limit of 8388608 bytes"),
         ("/api/predict", Some(("text/plain", b"this is not an image\n".to_vec())), 400, "the body: not an image this program reads (PNG, JPEG, BMP or PGM/PPM/PBM)"),
         ("/api/predict", Some(("image/png", vec![])), 400, "the body: empty (no image)"),
