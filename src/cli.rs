@@ -528,4 +528,3 @@ pub fn summary(arch: Arch) -> String {
     out += &format!("{:<40}{total:>10}\n", "total");
     out
 }
-
