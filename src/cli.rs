@@ -10,12 +10,13 @@ use tch::{Device, Tensor};
 
 use crate::card::{CardMetrics, ModelCard};
 use crate::data::{self, DatasetKind};
-use crate::model::{Arch, Head, LeNet5, ModelConfig};
+use crate::model::{parameter_count, Arch, Head, LeNet5, ModelConfig};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::interrupt::{Interrupted, StopRequest};
 use crate::run::{RunDir, RunObserver, CHECKPOINT_FILE};
 use crate::schedule::ScheduleKind;
 use crate::optim::{Implementation, OptimizerConfig, OptimizerKind};
+use crate::serve::ServeConfig;
 use crate::train::{self, Outcome, TrainConfig, Trainer};
 use crate::weights::{self, Classifier, Engine, KeyMap, LoadOptions};
 
@@ -52,6 +53,9 @@ pub enum Command {
     /// One measurement of the Rust side for scripts/bench: training steps, evaluation,
     /// single-image latency or time to 99% test accuracy.
     Bench(crate::bench::BenchArgs),
+    /// A local web page: draw a digit and watch every stage of LeNet-5 compute it, with the
+    /// JSON API behind it (see the README). Ctrl-C stops it.
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -104,9 +108,12 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions { arch: self.arch, head: self.head, key_maps: self.key_maps.clone() }
+    }
+
     pub fn load(&self, device: Device) -> Result<Classifier> {
-        let options = LoadOptions { arch: self.arch, head: self.head, key_maps: self.key_maps.clone() };
-        weights::load(&self.model, &options, device)
+        weights::load(&self.model, &self.options(), device)
     }
 }
 
@@ -305,6 +312,35 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Test images for the page's picker come from here (the server runs without them).
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Host name or address to listen on: this machine only by default (0.0.0.0 opens it to
+    /// the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> ServeConfig {
+        ServeConfig {
+            model: self.model.model.clone(),
+            load: self.model.options(),
+            dataset: self.data.dataset,
+            data: self.data.data.clone(),
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct SummaryArgs {
     #[arg(long, value_enum, default_value = "modern")]
     pub arch: Arch,
@@ -340,6 +376,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Visualize(args) => crate::visualize::run(&args),
         Command::Predict(args) => crate::predict::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
+        Command::Serve(args) => crate::serve::run(&args.config()),
     }
 }
 
@@ -584,8 +621,4 @@ pub fn summary(arch: Arch) -> String {
     let total = parameter_count(&vs);
     out += &format!("{:<40}{total:>10}\n", "total");
     out
-}
-
-fn parameter_count(vs: &VarStore) -> i64 {
-    vs.variables().values().map(|t| t.numel() as i64).sum()
 }

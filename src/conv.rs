@@ -197,7 +197,7 @@ pub fn check_shapes(input: &Matrix, filter: &Matrix, stride: usize, padding: usi
 
 /// One placement of the filter: output cell `(row, col)`, its `(input, filter)` products in
 /// reading order and their sum.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Window {
     pub row: usize,
     pub col: usize,
@@ -238,8 +238,8 @@ pub fn naive_conv2d(input: &Matrix, filter: &Matrix, stride: usize, padding: usi
     sums(&windows(input, filter, stride, padding), ow)
 }
 
-/// The output matrix of `windows`, `ow` per row.
-fn sums(windows: &[Window], ow: usize) -> Matrix {
+/// The output matrix of [`windows`], `ow` per row.
+pub fn sums(windows: &[Window], ow: usize) -> Matrix {
     windows.chunks(ow).map(|row| row.iter().map(|w| w.sum).collect()).collect()
 }
 

@@ -87,8 +87,7 @@ impl Prepared {
 
     /// The network input `(1, 1, 32, 32)`, normalised with `norm`.
     pub fn tensor(&self, norm: Normalization) -> Tensor {
-        let xs = Tensor::from_slice(&self.padded()).to_kind(Kind::Float).view([1, 1, INPUT_SIZE, INPUT_SIZE]);
-        crate::data::normalize(&xs, norm)
+        input_tensor(&self.padded(), norm)
     }
 
     /// The padded 32x32 image as an 8-bit grayscale PNG (value * 255, rounded).
@@ -104,20 +103,39 @@ impl Prepared {
     }
 }
 
+/// A 32x32 image in 0..=1 (row-major, like [`Prepared::padded`]) as the network input
+/// `(1, 1, 32, 32)`, normalised with `norm`.
+pub fn input_tensor(padded: &[f32], norm: Normalization) -> Tensor {
+    let xs = Tensor::from_slice(padded).to_kind(Kind::Float).view([1, 1, INPUT_SIZE, INPUT_SIZE]);
+    crate::data::normalize(&xs, norm)
+}
+
 /// Decodes an image file (format recognised by its content, not its name) to grayscale,
 /// transparent parts counted as white paper. Refuses absurd sizes before decoding.
 pub fn read_gray(path: &Path) -> Result<Gray> {
-    let name = path.display();
+    let name = path.display().to_string();
     let len = std::fs::metadata(path).with_context(|| format!("{name}: cannot open"))?.len();
     ensure!(len > 0, "{name}: the file is empty");
-    // ImageReader::open would take the format from the file name; only the content counts.
     let file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open"))?;
-    let mut reader = ImageReader::new(std::io::BufReader::new(file))
-        .with_guessed_format()
-        .with_context(|| format!("{name}: cannot read"))?;
+    decode_gray(std::io::BufReader::new(file), &name)
+}
+
+/// [`read_gray`] on an image already in memory (an upload); `name` is for error messages.
+pub fn decode_gray_bytes(bytes: &[u8], name: &str) -> Result<Gray> {
+    ensure!(!bytes.is_empty(), "{name}: empty (no image)");
+    decode_gray(std::io::Cursor::new(bytes), name)
+}
+
+/// The decoding behind [`read_gray`] and [`decode_gray_bytes`]: the format from the first bytes,
+/// the size checked from the header before any pixel is decoded.
+fn decode_gray<R: std::io::BufRead + std::io::Seek>(source: R, name: &str) -> Result<Gray> {
+    // ImageReader::open would take the format from the file name; only the content counts.
+    let mut reader = ImageReader::new(source).with_guessed_format().with_context(|| format!("{name}: cannot read"))?;
     let Some(format) = reader.format() else {
+        let mut source = reader.into_inner();
         let mut head = [0u8; 4];
-        let n = std::io::Read::read(&mut std::fs::File::open(path)?, &mut head).unwrap_or(0);
+        // Only for the message: bytes that cannot be re-read are left out of it.
+        let n = std::io::Seek::rewind(&mut source).and_then(|()| std::io::Read::read(&mut source, &mut head)).unwrap_or(0);
         bail!("{name}: not an image this program reads (PNG, JPEG, BMP or PGM/PPM/PBM); it starts with bytes {:02x?}", &head[..n]);
     };
     let mut limits = image::Limits::default();
@@ -200,6 +218,11 @@ pub fn prepare(g: &Gray, name: &str) -> Result<Prepared> {
 /// Reads and preprocesses an image file.
 pub fn load(path: &Path) -> Result<Prepared> {
     prepare(&read_gray(path)?, &path.display().to_string())
+}
+
+/// Preprocesses an image file already in memory (an upload); `name` is for error messages.
+pub fn load_bytes(bytes: &[u8], name: &str) -> Result<Prepared> {
+    prepare(&decode_gray_bytes(bytes, name)?, name)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod predict;
 pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod serve;
 pub mod torch_checkpoint;
 pub mod torch_pickle;
 pub mod train;

@@ -191,6 +191,11 @@ impl LeNet5 {
     }
 }
 
+/// How many numbers the variables of `vs` hold: 61,706 for a LeNet-5.
+pub fn parameter_count(vs: &nn::VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}
+
 impl Module for LeNet5 {
     /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)`.
     fn forward(&self, xs: &Tensor) -> Tensor {

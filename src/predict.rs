@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{ModelArgs, RuntimeArgs};
 use crate::handwriting::{self, Prepared};
+use crate::model::Head;
 use crate::weights::Engine;
 
 #[derive(clap::Args, Debug)]
@@ -42,7 +43,13 @@ pub struct Prediction {
 
 /// Class probabilities of a batch of prepared images `(B, 1, 32, 32)`.
 pub fn predict(classifier: &crate::weights::Classifier, inputs: &Tensor) -> Result<Vec<Prediction>> {
-    let probabilities = tch::no_grad(|| -> Result<Tensor> { Ok(classifier.head().probabilities(&classifier.forward(inputs)?)) })?;
+    let logits = tch::no_grad(|| classifier.forward(inputs))?;
+    from_logits(classifier.head(), &logits)
+}
+
+/// The predictions of a batch of logits `(B, 10)` read by `head`.
+pub fn from_logits(head: Head, logits: &Tensor) -> Result<Vec<Prediction>> {
+    let probabilities = tch::no_grad(|| head.probabilities(logits));
     let rows = Vec::<Vec<f64>>::try_from(probabilities.to_device(Device::Cpu).to_kind(Kind::Double)).context("reading the probabilities")?;
     Ok(rows
         .into_iter()
@@ -52,6 +59,21 @@ pub fn predict(classifier: &crate::weights::Classifier, inputs: &Tensor) -> Resu
             Prediction { probabilities: p, ranked }
         })
         .collect())
+}
+
+impl Prediction {
+    /// The fields `predict --json` prints for an image (and `serve` answers): `prediction`,
+    /// `label`, `top3` and all `probabilities`, with the classes named by `classes`.
+    pub fn to_json(&self, classes: &[String]) -> serde_json::Map<String, serde_json::Value> {
+        let best = self.ranked[0];
+        let top3: Vec<_> = self.ranked.iter().take(3).map(|&c| json!({ "class": c, "label": classes[c], "probability": self.probabilities[c] })).collect();
+        serde_json::Map::from_iter([
+            ("prediction".to_string(), json!(best)),
+            ("label".to_string(), json!(classes[best])),
+            ("top3".to_string(), json!(top3)),
+            ("probabilities".to_string(), json!(self.probabilities)),
+        ])
+    }
 }
 
 /// `DIR/STEM.png` for each image, with `-2`, `-3`... when two images share a stem.
@@ -118,15 +140,10 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                 let r = results.next().context("one prediction per image read")?;
                 let best = r.ranked[0];
                 if args.json {
-                    let top3: Vec<_> = r.ranked.iter().take(3).map(|&c| json!({ "class": c, "label": classes[c], "probability": r.probabilities[c] })).collect();
-                    json_rows.push(json!({
-                        "file": file,
-                        "prediction": best,
-                        "label": classes[best],
-                        "top3": top3,
-                        "probabilities": r.probabilities,
-                        "inverted": p.inverted,
-                    }));
+                    let mut row = serde_json::Map::from_iter([("file".to_string(), json!(file))]);
+                    row.extend(r.to_json(&classes));
+                    row.insert("inverted".into(), json!(p.inverted));
+                    json_rows.push(serde_json::Value::Object(row));
                 } else {
                     let top3: Vec<String> = r.ranked.iter().take(3).map(|&c| format!("{} {:.1}%", classes[c], 100.0 * r.probabilities[c])).collect();
                     println!("{file}: {}   ({})", classes[best], top3.join(", "));
