@@ -380,8 +380,6 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The first 64 test images: the fixed batch whose logits every export records.
-const CHECK_BATCH: i64 = 64;
 
 fn train_command(args: &TrainArgs) -> Result<()> {
     let device = args.runtime.apply()?;
@@ -503,7 +501,7 @@ fn train_command(args: &TrainArgs) -> Result<()> {
         "resumed": args.resume.is_some(),
     }));
     let prefix = run.model_prefix();
-    let check_inputs = data.test.images.narrow(0, 0, CHECK_BATCH.min(data.test.len()));
+    let check_inputs = data.test.images.narrow(0, 0, crate::export::CHECK_BATCH.min(data.test.len()));
     crate::export::export(&vs, &net, &card, &prefix, &check_inputs, false)?;
     println!(
         "test accuracy {:.2}% ({}/{}), loss {:.4}; trained in {:.1}s ({:.1}s wall); model: {}.{{safetensors,json,pt}}",
@@ -584,14 +582,7 @@ fn export_command(args: &ExportArgs) -> Result<()> {
     let Classifier::Native { vs, net, card, .. } = &classifier else {
         bail!("{}: already a TorchScript module; export needs weights (safetensors, state dict or .ot)", args.model.model.display());
     };
-    let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);
-    let check_inputs = data::load_test(dataset, args.data.data.as_deref(), dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
-    let mut card = card.clone().unwrap_or_else(|| {
-        ModelCard::new(net.config, dataset, parameter_count(vs), None)
-    });
-    card.provenance = crate::card::Provenance { seed: card.provenance.seed, ..crate::card::Provenance::here(None) };
-    card.files.clear();
-    let card = crate::export::export(vs, net, &card, &args.out, &check_inputs, args.ot)?;
+    let card = crate::export::export_loaded(vs, net, card.as_ref(), args.data.dataset, args.data.data.as_deref(), &args.out, args.ot)?;
     for entry in card.files.values() {
         println!("{}", args.out.with_file_name(&entry.name).display());
     }

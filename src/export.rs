@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use tch::nn::{Module, VarStore};
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::card::{sha256_file, FileEntry, ModelCard};
-use crate::model::{LeNet5, INPUT_SIZE};
+use crate::card::{sha256_file, FileEntry, ModelCard, Provenance};
+use crate::data::DatasetKind;
+use crate::model::{parameter_count, LeNet5, INPUT_SIZE};
 use crate::weights::save_safetensors;
 
 /// `DIR/NAME` + `.ext`, keeping any dots already in NAME.
@@ -26,6 +27,29 @@ fn cpu_copy(vs: &VarStore, net: &LeNet5) -> Result<(VarStore, LeNet5)> {
     cpu.freeze();
     Ok((cpu, copy))
 }
+
+/// Exports a loaded model as `lenet5 export` does: its card (or a new one for `dataset`, the
+/// card's data set otherwise) with this run's provenance, checked on the first
+/// [`CHECK_BATCH`] test images from `data_dir` (the data set's default folder if None).
+pub fn export_loaded(
+    vs: &VarStore,
+    net: &LeNet5,
+    card: Option<&ModelCard>,
+    dataset: DatasetKind,
+    data_dir: Option<&Path>,
+    prefix: &Path,
+    ot: bool,
+) -> Result<ModelCard> {
+    let dataset = card.map(|c| c.dataset).unwrap_or(dataset);
+    let check_inputs = crate::data::load_test(dataset, data_dir, dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
+    let mut card = card.cloned().unwrap_or_else(|| ModelCard::new(net.config, dataset, parameter_count(vs), None));
+    card.provenance = Provenance { seed: card.provenance.seed, ..Provenance::here(None) };
+    card.files.clear();
+    export(vs, net, &card, prefix, &check_inputs, ot)
+}
+
+/// The first test images: the fixed batch whose logits every export records.
+pub const CHECK_BATCH: i64 = 64;
 
 /// Writes the export files for `prefix` and returns the card, which it also writes.
 /// `check_inputs` is a normalised batch `(B, 1, 32, 32)` whose logits go into the check file.

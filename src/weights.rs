@@ -308,23 +308,34 @@ impl Classifier {
     }
 
     /// The same model run by `engine`; the direct engine needs our LeNet-5 on the CPU.
-    pub fn with_engine(self, engine: Engine, path: &Path) -> Result<Classifier> {
+    pub fn with_engine(mut self, engine: Engine, path: &Path) -> Result<Classifier> {
+        self.set_engine(engine, path)?;
+        Ok(self)
+    }
+
+    /// Switches the engine in place (after a weight change too: the direct engine keeps its
+    /// own copy of the weights); on an error the model is left as it was.
+    pub fn set_engine(&mut self, engine: Engine, path: &Path) -> Result<()> {
         match (self, engine) {
-            (classifier, Engine::Libtorch) => Ok(classifier),
+            (Classifier::Native { direct, .. }, Engine::Libtorch) => *direct = None,
+            (Classifier::Script { .. }, Engine::Libtorch) => {}
             (Classifier::Script { .. }, Engine::Direct) => {
                 bail!("{}: --engine direct runs LeNet-5 weights; a TorchScript module only runs in libtorch", path.display())
             }
-            (Classifier::Native { vs, net, card, .. }, Engine::Direct) => {
+            (Classifier::Native { vs, net, direct, .. }, Engine::Direct) => {
                 ensure!(vs.device() == Device::Cpu, "--engine direct runs on the CPU; add --device cpu");
                 // The direct engine takes libtorch's threads for itself. libtorch keeps one:
                 // its idle OpenMP workers spin for milliseconds after each parallel op, and
                 // would compete for the cores (measured: 44k instead of 72k images/s on 2).
-                let threads = tch::get_num_threads() as usize;
+                let threads = match direct {
+                    Some(d) => d.threads,
+                    None => tch::get_num_threads() as usize,
+                };
+                *direct = Some(DirectNet::new(vs, net.config, threads)?);
                 tch::set_num_threads(1);
-                let direct = Some(DirectNet::new(&vs, net.config, threads)?);
-                Ok(Classifier::Native { vs, net, card, direct })
             }
         }
+        Ok(())
     }
 
     /// The engine that runs the forward pass.
