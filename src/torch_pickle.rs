@@ -167,12 +167,11 @@ enum Objects {
 }
 
 fn read_archive(path: &Path, objects: Objects) -> Result<ModelPickle> {
-    read_zip(path, objects).map_err(|e| anyhow!("{}: {e:#}", path.display()))
-}
-
-fn read_zip(path: &Path, objects: Objects) -> Result<ModelPickle> {
-    let zip = open_zip(std::fs::File::open(path).context("cannot open")?).context("not a readable zip archive")?;
-    read_from(zip, objects)
+    let read = || {
+        let zip = open_zip(std::fs::File::open(path).context("cannot open")?).context("not a readable zip archive")?;
+        read_from(zip, objects)
+    };
+    read().map_err(|e| anyhow!("{}: {e:#}", path.display()))
 }
 
 fn read_from<R: Read + Seek>(mut zip: zip::ZipArchive<R>, objects: Objects) -> Result<ModelPickle> {
@@ -573,7 +572,7 @@ struct Builder<'u, 'a, R> {
     u: &'u Unpickler<'a>,
     zip: &'u mut zip::ZipArchive<R>,
     prefix: String,
-    /// Each storage as the first view of it describes it, and its data.
+    /// Each storage as the first view of it describes it (its data is in `storages`).
     described: HashMap<String, Storage>,
     storages: Storages,
     /// Tensors already built, by node: a tensor referenced twice is one tensor (shallow clones).
