@@ -1095,6 +1095,12 @@ mod tests {
     }
 
     #[test]
+    fn a_torch_size_reads_as_its_tuple() {
+        let value = read_pickle(b"\x80\x02ctorch\nSize\n(K\x02K\x03t\x85R.", Objects::Refused).unwrap();
+        assert!(matches!(value, Value::Tuple(ref t) if matches!(t[..], [Value::Int(2), Value::Int(3)])), "{value:?}");
+    }
+
+    #[test]
     fn every_truncation_and_mutation_is_an_error_or_an_in_bounds_view_never_a_panic() {
         let good = state_dict_pickle(1, "torch._utils", "_rebuild_tensor_v2");
         for end in 0..good.len() {
