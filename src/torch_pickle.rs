@@ -167,12 +167,11 @@ enum Objects {
 }
 
 fn read_archive(path: &Path, objects: Objects) -> Result<ModelPickle> {
-    read_zip(path, objects).map_err(|e| anyhow!("{}: {e:#}", path.display()))
-}
-
-fn read_zip(path: &Path, objects: Objects) -> Result<ModelPickle> {
-    let zip = zip::ZipArchive::new(std::fs::File::open(path).context("cannot open")?).context("not a readable zip archive")?;
-    read_from(zip, objects)
+    let read = || {
+        let zip = open_zip(std::fs::File::open(path).context("cannot open")?).context("not a readable zip archive")?;
+        read_from(zip, objects)
+    };
+    read().map_err(|e| anyhow!("{}: {e:#}", path.display()))
 }
 
 fn read_from<R: Read + Seek>(mut zip: zip::ZipArchive<R>, objects: Objects) -> Result<ModelPickle> {
@@ -194,10 +193,9 @@ fn read_from<R: Read + Seek>(mut zip: zip::ZipArchive<R>, objects: Objects) -> R
         u: &u,
         zip: &mut zip,
         prefix,
-        storages: HashMap::new(),
+        described: HashMap::new(),
+        storages: Storages::default(),
         tensors: HashMap::new(),
-        stored: 0,
-        copied: 0,
         spent: 0,
         modules: Vec::new(),
     };
@@ -218,8 +216,16 @@ fn state_dict(value: Value) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
+/// Opens a zip that PyTorch wrote, which starts at byte 0. The zip crate's default looks for
+/// data prepended to the archive and can take the end record of a zip stored inside (a `.pt2`
+/// keeps a torch.save file of sample inputs) for the outer one's: "Invalid Central Directory header".
+pub fn open_zip<R: Read + Seek>(reader: R) -> zip::result::ZipResult<zip::ZipArchive<R>> {
+    let config = zip::read::Config { archive_offset: zip::read::ArchiveOffset::Known(0) };
+    zip::ZipArchive::with_config(config, reader)
+}
+
 /// Reads a whole zip entry, refusing one that declares or yields more than `limit` bytes.
-fn read_entry<R: Read + Seek>(zip: &mut zip::ZipArchive<R>, entry: &str, limit: u64) -> Result<Vec<u8>> {
+pub fn read_entry<R: Read + Seek>(zip: &mut zip::ZipArchive<R>, entry: &str, limit: u64) -> Result<Vec<u8>> {
     let file = zip.by_name(entry).with_context(|| format!("no {entry} in the archive"))?;
     ensure!(file.size() <= limit, "{entry} is {} bytes, more than the {limit} expected", file.size());
     let mut data = Vec::with_capacity(file.size().min(MAX_PICKLE_BYTES) as usize); // the header may lie
@@ -425,19 +431,7 @@ impl<'a> Unpickler<'a> {
         };
         let Node::Storage(storage) = &self.nodes[storage] else { bail!("_rebuild_tensor_v2 of a non-storage") };
         let (offset, size, stride) = (self.int(offset)?, self.ints(size)?, self.ints(stride)?);
-        let (dims, strides) = (size.len(), stride.len());
-        ensure!(dims == strides && dims <= 64, "a tensor with {dims} sizes and {strides} strides");
-        ensure!(offset >= 0 && size.iter().chain(&stride).all(|&x| x >= 0), "a negative size, stride or offset");
-        let numel = size.iter().try_fold(1i64, |n, &s| n.checked_mul(s));
-        // The last element a view reads: offset + sum((size - 1) * stride).
-        let last = size.iter().zip(&stride).try_fold(offset, |end, (&n, &s)| end.checked_add((n - 1).max(0).checked_mul(s)?));
-        let inside = match (numel, last) {
-            (Some(0), _) => offset <= storage.numel, // an empty tensor reads nothing
-            (Some(_), Some(last)) => last < storage.numel,
-            _ => false,
-        };
-        let (key, len) = (&storage.key, storage.numel);
-        ensure!(inside, "a tensor of size {size:?}, stride {stride:?}, offset {offset} lies outside storage {key} ({len} items)");
+        check_view(&format!("storage {}", storage.key), storage.numel, &size, &stride, offset)?;
         Ok(Node::Tensor(View { storage: storage.clone(), offset, size, stride }))
     }
 
@@ -578,13 +572,11 @@ struct Builder<'u, 'a, R> {
     u: &'u Unpickler<'a>,
     zip: &'u mut zip::ZipArchive<R>,
     prefix: String,
-    storages: HashMap<String, (Storage, Tensor)>,
+    /// Each storage as the first view of it describes it (its data is in `storages`).
+    described: HashMap<String, Storage>,
+    storages: Storages,
     /// Tensors already built, by node: a tensor referenced twice is one tensor (shallow clones).
     tensors: HashMap<usize, Tensor>,
-    /// Bytes of storage data read, and of tensors copied out of them: views may overlap, but a
-    /// pickle may not make copies of a storage without end (a stride-0 view, say).
-    stored: u64,
-    copied: u64,
     /// The estimated memory of the values built so far (see [`MAX_VALUE_BYTES`]).
     spent: usize,
     modules: Vec<String>,
@@ -702,7 +694,7 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
         }
         let Node::Tensor(view) = &self.u.nodes[id] else { bail!("expected a tensor, found {}", self.u.nodes[id].type_name()) };
         let s = &view.storage;
-        if let Some((seen, _)) = self.storages.get(&s.key) {
+        if let Some(seen) = self.described.get(&s.key) {
             // Each view was checked against its own description of the storage: they must agree.
             ensure!(seen == s, "storage {} is described as both {:?} and {:?}", s.key, seen, s);
         } else {
@@ -710,19 +702,72 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
             let data = read_entry(self.zip, &format!("{}/data/{}", self.prefix, s.key), bytes)?;
             let (key, got) = (&s.key, data.len());
             ensure!(got as u64 == bytes, "storage {key} holds {got} bytes, not {bytes} ({} x {:?})", s.numel, s.kind);
-            ensure!(s.kind != Kind::Bool || data.iter().all(|&b| b <= 1), "storage {key} holds bools not 0 or 1");
-            // from_data_size copies numel * element-size bytes without looking: checked just above.
-            self.storages.insert(s.key.clone(), (s.clone(), Tensor::f_from_data_size(&data, &[s.numel], s.kind)?));
-            self.stored += bytes;
+            self.storages.insert(&format!("storage {key}"), s.kind, &data)?;
+            self.described.insert(s.key.clone(), s.clone());
         }
-        let numel: i64 = view.size.iter().product(); // rebuild_tensor checked it does not overflow
-        self.copied += numel as u64 * s.kind.elt_size_in_bytes() as u64;
-        ensure!(self.copied <= 2 * self.stored + (1 << 20), "tensor views that copy far more than the {} bytes stored", self.stored);
-        // rebuild_tensor proved the view lies inside the storage, so as_strided reads nothing outside it.
-        let strided = self.storages[&s.key].1.f_as_strided(view.size.as_slice(), view.stride.as_slice(), view.offset)?;
-        let mut owned = Tensor::f_empty(view.size.as_slice(), (s.kind, Device::Cpu))?;
-        owned.f_copy_(&strided)?; // contiguous, and owning its memory rather than a shared storage
+        let owned = self.storages.view(&format!("storage {}", s.key), &view.size, &view.stride, view.offset)?;
         self.tensors.insert(id, owned.shallow_clone());
+        Ok(owned)
+    }
+}
+
+/// Checks that a view of `size`, `stride` and `offset` reads only items `0..numel` of its storage
+/// (`label`), so that libtorch's `as_strided` never reads outside it.
+fn check_view(label: &str, numel: i64, size: &[i64], stride: &[i64], offset: i64) -> Result<()> {
+    let (dims, strides) = (size.len(), stride.len());
+    ensure!(dims == strides && dims <= 64, "a tensor with {dims} sizes and {strides} strides");
+    ensure!(offset >= 0 && size.iter().chain(stride).all(|&x| x >= 0), "a negative size, stride or offset");
+    let items = size.iter().try_fold(1i64, |n, &s| n.checked_mul(s));
+    // The last element a view reads: offset + sum((size - 1) * stride).
+    let last = size.iter().zip(stride).try_fold(offset, |end, (&n, &s)| end.checked_add((n - 1).max(0).checked_mul(s)?));
+    let inside = match (items, last) {
+        (Some(0), _) => offset <= numel, // an empty tensor reads nothing
+        (Some(_), Some(last)) => last < numel,
+        _ => false,
+    };
+    ensure!(inside, "a tensor of size {size:?}, stride {stride:?}, offset {offset} lies outside {label} ({numel} items)");
+    Ok(())
+}
+
+/// Raw tensor storages, as torch.save and torch.export store them, and checked strided views of
+/// them: each view proved inside its storage before libtorch reads it, and the bytes copied out
+/// bounded by the bytes stored (views may overlap, but a stride-0 view may not multiply them).
+#[derive(Default)]
+pub struct Storages {
+    storages: HashMap<String, Tensor>,
+    stored: u64,
+    copied: u64,
+}
+
+impl Storages {
+    /// Adds the storage named `label` (`storage 0`), little-endian items of `kind`.
+    pub fn insert(&mut self, label: &str, kind: Kind, data: &[u8]) -> Result<()> {
+        let size = kind.elt_size_in_bytes();
+        ensure!(data.len().is_multiple_of(size), "{label} holds {} bytes, not a whole number of {kind:?} items", data.len());
+        ensure!(kind != Kind::Bool || data.iter().all(|&b| b <= 1), "{label} holds bools not 0 or 1");
+        // from_data_size copies numel * element-size bytes without looking: that is data.len().
+        let storage = Tensor::f_from_data_size(data, &[(data.len() / size) as i64], kind)?;
+        self.storages.insert(label.to_string(), storage);
+        self.stored += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn contains(&self, label: &str) -> bool {
+        self.storages.contains_key(label)
+    }
+
+    /// `storage.as_strided(size, stride, offset)` of the storage named `label`, copied out:
+    /// contiguous, and owning its memory rather than sharing the storage's.
+    pub fn view(&mut self, label: &str, size: &[i64], stride: &[i64], offset: i64) -> Result<Tensor> {
+        let storage = self.storages.get(label).with_context(|| format!("no {label}"))?;
+        check_view(label, storage.numel() as i64, size, stride, offset)?;
+        let kind = storage.kind();
+        let items: i64 = size.iter().product(); // check_view proved it does not overflow
+        self.copied += items as u64 * kind.elt_size_in_bytes() as u64;
+        ensure!(self.copied <= 2 * self.stored + (1 << 20), "tensor views that copy far more than the {} bytes stored", self.stored);
+        let strided = storage.f_as_strided(size, stride, offset)?;
+        let mut owned = Tensor::f_empty(size, (kind, Device::Cpu))?;
+        owned.f_copy_(&strided)?;
         Ok(owned)
     }
 }
@@ -1047,6 +1092,12 @@ mod tests {
         // Nested, another object reads as None: it is never built.
         let value = read_pickle(b"\x80\x02]c__main__\nHelper\n)\x81a.", Objects::Inert).unwrap();
         assert!(matches!(value.as_list(), Some([Value::None])));
+    }
+
+    #[test]
+    fn a_torch_size_reads_as_its_tuple() {
+        let value = read_pickle(b"\x80\x02ctorch\nSize\n(K\x02K\x03t\x85R.", Objects::Refused).unwrap();
+        assert!(matches!(value, Value::Tuple(ref t) if matches!(t[..], [Value::Int(2), Value::Int(3)])), "{value:?}");
     }
 
     #[test]

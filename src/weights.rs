@@ -22,6 +22,9 @@ pub enum Format {
     /// `torch.save(...)`: a zip holding a pickle and raw tensor data. Weights are read from a
     /// state dict, a checkpoint dict holding one, or a whole pickled `nn.Module`, as data.
     TorchSave,
+    /// `torch.export.save(ep, path)` (`.pt2`): the program's graph, which is not run, and its
+    /// state dict as raw storages, which are read.
+    TorchExport,
     /// `torch.jit.script(model).save(path)` or a traced module: a zip with `code/`.
     TorchScript,
     /// tch's own `VarStore::save` format (`.ot`): a libtorch archive with `|` in names.
@@ -33,6 +36,7 @@ impl Format {
         match self {
             Format::Safetensors => "safetensors",
             Format::TorchSave => "PyTorch torch.save file",
+            Format::TorchExport => "torch.export archive (.pt2)",
             Format::TorchScript => "TorchScript module",
             Format::TchArchive => "tch archive (.ot)",
         }
@@ -60,17 +64,13 @@ pub fn detect(path: &Path) -> Result<Format> {
             &head[..n.min(4)]
         );
     }
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(path)?)
+    let mut zip = torch_pickle::open_zip(std::fs::File::open(path)?)
         .with_context(|| format!("{name}: a damaged or truncated zip archive"))?;
     // Every PyTorch archive keeps its entries under one top-level folder.
     let entries: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
     let find = |suffix: &str| entries.iter().find(|e| e.split_once('/').is_some_and(|(_, rest)| rest == suffix));
-    if find("archive_format").is_some() && find("models/model.json").is_some() {
-        // torch.export.save: an ExportedProgram's graph (JSON) and its weights, not a state dict.
-        bail!(
-            "{name}: a torch.export archive (.pt2), which this program does not read; save its weights \
-             with torch.save(torch.export.load(\"{name}\").state_dict, \"weights.pt\") and pass that"
-        );
+    if find("archive_format").is_some() && entries.iter().any(|e| e.contains("/data/weights/")) {
+        return Ok(Format::TorchExport);
     }
     if find("data.pkl").is_none() {
         bail!("{name}: a zip file, but not a PyTorch one (no data.pkl inside)");
@@ -134,6 +134,11 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>
         Format::Safetensors => Tensor::read_safetensors(path),
         // libtorch's unpickler cannot read state_dict()'s OrderedDict; ours names its errors.
         Format::TorchSave => Ok(torch_save_tensors(path)?),
+        Format::TorchExport => {
+            let tensors = export_weights(path).map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
+            eprintln!("note: {name}: a torch.export archive; its weights are read, its graph is not run");
+            Ok(tensors)
+        }
         Format::TchArchive => Tensor::load_multi_with_device(path, Device::Cpu),
         Format::TorchScript => bail!("{name}: a TorchScript module, not a state dict"),
     }
@@ -183,6 +188,87 @@ fn torch_save_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         if items.len() > keys.len() { ", …" } else { "" }
     )
 }
+
+/// `torch.export.save` keeps the program's state dict in `data/weights/`: one raw storage per
+/// file, and each tensor's dtype, size, stride and offset in `<model>_weights_config.json`
+/// (torch/export/pt2_archive/_package.py; the schema is torch._export.serde.schema.PayloadMeta).
+#[derive(serde::Deserialize)]
+struct WeightsConfig {
+    config: BTreeMap<String, PayloadMeta>,
+}
+
+#[derive(serde::Deserialize)]
+struct PayloadMeta {
+    path_name: String,
+    use_pickle: bool,
+    tensor_meta: TensorMeta,
+}
+
+#[derive(serde::Deserialize)]
+struct TensorMeta {
+    dtype: i64,
+    sizes: Vec<SymInt>,
+    strides: Vec<SymInt>,
+    storage_offset: SymInt,
+}
+
+/// An int of the export schema; a symbolic one (`as_expr`) has no place among weights.
+#[derive(serde::Deserialize)]
+struct SymInt {
+    as_int: i64,
+}
+
+/// torch._export.serde.schema.ScalarType, for the dtypes weights have.
+fn export_dtype(code: i64) -> Result<Kind> {
+    Ok(match code {
+        1 => Kind::Uint8,
+        2 => Kind::Int8,
+        3 => Kind::Int16,
+        4 => Kind::Int,
+        5 => Kind::Int64,
+        6 => Kind::Half,
+        7 => Kind::Float,
+        8 => Kind::Double,
+        12 => Kind::Bool,
+        13 => Kind::BFloat16,
+        _ => bail!("a tensor of export dtype {code}, which this reader does not know"),
+    })
+}
+
+/// The weights of a `.pt2` archive of one model, each checked to lie inside its storage.
+fn export_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut zip = torch_pickle::open_zip(std::fs::File::open(path)?)?;
+    let configs: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok())
+        .filter(|n| n.split_once('/').is_some_and(|(_, rest)| rest.starts_with("data/weights/") && rest.ends_with("_weights_config.json")))
+        .map(|n| n.into_owned())
+        .collect();
+    let [config] = &configs[..] else { bail!("{} weights configs inside, where one model has one", configs.len()) };
+    let folder = config.rsplit_once('/').map_or("", |(folder, _)| folder).to_string();
+    let json = torch_pickle::read_entry(&mut zip, config, 64 << 20)?;
+    let config: WeightsConfig = serde_json::from_slice(&json).with_context(|| format!("{config} is not what torch.export writes"))?;
+    let mut storages = torch_pickle::Storages::default();
+    let mut tensors = Vec::with_capacity(config.config.len());
+    for (name, meta) in config.config {
+        ensure!(!meta.use_pickle, "{name} is stored pickled (a tensor subclass)");
+        let kind = export_dtype(meta.tensor_meta.dtype)?;
+        let file = meta.path_name;
+        if !storages.contains(&file) {
+            let data = torch_pickle::read_entry(&mut zip, &format!("{folder}/{file}"), MAX_EXPORT_STORAGE)?;
+            storages.insert(&file, kind, &data)?;
+        }
+        let ints = |v: &[SymInt]| v.iter().map(|i| i.as_int).collect::<Vec<_>>();
+        let (size, stride) = (ints(&meta.tensor_meta.sizes), ints(&meta.tensor_meta.strides));
+        let tensor = storages.view(&file, &size, &stride, meta.tensor_meta.storage_offset.as_int)?;
+        ensure!(tensor.kind() == kind, "{name} is {kind:?} in storage {file} of {:?} items", tensor.kind());
+        tensors.push((name, tensor));
+    }
+    Ok(tensors)
+}
+
+/// A storage file of a `.pt2` archive larger than this is not LeNet-5's.
+const MAX_EXPORT_STORAGE: u64 = 1 << 30;
 
 /// libtorch errors carry a C++ backtrace (and TorchScript ones a script traceback) after
 /// the reason; users need only the reason: the `...Error: ` line if there is one, else the

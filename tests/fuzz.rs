@@ -1,11 +1,12 @@
 //! Property-based fuzzing of everything that reads outside input: the IDX parser, model
 //! files of every format (detection, then loading) from arbitrary bytes and from mutations
-//! of real files, and image preprocessing (any grayscale picture, mutated PNG files). Each
+//! of real files (a torch.save checkpoint among them), and image preprocessing (any grayscale picture, mutated PNG files). Each
 //! must return Ok or a clean error; a panic or a libtorch crash fails.
 //! Bounded for CI (cases below); raise them with PROPTEST_CASES=N for a longer hunt.
 
 use lenet5::data::parse_idx;
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
+use lenet5::torch_pickle::Value;
 use lenet5::weights::{self, LoadOptions};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
@@ -84,7 +85,18 @@ fn samples() -> &'static Vec<(&'static str, Vec<u8>)> {
         let example = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
         let traced = CModule::create_by_tracing("LeNet5", "forward", &[example], &mut |xs| vec![net.forward(&xs[0])]).unwrap();
         traced.save(dir.join("m.pt")).unwrap();
-        ["m.safetensors", "m.ot", "m.pt"]
+        // A checkpoint as torch.save lays it out, small so that most mutations hit the pickle
+        // and the zip's records rather than tensor data.
+        let conv1 = |k: &str| Value::Tensor(vs.variables()[k].shallow_clone());
+        let model = Value::Dict(vec![(Value::Str("conv1.bias".into()), conv1("conv1.bias")), (Value::Str("conv1.weight".into()), conv1("conv1.weight"))]);
+        let checkpoint = Value::Dict(vec![
+            (Value::Str("epoch".into()), Value::Int(3)),
+            (Value::Str("model_state_dict".into()), model),
+            (Value::Str("betas".into()), Value::Tuple(vec![Value::Float(0.9), Value::Float(0.999)])),
+            (Value::Str("state".into()), Value::Dict(vec![(Value::Int(0), Value::Tensor(Tensor::from(3.0f32)))])),
+        ]);
+        lenet5::torch_pickle::write(&dir.join("checkpoint.pt"), &checkpoint).unwrap();
+        ["m.safetensors", "m.ot", "m.pt", "checkpoint.pt"]
             .into_iter()
             .map(|f| (f, std::fs::read(dir.join(f)).unwrap()))
             .collect()
@@ -143,6 +155,43 @@ proptest! {
     fn model_loading_survives_mutated_torchscript(case in 0usize..1 << 20, bytes in mutate(samples()[2].1.clone())) {
         load_bytes(&bytes, case)?;
     }
+}
+
+proptest! {
+    // Our own reader (zip + pickle, nothing of libtorch's but the tensors): cheap cases.
+    #![proptest_config(cases(300))]
+
+    #[test]
+    fn model_loading_survives_mutated_torch_save_checkpoints(case in 0usize..1 << 20, bytes in mutate(samples()[3].1.clone())) {
+        load_bytes(&bytes, case)?;
+    }
+
+    /// A mutated file mostly fails the zip's CRC check; this mutates the pickle itself and
+    /// re-zips it with a good CRC, so the unpickler sees every mutation.
+    #[test]
+    fn model_loading_survives_mutated_pickles(case in 0usize..1 << 20, pkl in mutate(entries_of(&samples()[3].1)[0].1.clone())) {
+        let mut entries = entries_of(&samples()[3].1);
+        entries[0].1 = pkl;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, data) in entries {
+            zip.start_file(name, zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+            std::io::Write::write_all(&mut zip, &data).unwrap();
+        }
+        load_bytes(&zip.finish().unwrap().into_inner(), case)?;
+    }
+}
+
+/// The entries of a zip, in order (data.pkl first, as torch.save writes it).
+fn entries_of(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    (0..zip.len())
+        .map(|i| {
+            let mut file = zip.by_index(i).unwrap();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut data).unwrap();
+            (file.name().unwrap().to_string(), data)
+        })
+        .collect()
 }
 
 /// A small PNG of a digit-like blob, the base that image mutations start from.

@@ -33,7 +33,7 @@ def describe(v, exact):
         return {"str": v}
     if type(v) is list:
         return {"list": [describe(x, exact) for x in v]}
-    if type(v) is tuple:
+    if type(v) is tuple or (not exact and type(v) is torch.Size):
         return {"tuple": [describe(x, exact) for x in v]}
     if type(v) is dict or (not exact and type(v) is OrderedDict):
         return {"dict": [[describe(k, exact), describe(x, exact)] for k, x in v.items()]}
@@ -73,7 +73,8 @@ checkpoint = {
     "optimizer_state_dict": opt.state_dict(),
     "scheduler_state_dict": sched.state_dict(),
     "recipe": {"batch_size": 64, "betas": (0.9, 0.999), "big": 2**40, "negative": -70000, "name": "adamw ✓",
-               "none": None, "empty": (), "nested": [[], {}, (1,)]},
+               "none": None, "empty": (), "nested": [[], {}, (1,)],
+               "shape": model.conv1.weight.shape},
 }
 assert isinstance(checkpoint["optimizer_state_dict"]["state"][0]["step"], torch.Tensor)
 torch.save(checkpoint, sys.argv[1])
