@@ -122,5 +122,5 @@ def rust_run(binary, mnist_dir, tmp_path_factory) -> Path:
 def python_run(mnist_dir, tmp_path_factory) -> Path:
     """A run folder from a small scripts/train_reference --save-model."""
     out = tmp_path_factory.mktemp("python-run")
-    run([PYTHON, SCRIPTS / "train_reference", *PY_TRAIN, "--save-model", "--data", mnist_dir, "--out", out])
+    run([PYTHON, SCRIPTS / "train_reference", *PY_TRAIN, "--threads", "2", "--save-model", "--data", mnist_dir, "--out", out])
     return out

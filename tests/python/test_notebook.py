@@ -20,6 +20,8 @@ def test_the_comparison_notebook_runs(rust_run, python_run, mnist_dir, monkeypat
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "Rust (tch)" in text and "PyTorch" in text and "test images get different answers" in text
+    # The fixtures train both sides with the same flags and seed: the same run, so no disagreements.
+    assert "0 of 10000 test images get different answers" in text and "weights identical, bit for bit" in text
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(figures) >= 3, "curves, confusion matrices and disagreements"
+    assert len(figures) >= 2, "curves and confusion matrices"
     assert not [o for o in outputs if o.output_type == "error"]

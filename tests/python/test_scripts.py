@@ -11,7 +11,7 @@ from conftest import L, ROOT, load_script
 @pytest.mark.parametrize("script, expected", [
     ("train_reference", ["--epochs", "(default: 8)", "--batch-size", "(default: 128)", "--lr", "(default: 0.003)",
                          "--optimizer", "(default: adamw)", "--seed", "(default: 1)", "--save-model", "--dry-run",
-                         "--no-cycle-momentum", "--nesterov", "--amsgrad", "--shift", "(default: 0)",
+                         "--no-cycle-momentum", "--nesterov", "--amsgrad", "--shift",
                          "--out", "--data", "--arch", "--head", "--test-batch-size"]),
     ("crosscheck", ["max abs diff <= 0.0001", "argmax agreement 100%", "test_correct"]),
     ("parity", ["--threshold", "(default: 0.0: bit-identical)", "--limit-train", "(default: 6400)",
