@@ -414,7 +414,7 @@ fn train_command(args: &TrainArgs) -> Result<()> {
     let data = data.to_device(device);
     let mut vs = VarStore::new(device);
     let net = LeNet5::new(&vs.root(), meta.model);
-    let weights_source = args.resume.as_ref().map(|p| if p.is_dir() { p.join(CHECKPOINT_FILE) } else { p.clone() }).or(args.init.clone());
+    let weights_source = args.resume.as_deref().map(checkpoint_file).or(args.init.clone());
     let mut optimizer_state = vec![];
     if let Some(source) = &weights_source {
         let tensors = match saved {

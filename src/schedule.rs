@@ -23,8 +23,8 @@ pub enum ScheduleKind {
     Onecycle,
 }
 
-/// OneCycleLR's defaults.
-const PCT_START: f64 = 0.3;
+/// OneCycleLR's defaults (torch_checkpoint.rs writes them into its state dict).
+pub const PCT_START: f64 = 0.3;
 const DIV_FACTOR: f64 = 25.0;
 const FINAL_DIV_FACTOR: f64 = 1e4;
 pub const BASE_MOMENTUM: f64 = 0.85;
@@ -50,6 +50,12 @@ pub struct Schedule {
 pub struct ScheduleState {
     pub last_epoch: i64,
     pub hyper: Hyper,
+}
+
+/// OneCycleLR's `initial_lr` and `min_lr` for a peak of `max_lr`.
+pub fn onecycle_lrs(max_lr: f64) -> (f64, f64) {
+    let initial = max_lr / DIV_FACTOR;
+    (initial, initial / FINAL_DIV_FACTOR)
 }
 
 /// OneCycleLR's `_annealing_cos`.
@@ -107,8 +113,7 @@ impl Schedule {
     /// OneCycleLR's `get_lr` at `state.last_epoch`, with its side effect on the momentum.
     fn onecycle(&self, state: &mut ScheduleState) {
         let total = self.total_steps as f64;
-        let initial_lr = self.base_lr / DIV_FACTOR;
-        let min_lr = initial_lr / FINAL_DIV_FACTOR;
+        let (initial_lr, min_lr) = onecycle_lrs(self.base_lr);
         // (end_step, start_lr, end_lr, start_momentum, end_momentum) of the two phases.
         let phases = [
             (PCT_START * total - 1.0, initial_lr, self.base_lr, MAX_MOMENTUM, BASE_MOMENTUM),

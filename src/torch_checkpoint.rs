@@ -11,14 +11,9 @@ use tch::Tensor;
 use crate::checkpoint::{CheckpointMeta, Saved};
 use crate::model::{parameter_names, ModelConfig};
 use crate::optim::{Hyper, OptimizerKind, STATE_FIELDS};
-use crate::schedule::{ScheduleKind, ScheduleState, BASE_MOMENTUM, MAX_MOMENTUM};
+use crate::schedule::{onecycle_lrs, ScheduleKind, ScheduleState, BASE_MOMENTUM, MAX_MOMENTUM, PCT_START};
 use crate::torch_pickle::Value;
 use crate::train::{TrainConfig, TrainState};
-
-/// OneCycleLR's defaults, as its state dict records them (schedule.rs uses the same).
-const ONECYCLE_PCT_START: f64 = 0.3;
-const ONECYCLE_DIV_FACTOR: f64 = 25.0;
-const ONECYCLE_FINAL_DIV_FACTOR: f64 = 1e4;
 
 fn str(s: &str) -> Value {
     Value::Str(s.to_string())
@@ -62,11 +57,6 @@ fn to_json(value: &Value, what: &str) -> Result<serde_json::Value> {
     })
 }
 
-/// The schedule's total length, as the run planned it.
-fn total_steps(meta: &CheckpointMeta) -> usize {
-    meta.state.steps_per_epoch * if meta.config.dry_run { 1 } else { meta.config.epochs }
-}
-
 /// What the stock lr_scheduler adds to the optimizer's param group, after the optimizer's own keys.
 fn scheduler_group_keys(c: &TrainConfig) -> Vec<(&'static str, Value)> {
     let lr = c.optimizer.lr;
@@ -74,12 +64,9 @@ fn scheduler_group_keys(c: &TrainConfig) -> Vec<(&'static str, Value)> {
         ScheduleKind::Constant => vec![],
         ScheduleKind::Step | ScheduleKind::Cosine => vec![("initial_lr", Value::Float(lr))],
         ScheduleKind::Onecycle => {
-            let initial = lr / ONECYCLE_DIV_FACTOR;
-            let mut keys = vec![
-                ("initial_lr", Value::Float(initial)),
-                ("max_lr", Value::Float(lr)),
-                ("min_lr", Value::Float(initial / ONECYCLE_FINAL_DIV_FACTOR)),
-            ];
+            let (initial, min) = onecycle_lrs(lr);
+            let mut keys =
+                vec![("initial_lr", Value::Float(initial)), ("max_lr", Value::Float(lr)), ("min_lr", Value::Float(min))];
             if c.cycle_momentum {
                 keys.push(("max_momentum", Value::Float(MAX_MOMENTUM)));
                 keys.push(("base_momentum", Value::Float(BASE_MOMENTUM)));
@@ -142,7 +129,7 @@ fn optimizer_state_dict(meta: &CheckpointMeta, state_tensors: &[(String, Tensor)
 /// `scheduler.state_dict()` of the stock lr_scheduler class (None for a constant rate).
 fn scheduler_state_dict(meta: &CheckpointMeta, position: ScheduleState) -> Value {
     let c = &meta.config;
-    let total = total_steps(meta) as i64;
+    let total = meta.state.total_steps as i64;
     let lr = c.optimizer.lr;
     let (f, i) = (Value::Float, Value::Int);
     let mut items: Vec<(&str, Value)> = match c.schedule {
@@ -160,7 +147,7 @@ fn scheduler_state_dict(meta: &CheckpointMeta, position: ScheduleState) -> Value
                 ])
             };
             let phases = vec![
-                phase(f(ONECYCLE_PCT_START * total as f64 - 1.0), ("initial_lr", "max_lr"), ("max_momentum", "base_momentum")),
+                phase(f(PCT_START * total as f64 - 1.0), ("initial_lr", "max_lr"), ("max_momentum", "base_momentum")),
                 phase(i(total - 1), ("max_lr", "min_lr"), ("base_momentum", "max_momentum")),
             ];
             let mut items = vec![
@@ -172,7 +159,7 @@ fn scheduler_state_dict(meta: &CheckpointMeta, position: ScheduleState) -> Value
             if c.cycle_momentum {
                 items.push(("use_beta1", Value::Bool(c.optimizer.kind != OptimizerKind::Sgd)));
             }
-            items.push(("base_lrs", Value::List(vec![f(lr / ONECYCLE_DIV_FACTOR)])));
+            items.push(("base_lrs", Value::List(vec![f(onecycle_lrs(lr).0)])));
             items
         }
     };
@@ -339,7 +326,7 @@ pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
         seconds: run_float("seconds"),
         history,
         schedule: Some(ScheduleState { last_epoch, hyper }),
-        steps_per_epoch: 0, // set by the trainer from the data
+        total_steps: 0, // set by the trainer from the data
     };
     let mut meta = CheckpointMeta::new(model, dataset, data_dir, config, checkpoint_every);
     meta.state = state;

@@ -147,9 +147,9 @@ pub struct TrainState {
     pub history: Vec<EpochMetrics>,
     /// The learning-rate schedule's position and values; None before the first step.
     pub schedule: Option<ScheduleState>,
-    /// Batches per epoch (which fixes the schedule's length).
+    /// Optimizer steps the whole run takes: the schedule's length.
     #[serde(default)]
-    pub steps_per_epoch: usize,
+    pub total_steps: usize,
 }
 
 /// How a run ended.
@@ -288,7 +288,7 @@ impl Trainer<'_> {
             cycle_momentum: c.cycle_momentum,
         };
         let mut position = state.schedule.unwrap_or_else(|| schedule.start(opt.hyper));
-        state.steps_per_epoch = steps_per_epoch;
+        state.total_steps = schedule.total_steps;
         let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
         state.epoch = state.epoch.max(1);
         while state.epoch <= epochs {
@@ -393,7 +393,7 @@ impl Trainer<'_> {
                 seconds: state.seconds,
                 history: state.history,
                 schedule: Some(position),
-                steps_per_epoch,
+                total_steps: schedule.total_steps,
                 ..Default::default()
             };
             check_finite(vs, &state, lr)?;
