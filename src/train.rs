@@ -291,6 +291,7 @@ impl Trainer<'_> {
         state.total_steps = schedule.total_steps;
         let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
         state.epoch = state.epoch.max(1);
+        let mut stop_after_epoch = false;
         while state.epoch <= epochs {
             let epoch = state.epoch;
             let started = Instant::now();
@@ -350,7 +351,11 @@ impl Trainer<'_> {
                     sync(&mut state, &loss_sum, &correct, lr)?;
                     report(observer, &state);
                 }
-                if stopping {
+                // A stop at an epoch's last batch waits for the epoch's end (its evaluation and
+                // per-epoch schedule step), so a stopped run is mid-epoch or between epochs, never
+                // at an epoch's end with its bookkeeping undone: one state, as PyTorch's loop saves it.
+                stop_after_epoch |= stopping && state.batch == batches.len();
+                if stopping && !stop_after_epoch {
                     state.seconds += started.elapsed().as_secs_f64();
                     check_finite(vs, &state, lr)?;
                     observer.checkpoint(&state, opt)?;
@@ -398,6 +403,9 @@ impl Trainer<'_> {
             };
             check_finite(vs, &state, lr)?;
             observer.checkpoint(&state, opt)?;
+            if stop_after_epoch && state.epoch <= epochs {
+                return Ok(Outcome::Stopped(state));
+            }
         }
         Ok(Outcome::Finished(state.history))
     }

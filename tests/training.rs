@@ -49,3 +49,37 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         assert_eq!(history[2].test_accuracy, after, "the history's last test accuracy is the final one");
     }
 }
+
+/// Asks for a stop at one step: `should_stop` is asked once after every step.
+struct StopAt {
+    step: usize,
+    asked: usize,
+}
+
+impl lenet5::train::Observer for StopAt {
+    fn checkpoint(&mut self, _: &TrainState, _: &lenet5::optim::Optimizer) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn should_stop(&mut self) -> bool {
+        self.asked += 1;
+        self.asked == self.step
+    }
+}
+
+#[test]
+fn a_stop_at_an_epochs_last_batch_takes_effect_after_the_epoch_and_one_inside_it_at_once() {
+    tch::set_num_threads(1);
+    let splits = data::load(DatasetKind::Mnist, None).expect("MNIST in data/mnist: run scripts/setup");
+    let config = TrainConfig { limit_train: Some(640), batch_size: 64, test_batch_size: 1000, ..recipe() }; // 10 steps an epoch
+    for (stop_at, epoch, batch, epochs_done) in [(10, 2, 0, 1), (13, 2, 3, 1)] {
+        let vs = VarStore::new(Device::Cpu);
+        let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
+        let trainer = Trainer { config: &config, head: Head::Softmax, background: 0.0, batch_order: None, checkpoint_every: None };
+        let mut opt = trainer.optimizer(&net, &vs).unwrap();
+        let mut observer = StopAt { step: stop_at, asked: 0 };
+        let Outcome::Stopped(state) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut observer).unwrap() else {
+            panic!("a stop was asked for at step {stop_at}")
+        };
+        assert_eq!((state.step, state.epoch, state.batch, state.history.len()), (stop_at, epoch, batch, epochs_done));
+    }
+}
