@@ -357,7 +357,8 @@ fn common_prefix_hint<'a>(mut keys: impl Iterator<Item = &'a String>) -> String 
 }
 
 /// What runs a loaded LeNet-5's forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// libtorch: the same numbers as PyTorch, bit for bit.
     #[default]

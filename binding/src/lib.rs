@@ -45,21 +45,6 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, value: &str, choices: &str)
         .map_err(|_| PyValueError::new_err(format!("{what}={value:?}: must be one of {choices}")))
 }
 
-fn parse_engine(engine: &str) -> PyResult<Engine> {
-    match engine {
-        "libtorch" => Ok(Engine::Libtorch),
-        "direct" => Ok(Engine::Direct),
-        other => Err(PyValueError::new_err(format!("engine={other:?}: must be 'libtorch' or 'direct'"))),
-    }
-}
-
-fn engine_name(engine: Engine) -> &'static str {
-    match engine {
-        Engine::Libtorch => "libtorch",
-        Engine::Direct => "direct",
-    }
-}
-
 /// Checks a batch of inputs before libtorch sees it: shape `[N, 1, 32, 32]`, float32, on `device`.
 fn check_batch(x: &Tensor, device: Device) -> PyResult<()> {
     let size = x.size();
@@ -126,7 +111,7 @@ impl PyLeNet5 {
             arch: parse::<Arch>("arch", arch, "'modern', 'classic'")?,
             head: parse::<Head>("head", head, "'softmax', 'sigmoid'")?,
         };
-        let engine = parse_engine(engine)?;
+        let engine = parse::<Engine>("engine", engine, "'libtorch', 'direct'")?;
         if let Some(seed) = seed {
             tch::manual_seed(seed);
         }
@@ -220,8 +205,8 @@ impl PyLeNet5 {
 
     /// "libtorch" or "direct": what runs the forward pass.
     #[getter]
-    fn engine(&self) -> &'static str {
-        engine_name(self.model().engine())
+    fn engine(&self) -> String {
+        lenet5::flag_name(&self.model().engine())
     }
 
     #[getter]
@@ -248,7 +233,7 @@ impl PyLeNet5 {
                 "LeNet5(arch={:?}, head={:?}, engine={:?}, device={:?})",
                 lenet5::flag_name(&net.config.arch),
                 lenet5::flag_name(&net.config.head),
-                engine_name(self.model().engine()),
+                lenet5::flag_name(&self.model().engine()),
                 vs.device()
             ),
             Classifier::Script { .. } => format!("LeNet5(TorchScript, head={:?})", self.head()),
@@ -266,7 +251,7 @@ fn load(path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, dev
         head: head.map(|h| parse::<Head>("head", h, "'softmax', 'sigmoid'")).transpose()?,
         key_maps: vec![],
     };
-    let engine = parse_engine(engine)?;
+    let engine = parse::<Engine>("engine", engine, "'libtorch', 'direct'")?;
     let path = if path.is_dir() { path.join(format!("{}.safetensors", lenet5::run::MODEL_NAME)) } else { path };
     let device = lenet5::device::parse(device).py()?;
     let mut model = PyLeNet5 { model: weights::load(&path, &options, device).py()? };
