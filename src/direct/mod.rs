@@ -1,0 +1,580 @@
+//! The `direct` engine: LeNet-5's forward pass as plain Rust loops, for inference on the CPU.
+//!
+//! libtorch spends most of a single image's ~220 µs on per-call set-up (oneDNN primitives,
+//! dispatch, allocations), not on its 0.42 M multiply-adds. These loops do only the
+//! arithmetic, eight floats at a time through the small `Lanes` trait (AVX2 and FMA
+//! intrinsics when the CPU has them, chosen at run time; plain arrays otherwise), on weights
+//! laid out for them, and split a batch across threads. Their logits agree with libtorch's to
+//! float rounding (the tests bound the difference), not bit for bit: the libtorch engine stays
+//! the one that reproduces PyTorch exactly.
+
+use anyhow::{ensure, Context, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::model::{Arch, ModelConfig, INPUT_SIZE, NUM_CLASSES};
+
+mod gradients;
+pub use gradients::{DirectTraining, Step};
+
+const SIDE: usize = INPUT_SIZE as usize;
+const KERNEL: usize = 5;
+const C1_MAPS: usize = 6;
+const C1_SIDE: usize = 28;
+const S2_SIDE: usize = 14;
+const C3_MAPS: usize = 16;
+const C3_SIDE: usize = 10;
+const S4_SIDE: usize = 5;
+const FLAT: usize = C3_MAPS * S4_SIDE * S4_SIDE; // 400
+const CLASSES: usize = NUM_CLASSES as usize;
+const PIXELS: usize = SIDE * SIDE;
+/// Below this many images per thread, starting a thread costs more than it saves.
+const MIN_IMAGES_PER_THREAD: usize = 32;
+
+/// Eight floats: one AVX2 register, the unit every loop below is written in.
+const LANES: usize = 8;
+/// Widths rounded up to whole lanes. The extra weights and biases are zero, so the extra
+/// outputs are zero, and stay zero through ReLU and tanh.
+const C1_WIDE: usize = 32; // C1 rows, computed 32 wide; the last 4 are never read
+const IMAGE_WIDE: usize = C1_WIDE + 8; // input rows, zero-padded for those 4 columns
+const F5_WIDE: usize = 128; // 120 units
+const F6_WIDE: usize = 96; // 84 units
+const CLASSES_WIDE: usize = 32;
+
+type Maps<const C: usize, const H: usize, const W: usize> = [[[f32; W]; H]; C];
+
+/// The weights of a LeNet-5, copied out of libtorch into the layouts the loops want.
+struct Weights {
+    conv1: [[[f32; KERNEL]; KERNEL]; C1_MAPS], // as PyTorch: (out, ky, kx)
+    conv1_bias: [f32; C1_MAPS],
+    conv2: [[[[f32; C3_MAPS]; KERNEL]; KERNEL]; C1_MAPS], // (in, ky, kx, out): vectorised over out
+    conv2_bias: [f32; C3_MAPS],
+    // Linear layers transposed, (in, out), so each input scales one contiguous row; fc1's
+    // inputs in PyTorch's flatten order (map, y, x).
+    fc1: [[f32; F5_WIDE]; FLAT],
+    fc1_bias: [f32; F5_WIDE],
+    fc2: [[f32; F6_WIDE]; F5_WIDE],
+    fc2_bias: [f32; F6_WIDE],
+    fc3: [[f32; CLASSES_WIDE]; F6_WIDE],
+    fc3_bias: [f32; CLASSES_WIDE],
+}
+
+/// A LeNet-5 that runs on the CPU without libtorch; see the module comment.
+pub struct DirectNet {
+    weights: Box<Weights>,
+    pub config: ModelConfig,
+    /// Threads a batch is split across.
+    pub threads: usize,
+}
+
+/// The parameters in PyTorch's order ([`crate::model::parameter_names`]) and shapes.
+const PARAMETERS: [(&str, &[i64]); 10] = [
+    ("conv1.weight", &[6, 1, 5, 5]),
+    ("conv1.bias", &[6]),
+    ("conv2.weight", &[16, 6, 5, 5]),
+    ("conv2.bias", &[16]),
+    ("fc1.weight", &[120, 400]),
+    ("fc1.bias", &[120]),
+    ("fc2.weight", &[84, 120]),
+    ("fc2.bias", &[84]),
+    ("fc3.weight", &[10, 84]),
+    ("fc3.bias", &[10]),
+];
+
+impl Weights {
+    fn zeroed() -> Box<Weights> {
+        Box::new(Weights {
+            conv1: [[[0.0; KERNEL]; KERNEL]; C1_MAPS],
+            conv1_bias: [0.0; C1_MAPS],
+            conv2: [[[[0.0; C3_MAPS]; KERNEL]; KERNEL]; C1_MAPS],
+            conv2_bias: [0.0; C3_MAPS],
+            fc1: [[0.0; F5_WIDE]; FLAT],
+            fc1_bias: [0.0; F5_WIDE],
+            fc2: [[0.0; F6_WIDE]; F5_WIDE],
+            fc2_bias: [0.0; F6_WIDE],
+            fc3: [[0.0; CLASSES_WIDE]; F6_WIDE],
+            fc3_bias: [0.0; CLASSES_WIDE],
+        })
+    }
+
+    /// Each parameter's array, flat, in the order of [`PARAMETERS`].
+    fn arrays_mut(&mut self) -> [&mut [f32]; 10] {
+        [
+            self.conv1.as_flattened_mut().as_flattened_mut(),
+            &mut self.conv1_bias,
+            self.conv2.as_flattened_mut().as_flattened_mut().as_flattened_mut(),
+            &mut self.conv2_bias,
+            self.fc1.as_flattened_mut(),
+            &mut self.fc1_bias,
+            self.fc2.as_flattened_mut(),
+            &mut self.fc2_bias,
+            self.fc3.as_flattened_mut(),
+            &mut self.fc3_bias,
+        ]
+    }
+
+    /// Where the value at flat index `k` of parameter `p` in PyTorch's layout (`PARAMETERS[p]`)
+    /// sits in its array here: conv2 is (in, ky, kx, out), the linear layers (in, out) with
+    /// rows padded to whole lanes; the rest as PyTorch.
+    fn index(p: usize, k: usize) -> usize {
+        let transposed = |inputs: usize, row: usize| (k % inputs) * row + k / inputs;
+        match PARAMETERS[p].0 {
+            "conv2.weight" => transposed(C1_MAPS * KERNEL * KERNEL, C3_MAPS),
+            "fc1.weight" => transposed(FLAT, F5_WIDE),
+            "fc2.weight" => transposed(120, F6_WIDE),
+            "fc3.weight" => transposed(84, CLASSES_WIDE),
+            _ => k,
+        }
+    }
+
+    /// Copies the weights of the LeNet-5 in `vs` into these layouts (the padding stays zero).
+    fn load(&mut self, vs: &VarStore) -> Result<()> {
+        let variables = vs.variables();
+        for (p, array) in self.arrays_mut().into_iter().enumerate() {
+            let (name, shape) = PARAMETERS[p];
+            let t = variables.get(name).with_context(|| format!("the model has no {name}"))?;
+            ensure!(t.size() == shape, "{name} has shape {:?}; expected {shape:?}", t.size());
+            let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float);
+            let n = t.numel();
+            let mut values = vec![0f32; n];
+            t.f_copy_data(&mut values, n)?;
+            for (k, v) in values.into_iter().enumerate() {
+                array[Weights::index(p, k)] = v;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DirectNet {
+    /// Copies the weights of the LeNet-5 in `vs` (built by `LeNet5::new`); batches are split
+    /// across up to `threads` threads.
+    pub fn new(vs: &VarStore, config: ModelConfig, threads: usize) -> Result<DirectNet> {
+        let mut weights = Weights::zeroed();
+        weights.load(vs)?;
+        Ok(DirectNet { weights, config, threads: threads.max(1) })
+    }
+
+    /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)` on the CPU, as `LeNet5::forward`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let pixels = pixels_of(xs)?;
+        let mut logits = vec![0f32; pixels.len() / PIXELS * CLASSES];
+        self.run(&pixels, &mut logits);
+        Ok(Tensor::from_slice(&logits).view([xs.size()[0], CLASSES as i64]))
+    }
+
+    /// Logits of the images in `pixels` (32x32 each, row-major) into `logits` (10 each),
+    /// on up to `self.threads` threads.
+    pub fn run(&self, pixels: &[f32], logits: &mut [f32]) {
+        let images = pixels.len() / PIXELS;
+        assert!(pixels.len() % PIXELS == 0 && logits.len() == images * CLASSES, "32x32 pixels and 10 logits per image");
+        let threads = self.threads.min(images / MIN_IMAGES_PER_THREAD).max(1);
+        if threads == 1 {
+            return self.run_here(pixels, logits);
+        }
+        let per_thread = images.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (inputs, outputs) in pixels.chunks(per_thread * PIXELS).zip(logits.chunks_mut(per_thread * CLASSES)) {
+                scope.spawn(move || self.run_here(inputs, outputs));
+            }
+        });
+    }
+
+    fn run_here(&self, pixels: &[f32], logits: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has the features `run_avx2` is compiled for.
+            return unsafe { self.run_avx2(pixels, logits) };
+        }
+        self.run_with::<Portable>(pixels, logits)
+    }
+
+    /// `run_with` in AVX2 registers: everything it calls is inlined into this function, which
+    /// is compiled for AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, pixels: &[f32], logits: &mut [f32]) {
+        self.run_with::<avx2::Avx2>(pixels, logits)
+    }
+
+    #[inline(always)]
+    fn run_with<L: Lanes>(&self, pixels: &[f32], logits: &mut [f32]) {
+        let mut image = [[0f32; IMAGE_WIDE]; SIDE];
+        for (input, out) in pixels.chunks_exact(PIXELS).zip(logits.chunks_exact_mut(CLASSES)) {
+            for (row, src) in image.iter_mut().zip(input.chunks_exact(SIDE)) {
+                row[..SIDE].copy_from_slice(src);
+            }
+            out.copy_from_slice(&self.image::<L>(&image)[..CLASSES]);
+        }
+    }
+
+    /// The forward pass of one image.
+    #[inline(always)]
+    fn image<L: Lanes>(&self, image: &[[f32; IMAGE_WIDE]; SIDE]) -> [f32; CLASSES_WIDE] {
+        let w = &*self.weights;
+        let arch = self.config.arch;
+        let s2: Maps<C1_MAPS, S2_SIDE, S2_SIDE> = subsample(arch, &conv1::<L>(w, image));
+        let s4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> = subsample(arch, &conv2::<L>(w, &s2));
+        let flat: &[f32; FLAT] = s4.as_flattened().as_flattened().try_into().expect("16 x 5 x 5 values");
+        let f5 = activate(arch, dense::<L, FLAT, F5_WIDE>(&w.fc1, &w.fc1_bias, flat));
+        let f6 = activate(arch, dense::<L, F5_WIDE, F6_WIDE>(&w.fc2, &w.fc2_bias, &f5));
+        dense::<L, F6_WIDE, CLASSES_WIDE>(&w.fc3, &w.fc3_bias, &f6)
+    }
+}
+
+/// The pixels of a normalised batch `(B, 1, 32, 32)` on the CPU, image after image.
+fn pixels_of(xs: &Tensor) -> Result<Vec<f32>> {
+    ensure!(xs.device() == Device::Cpu, "the direct engine runs on the CPU; the input is on {:?}", xs.device());
+    let size = xs.size();
+    ensure!(
+        size.len() == 4 && size[1..] == [1, SIDE as i64, SIDE as i64],
+        "the input has shape {size:?}; expected [B, 1, {SIDE}, {SIDE}]"
+    );
+    let n = size[0] as usize * PIXELS;
+    let mut pixels = vec![0f32; n];
+    if xs.kind() == Kind::Float {
+        xs.f_copy_data(&mut pixels, n)?; // one copy, whatever the strides
+    } else {
+        xs.to_kind(Kind::Float).f_copy_data(&mut pixels, n)?;
+    }
+    Ok(pixels)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The instructions the direct engine runs on this CPU, for `lenet5 info`.
+pub fn instruction_set() -> &'static str {
+    if has_avx2() { "AVX2 and FMA" } else { "portable loops (no AVX2 and FMA: several times slower)" }
+}
+
+/// Eight `f32` lanes: an AVX2 register, or a plain array on CPUs without one.
+trait Lanes: Copy {
+    fn splat(v: f32) -> Self;
+    /// The first eight values of `src`.
+    fn load(src: &[f32]) -> Self;
+    /// Into the first eight values of `dst`.
+    fn store(self, dst: &mut [f32]);
+    fn add(self, other: Self) -> Self;
+    /// `self + a * b` in each lane (fused where the CPU has FMA).
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    /// The sum of the eight lanes.
+    fn sum(self) -> f32;
+}
+
+#[derive(Clone, Copy)]
+struct Portable([f32; LANES]);
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        Portable([v; LANES])
+    }
+    #[inline(always)]
+    fn load(src: &[f32]) -> Self {
+        Portable(src[..LANES].try_into().unwrap())
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        dst[..LANES].copy_from_slice(&self.0);
+    }
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] + other.0[i]))
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] + a.0[i] * b.0[i]))
+    }
+    #[inline(always)]
+    fn sum(self) -> f32 {
+        // In the pairs the AVX2 version adds, so both round alike.
+        let [a, b, c, d, e, f, g, h] = self.0;
+        ((a + e) + (c + g)) + ((b + f) + (d + h))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Lanes, LANES};
+    use std::arch::x86_64::*;
+
+    /// Only ever made inside `DirectNet::run_avx2`, which runs once the CPU is known to have
+    /// AVX2 and FMA: that is what makes the intrinsics below sound.
+    #[derive(Clone, Copy)]
+    pub struct Avx2(__m256);
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { Avx2(_mm256_set1_ps(v)) }
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            let src = &src[..LANES];
+            unsafe { Avx2(_mm256_loadu_ps(src.as_ptr())) }
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            let dst = &mut dst[..LANES];
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn add(self, other: Self) -> Self {
+            unsafe { Avx2(_mm256_add_ps(self.0, other.0)) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: Self, b: Self) -> Self {
+            unsafe { Avx2(_mm256_fmadd_ps(a.0, b.0, self.0)) }
+        }
+        #[inline(always)]
+        fn sum(self) -> f32 {
+            unsafe {
+                let halves = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps(self.0, 1)); // a+e, b+f, c+g, d+h
+                let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves)); // (a+e)+(c+g), (b+f)+(d+h)
+                _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
+            }
+        }
+    }
+}
+
+/// C1 maps computed together, so each input vector loaded serves two of them.
+const C1_GROUP: usize = 2;
+
+/// C1 before its activation: each output row accumulates 25 shifted input rows, 32 wide.
+#[inline(always)]
+fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE]) -> Maps<C1_MAPS, C1_SIDE, C1_WIDE> {
+    let mut maps = [[[0f32; C1_WIDE]; C1_SIDE]; C1_MAPS];
+    for c0 in (0..C1_MAPS).step_by(C1_GROUP) {
+        for y in 0..C1_SIDE {
+            let mut acc: [[L; C1_WIDE / LANES]; C1_GROUP] =
+                std::array::from_fn(|g| [L::splat(w.conv1_bias[c0 + g]); C1_WIDE / LANES]);
+            for ky in 0..KERNEL {
+                let input = &image[y + ky];
+                for kx in 0..KERNEL {
+                    let xs: [L; C1_WIDE / LANES] = std::array::from_fn(|j| L::load(&input[kx + j * LANES..]));
+                    for (g, a) in acc.iter_mut().enumerate() {
+                        let k = L::splat(w.conv1[c0 + g][ky][kx]);
+                        for (a, &x) in a.iter_mut().zip(&xs) {
+                            *a = a.mul_add(k, x);
+                        }
+                    }
+                }
+            }
+            for (g, a) in acc.into_iter().enumerate() {
+                for (j, a) in a.into_iter().enumerate() {
+                    a.store(&mut maps[c0 + g][y][j * LANES..]);
+                }
+            }
+        }
+    }
+    maps
+}
+
+/// C3 positions computed together, so each weight vector loaded serves five of them (five
+/// running sums, plus a weight vector and the broadcast inputs, fill the 16 AVX2 registers).
+const C3_BLOCK: usize = 5;
+
+/// C3 before its activation, with full connections: each position accumulates its 150 inputs
+/// against 8-map weight vectors, [`C3_BLOCK`] positions and 8 maps at a time.
+#[inline(always)]
+fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Maps<C3_MAPS, C3_SIDE, C3_SIDE> {
+    let mut maps = [[[0f32; C3_SIDE]; C3_SIDE]; C3_MAPS];
+    for half in [0, LANES] {
+        for y in 0..C3_SIDE {
+            for x0 in (0..C3_SIDE).step_by(C3_BLOCK) {
+                let mut acc = [L::load(&w.conv2_bias[half..]); C3_BLOCK];
+                for (map, kernel) in s2.iter().zip(&w.conv2) {
+                    for (ky, kernel_row) in kernel.iter().enumerate() {
+                        let input = &map[y + ky][x0..];
+                        for (kx, k) in kernel_row.iter().enumerate() {
+                            let k = L::load(&k[half..]);
+                            for (p, a) in acc.iter_mut().enumerate() {
+                                *a = a.mul_add(L::splat(input[p + kx]), k);
+                            }
+                        }
+                    }
+                }
+                for (p, a) in acc.into_iter().enumerate() {
+                    let mut values = [0f32; LANES];
+                    a.store(&mut values);
+                    for (map, v) in maps[half..].iter_mut().zip(values) {
+                        map[y][x0 + p] = v;
+                    }
+                }
+            }
+        }
+    }
+    maps
+}
+
+/// The activation and 2x2 subsampling of S2 and S4, from the first `2 S` columns of each
+/// row. Modern: max-pool, then ReLU (the same as ReLU then max-pool, since ReLU keeps
+/// order, on a quarter of the values). Classic: tanh, then the window's mean.
+#[inline(always)]
+fn subsample<const C: usize, const N: usize, const W: usize, const S: usize>(arch: Arch, maps: &Maps<C, N, W>) -> Maps<C, S, S> {
+    let mut out = [[[0f32; S]; S]; C];
+    for (o, m) in out.iter_mut().zip(maps) {
+        for (y, row) in o.iter_mut().enumerate() {
+            let (top, bottom) = (&m[2 * y], &m[2 * y + 1]);
+            for (x, v) in row.iter_mut().enumerate() {
+                let window = [top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]];
+                *v = pool(arch, if arch == Arch::Classic { window.map(f32::tanh) } else { window });
+            }
+        }
+    }
+    out
+}
+
+/// One 2x2 window subsampled: modern, ReLU of the largest pre-activation; classic, the mean
+/// of the tanh'd values.
+#[inline(always)]
+fn pool(arch: Arch, window: [f32; 4]) -> f32 {
+    match arch {
+        Arch::Modern => relu(window.into_iter().reduce(max_keeping_nan).unwrap()),
+        Arch::Classic => window.into_iter().sum::<f32>() / 4.0,
+    }
+}
+
+#[inline(always)]
+fn activate<const N: usize>(arch: Arch, xs: [f32; N]) -> [f32; N] {
+    xs.map(|x| match arch {
+        Arch::Modern => relu(x),
+        Arch::Classic => x.tanh(),
+    })
+}
+
+/// The larger of `a` and `b`, or NaN if either is: NaN passes through max-pooling and ReLU in
+/// PyTorch, where `f32::max` would drop it.
+#[inline(always)]
+fn max_keeping_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || a > b { a } else { b }
+}
+
+#[inline(always)]
+fn relu(x: f32) -> f32 {
+    max_keeping_nan(x, 0.0)
+}
+
+/// Outputs of a linear layer computed together: four AVX2 registers.
+const DENSE_BLOCK: usize = 4 * LANES;
+
+/// `bias + x W^T` with the weights stored transposed, (in, out). The layer is bound by
+/// reading its weights (fc1's are 200 KB), so inputs that are zero, about half of them after
+/// ReLU, are skipped along with their rows. Two running sums per output, over alternate
+/// inputs, keep the multiply-adds independent.
+#[inline(always)]
+fn dense<L: Lanes, const I: usize, const O: usize>(w: &[[f32; O]; I], bias: &[f32; O], x: &[f32; I]) -> [f32; O] {
+    let mut nonzero = [(0, 0f32); I];
+    let mut n = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v != 0.0 {
+            nonzero[n] = (i, v);
+            n += 1;
+        }
+    }
+    // An odd count takes one unused (0, 0.0) entry along: I is even, so there is one.
+    const { assert!(I % 2 == 0) };
+    let pairs = nonzero[..n.next_multiple_of(2)].chunks_exact(2);
+    let mut out = [0f32; O];
+    for j in (0..O).step_by(DENSE_BLOCK) {
+        let mut acc: [[L; DENSE_BLOCK / LANES]; 2] = [std::array::from_fn(|v| L::load(&bias[j + v * LANES..])), [L::splat(0.0); DENSE_BLOCK / LANES]];
+        for pair in pairs.clone() {
+            for (a, &(i, xi)) in acc.iter_mut().zip(pair) {
+                let xi = L::splat(xi);
+                for (v, a) in a.iter_mut().enumerate() {
+                    *a = a.mul_add(xi, L::load(&w[i][j + v * LANES..]));
+                }
+            }
+        }
+        for (v, (a, b)) in acc[0].into_iter().zip(acc[1]).enumerate() {
+            a.add(b).store(&mut out[j + v * LANES..]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Head, LeNet5};
+    use tch::nn::Module;
+
+    /// A freshly initialised LeNet-5 (seeded) and its direct twin; the VarStore keeps the
+    /// libtorch model's weights alive.
+    fn twins(arch: Arch, seed: i64) -> (VarStore, LeNet5, DirectNet) {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let config = ModelConfig { arch, head: Head::Softmax };
+        let net = LeNet5::new(&vs.root(), config);
+        let direct = DirectNet::new(&vs, config, 2).unwrap();
+        (vs, net, direct)
+    }
+
+    /// Largest |direct - libtorch| over a batch, relative to the largest |libtorch| logit, for
+    /// the loops this CPU runs and for the portable ones (which CPUs without AVX2 run).
+    fn relative_differences(arch: Arch, batch: i64, seed: i64) -> [f64; 2] {
+        let (_vs, net, direct) = twins(arch, seed);
+        // Inputs in the range of normalised MNIST (background -0.42, ink up to 2.8).
+        let xs = Tensor::rand([batch, 1, 32, 32], (Kind::Float, Device::Cpu)) * 3.2 - 0.42;
+        let expected = tch::no_grad(|| net.forward(&xs));
+        let got = direct.forward(&xs).unwrap();
+        assert_eq!(got.size(), [batch, 10]);
+        let pixels = Vec::<f32>::try_from(xs.view(-1)).unwrap();
+        let mut portable = vec![0f32; batch as usize * CLASSES];
+        direct.run_with::<Portable>(&pixels, &mut portable);
+        let portable = Tensor::from_slice(&portable).view([batch, 10]);
+        let scale = expected.abs().max().double_value(&[]);
+        [got, portable].map(|t| (t - &expected).abs().max().double_value(&[]) / scale)
+    }
+
+    #[test]
+    fn logits_agree_with_libtorch_to_float_rounding() {
+        // Both sides sum in f32 in different orders; 1e-5 of the largest logit is 20-50x the
+        // rounding seen (2e-7 to 5e-7), and far below what a wrong weight layout gives (0.17).
+        for arch in [Arch::Modern, Arch::Classic] {
+            for (batch, seed) in [(1, 1), (7, 2), (200, 3)] {
+                for (loops, diff) in ["this CPU's", "portable"].into_iter().zip(relative_differences(arch, batch, seed)) {
+                    assert!(diff < 1e-5, "{arch:?}, batch {batch}, {loops} loops: relative difference {diff:e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_split_across_threads_gives_each_image_its_own_logits() {
+        let (_vs, _net, mut direct) = twins(Arch::Modern, 4);
+        direct.threads = 3; // whatever this machine's core count: 3 uneven chunks
+        let xs = Tensor::randn([4 * MIN_IMAGES_PER_THREAD as i64 + 3, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let together = direct.forward(&xs).unwrap();
+        for i in [0, 2 * MIN_IMAGES_PER_THREAD as i64, xs.size()[0] - 1] {
+            let alone = direct.forward(&xs.narrow(0, i, 1)).unwrap();
+            assert_eq!(Vec::<f32>::try_from(together.get(i)).unwrap(), Vec::<f32>::try_from(alone.get(0)).unwrap(), "image {i}");
+        }
+    }
+
+    #[test]
+    fn a_nan_pixel_makes_every_logit_nan_as_in_libtorch() {
+        let (_vs, net, direct) = twins(Arch::Modern, 5);
+        let xs = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let _ = xs.get(0).get(0).get(16).get(16).fill_(f64::NAN);
+        let expected = tch::no_grad(|| net.forward(&xs));
+        assert!(bool::try_from(expected.isnan().all()).unwrap(), "libtorch: {expected}");
+        let got = direct.forward(&xs).unwrap();
+        assert!(bool::try_from(got.isnan().all()).unwrap(), "direct: {got}");
+    }
+
+    #[test]
+    fn inputs_of_the_wrong_shape_are_refused() {
+        let (_vs, _net, direct) = twins(Arch::Modern, 6);
+        let err = direct.forward(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu))).unwrap_err();
+        assert!(err.to_string().contains("[2, 1, 28, 28]"), "{err}");
+    }
+}
