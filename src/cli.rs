@@ -175,6 +175,10 @@ pub struct TrainArgs {
     /// Random shifts of training images by up to this many pixels (0 = none).
     #[arg(long, default_value_t = 0)]
     pub shift: i64,
+    /// What computes the gradients: libtorch's autograd (bit-identical to PyTorch) or the
+    /// direct engine's own loops (CPU only; the same recipe, different rounding; faster).
+    #[arg(long, value_enum, default_value = "libtorch")]
+    pub engine: Engine,
     #[arg(long, value_enum, default_value = "modern")]
     pub arch: Arch,
     #[arg(long, value_enum, default_value = "softmax")]
@@ -266,6 +270,7 @@ impl TrainArgs {
             seed: self.seed,
             limit_train: self.limit_train,
             dry_run: self.dry_run,
+            engine: self.engine,
         })
     }
 

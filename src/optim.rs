@@ -205,27 +205,39 @@ impl Optimizer {
                 opt.backward_step(loss);
                 Ok(())
             }
-            Engine::Torch(states) => {
+            Engine::Torch(_) => {
                 for (_, p) in &mut self.params {
                     check(unsafe { lenet5_clear_grad(p.as_mut_ptr()) })?;
                 }
                 loss.f_backward()?;
-                let (config, hyper) = (&self.config, self.hyper);
-                tch::no_grad(|| -> Result<()> {
-                    for ((_, p), state) in self.params.iter_mut().zip(states.iter_mut()) {
-                        let grad = p.grad();
-                        if !grad.defined() {
-                            continue; // torch.optim skips parameters whose .grad is None
-                        }
-                        match config.kind {
-                            OptimizerKind::Sgd => sgd(config, hyper, p, grad, state)?,
-                            OptimizerKind::Adam | OptimizerKind::Adamw => adam(config, hyper, p, grad, state)?,
-                        }
-                    }
-                    Ok(())
-                })
+                let grads = self.params.iter().map(|(_, p)| p.grad()).collect();
+                self.step(grads)
             }
         }
+    }
+
+    /// `optimizer.step()` with these gradients, one per parameter in PyTorch's order (an
+    /// undefined tensor for a `.grad` of None): what the direct engine calls with the
+    /// gradients it computed itself.
+    pub fn step(&mut self, grads: Vec<Tensor>) -> Result<()> {
+        let Engine::Torch(states) = &mut self.engine else {
+            anyhow::bail!("libtorch's optimizers step on the gradients autograd left; --engine direct needs --optimizer-impl torch");
+        };
+        ensure!(grads.len() == self.params.len(), "{} gradients for {} parameters", grads.len(), self.params.len());
+        let (config, hyper) = (&self.config, self.hyper);
+        tch::no_grad(|| -> Result<()> {
+            for (((name, p), state), grad) in self.params.iter_mut().zip(states.iter_mut()).zip(grads) {
+                if !grad.defined() {
+                    continue; // torch.optim skips parameters whose .grad is None
+                }
+                ensure!(grad.size() == p.size(), "the gradient of {name} has shape {:?}, expected {:?}", grad.size(), p.size());
+                match config.kind {
+                    OptimizerKind::Sgd => sgd(config, hyper, p, grad, state)?,
+                    OptimizerKind::Adam | OptimizerKind::Adamw => adam(config, hyper, p, grad, state)?,
+                }
+            }
+            Ok(())
+        })
     }
 
     /// The state as named tensors, `PARAM.FIELD` (e.g. `conv1.weight.exp_avg`); empty for the

@@ -1,16 +1,18 @@
 //! The training loop (one, for any module with a head) and evaluation, which returns
 //! metrics rather than printing them so the CLI, the tests and the benchmarks share it.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Dataset, Splits};
-use crate::model::{Head, LeNet5, NUM_CLASSES};
-use crate::optim::{Optimizer, OptimizerConfig};
+use crate::direct::DirectTraining;
+use crate::model::{Head, LeNet5, ModelConfig, NUM_CLASSES};
+use crate::optim::{Implementation, Optimizer, OptimizerConfig};
 use crate::schedule::{Schedule, ScheduleKind, ScheduleState};
+use crate::weights::Engine;
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +35,10 @@ pub struct TrainConfig {
     pub limit_train: Option<i64>,
     /// A few batches and a small test set, for smoke tests.
     pub dry_run: bool,
+    /// What computes the gradients: libtorch's autograd (bit-identical to PyTorch) or the
+    /// direct engine's loops (the same recipe, different rounding).
+    #[serde(default)]
+    pub engine: Engine,
 }
 
 fn yes() -> bool {
@@ -218,6 +224,62 @@ fn check_finite(vs: &nn::VarStore, state: &TrainState, lr: f64) -> Result<()> {
     }
 }
 
+/// What computes a training step's gradients ([`TrainConfig::engine`]): libtorch's autograd
+/// through the model, or the direct engine's loops. Either way the same optimizer steps.
+enum Gradients<'m> {
+    Autograd(&'m LeNet5),
+    Direct(DirectTraining),
+}
+
+impl Gradients<'_> {
+    /// Trains on one batch: its logits and mean loss, after the optimizer's step.
+    fn step(&mut self, vs: &nn::VarStore, opt: &mut Optimizer, head: Head, xs: &Tensor, ys: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self {
+            Gradients::Autograd(model) => {
+                let logits = model.forward(xs); // (B, 10)
+                let loss = head.loss(&logits, ys);
+                opt.backward_step(&loss)?;
+                Ok((logits, loss))
+            }
+            Gradients::Direct(direct) => {
+                let step = direct.step(vs, xs, ys)?;
+                opt.step(step.gradients)?;
+                Ok((step.logits, step.loss))
+            }
+        }
+    }
+
+    /// The model's metrics on `data`, computed by the same engine.
+    fn evaluate(&mut self, vs: &nn::VarStore, head: Head, data: &Dataset, batch_size: i64) -> Result<Metrics> {
+        match self {
+            Gradients::Autograd(model) => evaluate(&|xs: &Tensor| Ok(model.forward(xs)), head, data, batch_size),
+            Gradients::Direct(direct) => {
+                let net = direct.net(vs)?;
+                evaluate(&|xs: &Tensor| net.forward(xs), head, data, batch_size)
+            }
+        }
+    }
+}
+
+/// libtorch's intra-op threads, lent to the direct engine for a run and given back when it
+/// ends: libtorch keeps one, since its idle OpenMP workers spin for milliseconds after each
+/// parallel op and would take the cores from the engine's threads (see `Classifier::set_engine`).
+struct LentThreads(i32);
+
+impl LentThreads {
+    fn lend() -> LentThreads {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
+        LentThreads(threads)
+    }
+}
+
+impl Drop for LentThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
 /// What drives one training run, besides the model and the data.
 pub struct Trainer<'a> {
     pub config: &'a TrainConfig,
@@ -289,7 +351,18 @@ impl Trainer<'_> {
         };
         let mut position = state.schedule.unwrap_or_else(|| schedule.start(opt.hyper));
         state.total_steps = schedule.total_steps;
-        let forward = |xs: &Tensor| -> Result<Tensor> { Ok(model.forward(xs)) };
+        let (mut gradients, _lent) = match c.engine {
+            Engine::Libtorch => (Gradients::Autograd(model), None),
+            Engine::Direct => {
+                ensure!(
+                    opt.config().implementation == Implementation::Torch,
+                    "--engine direct steps with torch.optim's algorithms: use --optimizer-impl torch"
+                );
+                let config = ModelConfig { head: self.head, ..model.config };
+                let direct = DirectTraining::new(vs, config, tch::get_num_threads() as usize)?;
+                (Gradients::Direct(direct), Some(LentThreads::lend()))
+            }
+        };
         state.epoch = state.epoch.max(1);
         let mut stop_after_epoch = false;
         while state.epoch <= epochs {
@@ -330,9 +403,7 @@ impl Trainer<'_> {
                     tch::manual_seed(stream_seed(c.seed, 2, state.step));
                     xs = random_shift(&xs, c.shift, self.background);
                 }
-                let logits = model.forward(&xs); // (B, 10)
-                let loss = self.head.loss(&logits, &ys);
-                opt.backward_step(&loss)?;
+                let (logits, loss) = gradients.step(vs, opt, self.head, &xs, &ys)?; // (B, 10), ()
                 if schedule.per_batch() {
                     schedule.step(&mut position);
                 }
@@ -368,7 +439,7 @@ impl Trainer<'_> {
             }
             sync(&mut state, &loss_sum, &correct, lr)?;
             state.seconds += started.elapsed().as_secs_f64();
-            let test_metrics = evaluate(&forward, self.head, &test, c.test_batch_size)?;
+            let test_metrics = gradients.evaluate(vs, self.head, &test, c.test_batch_size)?;
             let seen = state.epoch_seen.max(1) as f64;
             let row = EpochMetrics {
                 epoch,

@@ -356,7 +356,7 @@ fn common_prefix_hint<'a>(mut keys: impl Iterator<Item = &'a String>) -> String 
     }
 }
 
-/// What runs a loaded LeNet-5's forward pass.
+/// What runs LeNet-5: the forward pass of a loaded model, or a training run's steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
@@ -364,7 +364,7 @@ pub enum Engine {
     #[default]
     Libtorch,
     /// Plain Rust loops on the CPU (`direct`): many times faster for single images and small
-    /// batches; logits within 1e-5 (relative) of libtorch's.
+    /// batches; logits within 1e-5 (relative) of libtorch's, and so are its gradients.
     Direct,
 }
 

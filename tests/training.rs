@@ -6,6 +6,7 @@ use lenet5::data::{self, DatasetKind};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::schedule::ScheduleKind;
 use lenet5::optim::{OptimizerConfig, OptimizerKind};
+use lenet5::weights::Engine;
 use lenet5::train::{evaluate, NoCheckpoints, Outcome, TrainConfig, TrainState, Trainer};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
@@ -23,6 +24,7 @@ fn recipe() -> TrainConfig {
         seed: 3,
         limit_train: Some(5000),
         dry_run: false,
+        engine: Engine::Libtorch,
     }
 }
 
