@@ -242,24 +242,32 @@ fn subsample_backward<const C: usize, const N: usize, const W: usize, const S: u
     d: &Maps<C, S, S>,
 ) -> Maps<C, N, W> {
     let mut out = [[[0f32; W]; N]; C];
-    for c in 0..C {
-        for y in 0..S {
-            for x in 0..S {
-                let window = [(2 * y, 2 * x), (2 * y, 2 * x + 1), (2 * y + 1, 2 * x), (2 * y + 1, 2 * x + 1)];
+    for ((out, kept), (pooled, d)) in out.iter_mut().zip(kept).zip(pooled.iter().zip(d)) {
+        for (y, (pooled, d)) in pooled.iter().zip(d).enumerate() {
+            let (top, bottom) = out[2 * y..].split_at_mut(1);
+            let (top, bottom) = (&mut top[0], &mut bottom[0]);
+            let (kept_top, kept_bottom) = (&kept[2 * y], &kept[2 * y + 1]);
+            for (x, (&max, &d)) in pooled.iter().zip(d).enumerate() {
+                let (l, r) = (2 * x, 2 * x + 1);
                 match arch {
                     Arch::Modern => {
-                        let max = pooled[c][y][x];
-                        if max > 0.0 {
-                            if let Some(&(i, j)) = window.iter().find(|&&(i, j)| kept[c][i][j] == max) {
-                                out[c][i][j] = d[c][y][x];
-                            }
-                        }
+                        // The first of the four values equal to the maximum, if it is above 0:
+                        // without branches, which the data would mispredict one time in two.
+                        let hits = [kept_top[l] == max, kept_top[r] == max, kept_bottom[l] == max, kept_bottom[r] == max];
+                        let mut open = max > 0.0;
+                        let mut route = |hit: bool| {
+                            let take = open & hit;
+                            open &= !take;
+                            d * f32::from(u8::from(take))
+                        };
+                        (top[l], top[r], bottom[l], bottom[r]) = (route(hits[0]), route(hits[1]), route(hits[2]), route(hits[3]));
                     }
                     Arch::Classic => {
-                        let quarter = d[c][y][x] / 4.0;
-                        for (i, j) in window {
-                            let t = kept[c][i][j];
-                            out[c][i][j] = quarter * (1.0 - t * t);
+                        let quarter = d / 4.0;
+                        for (out, kept) in [(&mut *top, kept_top), (&mut *bottom, kept_bottom)] {
+                            for i in [l, r] {
+                                out[i] = quarter * (1.0 - kept[i] * kept[i]);
+                            }
                         }
                     }
                 }
@@ -300,25 +308,20 @@ fn dense_backward<L: Lanes, const I: usize, const O: usize>(
         *gb += d;
     }
     let mut dx = [0f32; I];
-    for j in (0..O).step_by(DENSE_BLOCK.min(O)) {
-        let block = DENSE_BLOCK.min(O) / LANES;
-        let dv: [L; DENSE_BLOCK / LANES] = std::array::from_fn(|v| if v < block { L::load(&d[j + v * LANES..]) } else { L::splat(0.0) });
-        for i in 0..I {
-            let xi = x[i];
-            if xi != 0.0 {
-                let s = L::splat(xi);
-                for (v, &dv) in dv[..block].iter().enumerate() {
-                    let at = &mut gw[i][j + v * LANES..];
-                    L::load(at).mul_add(s, dv).store(at);
-                }
+    for ((&xi, dx), (w, gw)) in x.iter().zip(&mut dx).zip(w.iter().zip(gw)) {
+        if xi != 0.0 {
+            let s = L::splat(xi);
+            for (g, d) in gw.chunks_exact_mut(LANES).zip(d.chunks_exact(LANES)) {
+                L::load(g).mul_add(s, L::load(d)).store(g);
             }
-            if xi != 0.0 || arch == Arch::Classic {
-                let mut acc = L::splat(0.0);
-                for (v, &dv) in dv[..block].iter().enumerate() {
-                    acc = acc.mul_add(L::load(&w[i][j + v * LANES..]), dv);
-                }
-                dx[i] += acc.sum();
+        }
+        if xi != 0.0 || arch == Arch::Classic {
+            // Two running sums, over alternate lane vectors.
+            let mut acc = [L::splat(0.0); 2];
+            for (k, (w, d)) in w.chunks_exact(LANES).zip(d.chunks_exact(LANES)).enumerate() {
+                acc[k % 2] = acc[k % 2].mul_add(L::load(w), L::load(d));
             }
+            *dx = acc[0].add(acc[1]).sum();
         }
     }
     dx
