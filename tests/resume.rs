@@ -1,7 +1,7 @@
 //! Interrupted runs lose nothing: SIGINT/SIGTERM checkpoint and exit 130/143, SIGKILL at any
 //! moment leaves a loadable run folder, `--resume` ends bit-identical to an uninterrupted run
-//! (the default recipe, AdamW with OneCycleLR cycling beta1, and SGD with Nesterov momentum
-//! under StepLR), and a diverging run stops with the last good checkpoint.
+//! (the default recipe, AdamW with OneCycleLR cycling beta1, also trained by the direct
+//! engine, and SGD with Nesterov momentum under StepLR), and a diverging run stops with the last good checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -13,11 +13,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_lenet5");
 /// the per-step random streams, and checkpoints fall inside epochs as well as at their ends.
 const RECIPE: &[&str] = &[
     "--epochs", "3", "--limit-train", "6000", "--batch-size", "64", "--shift", "1", "--seed", "5", "--threads", "1",
-    "--checkpoint-every", "10", "--optimizer", "adamw", "--lr", "3e-3", "--schedule", "onecycle",
+    "--checkpoint-every", "10", "--optimizer", "adamw", "--lr", "3e-3", "--schedule", "onecycle", "--engine", "libtorch",
 ];
 
 /// SGD's momentum buffers and a schedule that steps once per epoch.
 const SGD: &[(&str, &str)] = &[("--optimizer", "sgd"), ("--lr", "0.05"), ("--schedule", "step")];
+
+/// The default recipe trained by the direct engine, whose checkpoints record the engine.
+const DIRECT: &[(&str, &str)] = &[("--engine", "direct")];
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lenet5-resume-{}-{name}", std::process::id()));
@@ -80,7 +83,7 @@ fn signal(child: &Child, sig: &str) {
 #[test]
 fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
     const DEFAULT: &[(&str, &str)] = &[];
-    for (sig, code, recipe) in [("-INT", 130, DEFAULT), ("-TERM", 143, SGD)] {
+    for (sig, code, recipe) in [("-INT", 130, DEFAULT), ("-TERM", 143, SGD), ("-INT", 130, DIRECT)] {
         let out = temp_dir(&format!("signal{code}"));
         let child = spawn(&out, recipe);
         wait_for_checkpoint(&out);
