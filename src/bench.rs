@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// time-to-99: peak learning rate [default: the recipe's 3e-3].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// time-to-99: the run's seed [default: the recipe's 1].
+    #[arg(long)]
+    pub seed: Option<i64>,
     /// Timed training steps, passes over the test set, or calls [default: 200, 5, 2000].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -66,7 +69,8 @@ pub struct BenchArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// What runs the forward pass of eval and latency.
+    /// What runs the forward pass of eval and latency, and the training steps of train and
+    /// time-to-99.
     #[arg(long, value_enum, default_value = "libtorch")]
     pub engine: Engine,
     /// Print the JSON object on one line (for scripts/bench) instead of indented.
@@ -87,8 +91,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Measure::TimeTo99 => (0, 0, 0), // the recipe decides
     };
     ensure!(
-        args.what == Measure::TimeTo99 || (args.epochs.is_none() && args.lr.is_none()),
-        "--epochs and --lr change the recipe of time-to-99 only"
+        args.what == Measure::TimeTo99 || (args.epochs.is_none() && args.lr.is_none() && args.seed.is_none()),
+        "--epochs, --lr and --seed change the recipe of time-to-99 only"
     );
     let batch = args.batch_size.unwrap_or(batch);
     let steps = args.steps.unwrap_or(steps);
@@ -137,12 +141,12 @@ fn default_train_args() -> Result<crate::cli::TrainArgs> {
     }
 }
 
-/// Both splits on `device`, and a freshly initialised model (seed 1) of the default recipe.
+/// Both splits on `device`, and a freshly initialised model (`--seed`, else 1) of the default recipe.
 fn setup_training(args: &BenchArgs, device: Device) -> Result<(crate::cli::TrainArgs, Splits, VarStore, LeNet5)> {
     let recipe = default_train_args()?;
     let data = data::load(args.data.dataset, args.data.data.as_deref())?;
     let data = data.to_device(device);
-    tch::manual_seed(recipe.seed);
+    tch::manual_seed(args.seed.unwrap_or(recipe.seed));
     let vs = VarStore::new(device);
     let net = LeNet5::new(&vs.root(), crate::model::ModelConfig { arch: recipe.arch, head: recipe.head });
     Ok((recipe, data, vs, net))
@@ -182,7 +186,7 @@ impl Observer for StepClock {
 fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, warmup: usize) -> Result<Value> {
     ensure!(warmup > 0, "--warmup 0: training needs at least one untimed step");
     let (recipe, data, vs, net) = setup_training(args, device)?;
-    let config = train::TrainConfig { batch_size: batch, ..recipe.config()? };
+    let config = train::TrainConfig { batch_size: batch, engine: args.engine, ..recipe.config()? };
     // Random batches given as a batch order, one row per step, plus one spare row so the
     // run stops before its epoch ends (and evaluates).
     let rows = (warmup + steps + 1) as i64;
@@ -324,6 +328,8 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     recipe.epochs = args.epochs.unwrap_or(recipe.epochs);
     recipe.batch_size = args.batch_size.unwrap_or(recipe.batch_size);
     recipe.lr = args.lr.unwrap_or(recipe.lr);
+    recipe.seed = args.seed.unwrap_or(recipe.seed);
+    recipe.engine = args.engine;
     let config = recipe.config()?;
     let norm = args.data.dataset.normalization();
     let trainer =
