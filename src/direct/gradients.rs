@@ -31,7 +31,7 @@ pub struct DirectTraining {
 }
 
 /// How one thread computes a share of the batch: `DirectNet::share_with` in some lanes.
-type Share = fn(&DirectNet, &[f32], &[i64], f32, &mut [f32], &mut Weights) -> f64;
+type Share = fn(&DirectNet, &Conv2ByOutput, &[f32], &[i64], f32, &mut [f32], &mut Weights) -> f64;
 
 impl DirectTraining {
     /// The engine for the LeNet-5 in `vs` (on the CPU), splitting batches across up to
@@ -70,13 +70,14 @@ impl DirectTraining {
         let scale = 1.0 / images as f32; // the mean's 1/B, in every image's output gradient
         let mut logits = vec![0f32; images * CLASSES];
         let net = &self.net;
+        let by_output = &*conv2_by_output(&net.weights);
         let mut shares = pixels.chunks(per_thread * PIXELS).zip(labels.chunks(per_thread)).zip(logits.chunks_mut(per_thread * CLASSES)).zip(&mut self.sums);
         let (((first_pixels, first_labels), first_logits), first_sums) = shares.next().expect("at least one image");
         let loss_sum = std::thread::scope(|scope| {
             let others: Vec<_> = shares
-                .map(|(((pixels, labels), logits), sums)| scope.spawn(move || share(net, pixels, labels, scale, logits, sums)))
+                .map(|(((pixels, labels), logits), sums)| scope.spawn(move || share(net, by_output, pixels, labels, scale, logits, sums)))
                 .collect();
-            let mut loss = share(net, first_pixels, first_labels, scale, first_logits, first_sums);
+            let mut loss = share(net, by_output, first_pixels, first_labels, scale, first_logits, first_sums);
             for handle in others {
                 loss += handle.join().expect("a gradient thread panicked");
             }
@@ -111,24 +112,24 @@ impl DirectTraining {
 impl DirectNet {
     /// One thread's share: logits into `logits`, gradients (each image's output gradient
     /// scaled by `scale`) into `sums`, which it zeroes first; returns the sum of the losses.
-    fn share(&self, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
+    fn share(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has the features `share_avx2` is compiled for.
-            return unsafe { self.share_avx2(pixels, labels, scale, logits, sums) };
+            return unsafe { self.share_avx2(by_output, pixels, labels, scale, logits, sums) };
         }
-        self.share_with::<Portable>(pixels, labels, scale, logits, sums)
+        self.share_with::<Portable>(by_output, pixels, labels, scale, logits, sums)
     }
 
     /// `share_with` compiled for AVX2 and FMA, as `run_avx2`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn share_avx2(&self, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
-        self.share_with::<avx2::Avx2>(pixels, labels, scale, logits, sums)
+    unsafe fn share_avx2(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
+        self.share_with::<avx2::Avx2>(by_output, pixels, labels, scale, logits, sums)
     }
 
     #[inline(always)]
-    fn share_with<L: Lanes>(&self, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
+    fn share_with<L: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
         for array in sums.arrays_mut() {
             array.fill(0.0);
         }
@@ -138,7 +139,7 @@ impl DirectNet {
             for (row, src) in image.iter_mut().zip(input.chunks_exact(SIDE)) {
                 row[..SIDE].copy_from_slice(src);
             }
-            loss += self.learn::<L>(&image, label as usize, scale, out, sums) as f64;
+            loss += self.learn::<L>(by_output, &image, label as usize, scale, out, sums) as f64;
         }
         loss
     }
@@ -146,7 +147,7 @@ impl DirectNet {
     /// The forward pass of one image, keeping what the backward pass reads, then the backward
     /// pass, adding into `g` (laid out as the weights). Returns the image's loss.
     #[inline(always)]
-    fn learn<L: Lanes>(&self, image: &[[f32; IMAGE_WIDE]; SIDE], label: usize, scale: f32, logits: &mut [f32], g: &mut Weights) -> f32 {
+    fn learn<L: Lanes>(&self, by_output: &Conv2ByOutput, image: &[[f32; IMAGE_WIDE]; SIDE], label: usize, scale: f32, logits: &mut [f32], g: &mut Weights) -> f32 {
         let w = &*self.weights;
         let arch = self.config.arch;
         let mut c1 = conv1::<L>(w, image); // (6, 28, 32), before the activation
@@ -169,9 +170,11 @@ impl DirectNet {
         let d4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> =
             std::array::from_fn(|c| std::array::from_fn(|y| std::array::from_fn(|x| d_flat[(c * S4_SIDE + y) * S4_SIDE + x])));
         let d3: Maps<C3_MAPS, C3_SIDE, C3_SIDE> = subsample_backward(arch, &c3, &s4, &d4);
-        let d2 = conv2_backward::<L>(w, &s2, &d3, g);
-        let d1: Maps<C1_MAPS, C1_SIDE, C1_WIDE> = subsample_backward(arch, &c1, &s2, &d2);
-        conv1_backward::<L>(image, &d1, g);
+        let d2 = conv2_backward::<L>(by_output, &s2, &d3, g);
+        match arch {
+            Arch::Modern => conv1_backward_routed::<L>(image, &c1, &s2, &d2, g),
+            Arch::Classic => conv1_backward::<L>(image, &subsample_backward(arch, &c1, &s2, &d2), g),
+        }
         loss
     }
 }
@@ -327,11 +330,29 @@ fn dense_backward<L: Lanes, const I: usize, const O: usize>(
     dx
 }
 
+/// conv2's weights by output map, `(out, in, ky, kx)`, each row of five kx padded to a lane
+/// vector with zeros: the rows S2's gradient adds.
+type Conv2ByOutput = [[[[f32; LANES]; KERNEL]; C1_MAPS]; C3_MAPS];
+
+fn conv2_by_output(w: &Weights) -> Box<Conv2ByOutput> {
+    let mut out = Box::new([[[[0f32; LANES]; KERNEL]; C1_MAPS]; C3_MAPS]);
+    for (i, kernel) in w.conv2.iter().enumerate() {
+        for (ky, row) in kernel.iter().enumerate() {
+            for (kx, outputs) in row.iter().enumerate() {
+                for (o, &v) in outputs.iter().enumerate() {
+                    out[o][i][ky][kx] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// C3 backwards (full connections): adds the gradients of conv2's weights and biases into
 /// `g` and returns that of S2. `d3` is the gradient of C3's pre-activations.
 #[inline(always)]
 fn conv2_backward<L: Lanes>(
-    w: &Weights,
+    by_output: &Conv2ByOutput,
     s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
     d3: &Maps<C3_MAPS, C3_SIDE, C3_SIDE>,
     g: &mut Weights,
@@ -374,43 +395,85 @@ fn conv2_backward<L: Lanes>(
             }
         }
     }
-    // S2's gradient, a full correlation: d2[i][u][v] = sum over o, ky, kx of
-    // w[o][i][ky][kx] d3[o][u - ky][v - kx], 16 columns v at a time (14 used) for all six i,
-    // from d3 zero-padded by 4 on each side.
-    const PAD: usize = KERNEL - 1;
-    let mut padded = [[[0f32; 24]; C3_SIDE + 2 * PAD]; C3_MAPS];
-    for (p, map) in padded.iter_mut().zip(d3) {
-        for (row, src) in p[PAD..].iter_mut().zip(map) {
-            row[PAD..PAD + C3_SIDE].copy_from_slice(src);
-        }
-    }
-    let mut d2 = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
-    for u in 0..S2_SIDE {
-        let mut acc = [[L::splat(0.0); 2]; C1_MAPS];
-        // Rows u - ky outside 0..10 are padding: zero.
-        for ky in u.saturating_sub(C3_SIDE - 1)..KERNEL.min(u + 1) {
-            for (o, map) in padded.iter().enumerate() {
-                let row = &map[u + PAD - ky];
-                for kx in 0..KERNEL {
-                    let ds = [L::load(&row[PAD - kx..]), L::load(&row[PAD - kx + LANES..])];
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let k = L::splat(w.conv2[i][ky][kx][o]);
-                        *acc = [acc[0].mul_add(k, ds[0]), acc[1].mul_add(k, ds[1])];
+    // S2's gradient: each C3 position adds its gradient times conv2's 6 x 5 x 5 weights into
+    // the S2 window it read, d2[i][y + ky][x + kx] += d3[o][y][x] w[o][i][ky][kx], one row
+    // of five kx (in a lane vector, three zero weights past them) at a time. Maps whose
+    // gradient is 0 there are skipped: with max-pooling, at least three positions in four.
+    let mut padded = [[[0f32; S2_SIDE + LANES + 2]; S2_SIDE]; C1_MAPS]; // rows 24 wide
+    for (y, row) in by_position.iter().enumerate() {
+        for (x, d) in row.iter().enumerate() {
+            let mut nonzero = [(0, 0f32); C3_MAPS];
+            let mut n = 0;
+            for (o, &v) in d.iter().enumerate() {
+                nonzero[n] = (o, v);
+                n += usize::from(v != 0.0);
+            }
+            if n == 0 {
+                continue;
+            }
+            for (i, rows) in padded.iter_mut().enumerate() {
+                for ky in 0..KERNEL {
+                    let mut acc = L::splat(0.0);
+                    for &(o, v) in &nonzero[..n] {
+                        acc = acc.mul_add(L::splat(v), L::load(&by_output[o][i][ky]));
                     }
+                    let at = &mut rows[y + ky][x..];
+                    L::load(at).add(acc).store(at);
                 }
             }
         }
-        for (d2, acc) in d2.iter_mut().zip(acc) {
-            let mut row = [0f32; 2 * LANES];
-            acc[0].store(&mut row);
-            acc[1].store(&mut row[LANES..]);
-            d2[u].copy_from_slice(&row[..S2_SIDE]);
+    }
+    let mut d2 = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
+    for (d2, padded) in d2.iter_mut().zip(&padded) {
+        for (row, src) in d2.iter_mut().zip(padded) {
+            row.copy_from_slice(&src[..S2_SIDE]);
         }
     }
     d2
 }
 
-/// C1 backwards: adds the gradients of conv1's weights and biases into `g` from `d1`, that
+/// S2 and C1 backwards in the modern variant: only the maximum of each 2x2 window has a
+/// gradient (that of its S2 value, where that is above 0), so each window adds its 5x5 input
+/// patch, scaled, into conv1's weight gradient: a quarter of the dense pass's work. Without
+/// branches: windows with nothing to pass add a zero.
+#[inline(always)]
+fn conv1_backward_routed<L: Lanes>(
+    image: &[[f32; IMAGE_WIDE]; SIDE],
+    c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
+    s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    d2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    g: &mut Weights,
+) {
+    for (o, ((c1, s2), d2)) in c1.iter().zip(s2).zip(d2).enumerate() {
+        // Row ky of the kernel's gradient, kx in the first five lanes.
+        let mut acc = [L::splat(0.0); KERNEL];
+        let mut bias = 0f32;
+        for (wy, (s2, d2)) in s2.iter().zip(d2).enumerate() {
+            let (top, bottom) = (&c1[2 * wy], &c1[2 * wy + 1]);
+            for (wx, (&max, &d)) in s2.iter().zip(d2).enumerate() {
+                let (l, r) = (2 * wx, 2 * wx + 1);
+                // The first of the four equal to the maximum, as max-pooling's backward picks.
+                let (h0, h1, h2) = (top[l] == max, top[r] == max, bottom[l] == max);
+                let y = 2 * wy + usize::from(!(h0 | h1));
+                let x = l + usize::from(!h0 & (h1 | !h2));
+                let d = d * f32::from(u8::from(max > 0.0));
+                bias += d;
+                let d = L::splat(d);
+                for (ky, acc) in acc.iter_mut().enumerate() {
+                    *acc = acc.mul_add(d, L::load(&image[y + ky][x..]));
+                }
+            }
+        }
+        for (g, acc) in g.conv1[o].iter_mut().zip(acc) {
+            let mut row = [0f32; LANES];
+            acc.store(&mut row);
+            g.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+        }
+        g.conv1_bias[o] += bias;
+    }
+}
+
+/// C1 backwards (the classic variant, whose every position has a gradient): adds the gradients of conv1's weights and biases into `g` from `d1`, that
 /// of C1's pre-activations (its columns past 28 zero). Each weight's sum runs over the 784
 /// positions 8 columns at a time, two maps and five kx per pass over the rows.
 #[inline(always)]
