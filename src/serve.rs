@@ -2,7 +2,7 @@
 //! compute it, and the JSON API behind the page. The router is built in [`router`]; the page's
 //! files (`src/serve/`) are embedded in the binary, so it works offline.
 //!
-//! Predictions run through the direct engine (`direct.rs`), after the MNIST-style
+//! Predictions run through the direct engine (`direct/`), after the MNIST-style
 //! preprocessing of `predict` (`handwriting.rs`); the stages' activations come from the
 //! libtorch model's own forward pass (`LeNet5::forward_observed`), and the convolution
 //! walkthrough from `conv.rs`.

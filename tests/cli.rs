@@ -39,7 +39,7 @@ fn dry_run_trains_saves_exports_and_eval_agrees() {
 #[test]
 fn the_direct_engine_counts_the_test_set_as_libtorch_does() {
     // The shipped model (or the quick one) on all 10,000 test images: its logits are within
-    // 1e-5 of libtorch's (src/direct.rs), which moves no prediction here; the loss agrees to
+    // 1e-5 of libtorch's (src/direct/mod.rs), which moves no prediction here; the loss agrees to
     // far better than the 1e-4 allowed.
     let model = support::model();
     let eval = |engine: &str, threads: &str| -> serde_json::Value {
