@@ -97,7 +97,8 @@ impl DirectTraining {
             .map(|(p, array)| {
                 let shape = PARAMETERS[p].1;
                 let n = shape.iter().product::<i64>() as usize;
-                let values: Vec<f32> = (0..n).map(|k| array[Weights::index(p, k)]).collect();
+                let index = Weights::index(p);
+                let values: Vec<f32> = (0..n).map(|k| array[index(k)]).collect();
                 Tensor::from_slice(&values).view(shape)
             })
             .collect();

@@ -113,17 +113,17 @@ impl Weights {
     }
 
     /// Where the value at flat index `k` of parameter `p` in PyTorch's layout (`PARAMETERS[p]`)
-    /// sits in its array here: conv2 is (in, ky, kx, out), the linear layers (in, out) with
-    /// rows padded to whole lanes; the rest as PyTorch.
-    fn index(p: usize, k: usize) -> usize {
-        let transposed = |inputs: usize, row: usize| (k % inputs) * row + k / inputs;
-        match PARAMETERS[p].0 {
-            "conv2.weight" => transposed(C1_MAPS * KERNEL * KERNEL, C3_MAPS),
-            "fc1.weight" => transposed(FLAT, F5_WIDE),
-            "fc2.weight" => transposed(120, F6_WIDE),
-            "fc3.weight" => transposed(84, CLASSES_WIDE),
-            _ => k,
-        }
+    /// sits in its array here, as a function of `k`: conv2 is (in, ky, kx, out), the linear
+    /// layers (in, out) with rows padded to whole lanes; the rest as PyTorch.
+    fn index(p: usize) -> impl Fn(usize) -> usize {
+        let (inputs, row) = match PARAMETERS[p].0 {
+            "conv2.weight" => (C1_MAPS * KERNEL * KERNEL, C3_MAPS),
+            "fc1.weight" => (FLAT, F5_WIDE),
+            "fc2.weight" => (120, F6_WIDE),
+            "fc3.weight" => (84, CLASSES_WIDE),
+            _ => (usize::MAX, 1), // k % inputs = k, k / inputs = 0: the identity
+        };
+        move |k| (k % inputs) * row + k / inputs
     }
 
     /// Copies the weights of the LeNet-5 in `vs` into these layouts (the padding stays zero).
@@ -137,8 +137,9 @@ impl Weights {
             let n = t.numel();
             let mut values = vec![0f32; n];
             t.f_copy_data(&mut values, n)?;
+            let index = Weights::index(p);
             for (k, v) in values.into_iter().enumerate() {
-                array[Weights::index(p, k)] = v;
+                array[index(k)] = v;
             }
         }
         Ok(())
