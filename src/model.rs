@@ -75,6 +75,11 @@ pub struct ModelConfig {
     pub head: Head,
 }
 
+impl ModelConfig {
+    /// What `lenet5 train` and `lenet5.LeNet5()` build unless told otherwise.
+    pub const DEFAULT: ModelConfig = ModelConfig { arch: Arch::Modern, head: Head::Softmax };
+}
+
 /// The layers in the order PyTorch registers them.
 pub const LAYERS: [&str; 5] = ["conv1", "conv2", "fc1", "fc2", "fc3"];
 
