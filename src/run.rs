@@ -233,7 +233,10 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
         }
     }
     let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), watcher };
-    let history = match trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), &mut observer)? {
+    // Gradients on, whatever the caller's thread had: a notebook's `with torch.no_grad():`
+    // reaches this libtorch too.
+    let outcome = tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), &mut observer));
+    let history = match outcome? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => return Ok(RunEnd::Stopped { state, dir: run.dir }),
     };

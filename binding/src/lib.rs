@@ -55,6 +55,35 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, value: &str, choices: &str)
         .map_err(|_| PyValueError::new_err(format!("{what}={value:?}: must be one of {choices}")))
 }
 
+/// A `torch.Tensor` argument that libtorch can compute on here: dense (strided) and on the CPU
+/// or a CUDA device. Anything else is refused before libtorch sees it, which would fail on it
+/// inside a kernel (and tch would panic).
+struct Dense(Tensor);
+
+impl<'py> FromPyObject<'py> for Dense {
+    fn extract_bound(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let tensor: PyTensor = obj
+            .extract()
+            .map_err(|_| PyTypeError::new_err(format!("expected a torch.Tensor, got {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default())))?;
+        let layout = obj.getattr("layout")?.str()?.to_string();
+        if layout != "torch.strided" {
+            return Err(PyValueError::new_err(format!("a {layout} tensor: pass a dense one (.to_dense())")));
+        }
+        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
+        if device != "cpu" && device != "cuda" {
+            return Err(PyValueError::new_err(format!("a tensor on the {device} device: lenet5 computes on cpu or cuda")));
+        }
+        Ok(Dense(tensor.0))
+    }
+}
+
+impl std::ops::Deref for Dense {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.0
+    }
+}
+
 /// Checks a batch of inputs before libtorch sees it: shape `[N, 1, 32, 32]`, float32, on `device`.
 fn check_batch(x: &Tensor, device: Device) -> PyResult<()> {
     let size = x.size();
@@ -133,20 +162,20 @@ impl PyLeNet5 {
     }
 
     /// Logits `[N, 10]` of a normalised batch `[N, 1, 32, 32]` (float32, on the model's device).
-    fn __call__(&self, x: PyTensor) -> PyResult<PyTensor> {
+    fn __call__(&self, x: Dense) -> PyResult<PyTensor> {
         check_batch(&x, self.device())?;
         Ok(PyTensor(tch::no_grad(|| self.model().forward(&x)).py()?))
     }
 
     /// Class probabilities `[N, 10]`: softmax of the logits, or one sigmoid per class.
-    fn probabilities(&self, x: PyTensor) -> PyResult<PyTensor> {
+    fn probabilities(&self, x: Dense) -> PyResult<PyTensor> {
         let logits = self.__call__(x)?;
         Ok(PyTensor(self.model().head().probabilities(&logits)))
     }
 
     /// Every stage of the forward pass by name (input, C1, S2, C3, S4, F5, F6, output), as
     /// tensors; `input` is `x` itself.
-    fn activations<'py>(&self, py: Python<'py>, x: PyTensor) -> PyResult<Bound<'py, PyDict>> {
+    fn activations<'py>(&self, py: Python<'py>, x: Dense) -> PyResult<Bound<'py, PyDict>> {
         check_batch(&x, self.device())?;
         let (_, net, _) = self.native()?;
         let mut stages = vec![];
@@ -177,7 +206,10 @@ impl PyLeNet5 {
         let mut tensors = vec![];
         for (k, v) in state_dict.iter() {
             let name: String = k.extract().map_err(|_| PyTypeError::new_err(format!("state_dict key {k}: not a string")))?;
-            let t: PyTensor = v.extract().map_err(|_| PyTypeError::new_err(format!("state_dict[{name:?}]: not a torch.Tensor")))?;
+            let t: Dense = v.extract().map_err(|e| {
+                let kind = if e.is_instance_of::<PyValueError>(v.py()) { PyValueError::new_err } else { PyTypeError::new_err };
+                kind(format!("state_dict[{name:?}]: {}", e.value(v.py())))
+            })?;
             tensors.push((name, t.0.to_device(Device::Cpu)));
         }
         let engine = self.model().engine();
@@ -269,7 +301,7 @@ fn load(path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, dev
 
 /// The caller's `images` `[N, 1, 32, 32]` (network inputs) and `labels` `[N]` as a data set,
 /// checked; `what` names them in messages ("images", "test_images").
-fn tensors_dataset(images: PyTensor, labels: PyTensor, what: &str, device: Device) -> PyResult<Dataset> {
+fn tensors_dataset(images: Dense, labels: Dense, what: &str, device: Device) -> PyResult<Dataset> {
     let n = images.size().first().copied().unwrap_or(0);
     check_batch(&images, device).map_err(|e| Python::with_gil(|py| PyValueError::new_err(format!("{what}: {}", e.value(py)))))?;
     let labels_name = what.replace("images", "labels");
@@ -292,8 +324,8 @@ fn tensors_dataset(images: PyTensor, labels: PyTensor, what: &str, device: Devic
 
 /// The test split of `data` (or the data set's default folder), or the caller's tensors.
 fn dataset(
-    images: Option<PyTensor>,
-    labels: Option<PyTensor>,
+    images: Option<Dense>,
+    labels: Option<Dense>,
     kind: DatasetKind,
     data: Option<&Path>,
     device: Device,
@@ -313,8 +345,8 @@ fn evaluate<'py>(
     py: Python<'py>,
     model: &PyLeNet5,
     data: Option<PathBuf>,
-    images: Option<PyTensor>,
-    labels: Option<PyTensor>,
+    images: Option<Dense>,
+    labels: Option<Dense>,
     batch_size: i64,
 ) -> PyResult<Bound<'py, PyDict>> {
     if batch_size < 1 {
@@ -450,10 +482,10 @@ fn train<'py>(
     head: &str,
     dataset: &str,
     data: Option<PathBuf>,
-    images: Option<PyTensor>,
-    labels: Option<PyTensor>,
-    test_images: Option<PyTensor>,
-    test_labels: Option<PyTensor>,
+    images: Option<Dense>,
+    labels: Option<Dense>,
+    test_images: Option<Dense>,
+    test_labels: Option<Dense>,
     out: Option<PathBuf>,
     resume: Option<PathBuf>,
     init: Option<PathBuf>,
@@ -531,9 +563,10 @@ fn matrix(value: &Bound<'_, PyAny>, what: &str) -> PyResult<walkthrough::Matrix>
     let text = if let Ok(s) = value.downcast::<PyString>() {
         s.to_string()
     } else {
-        let rows: Vec<Vec<f64>> = match value.extract::<PyTensor>() {
-            Ok(t) if t.dim() == 2 => Vec::<Vec<f64>>::try_from(t.0.to_device(Device::Cpu).to_kind(Kind::Double)).py()?,
+        let rows: Vec<Vec<f64>> = match value.extract::<Dense>() {
+            Ok(t) if t.dim() == 2 => Vec::<Vec<f64>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double)).py()?,
             Ok(t) => return Err(PyValueError::new_err(format!("{what}: a 2-D tensor is needed, got shape {:?}", t.size()))),
+            Err(e) if e.is_instance_of::<PyValueError>(value.py()) => return Err(PyValueError::new_err(format!("{what}: {}", e.value(value.py())))),
             Err(_) => value.extract().map_err(|_| PyTypeError::new_err(format!("{what}: expected a string, a list of rows of numbers or a 2-D tensor")))?,
         };
         // Through the text form, so every check (and its message) is `lenet5 conv`'s own;

@@ -148,9 +148,10 @@ def test_train_equals_the_cli_run_with_the_same_flags(binary, mnist_dir, tmp_pat
 def test_train_on_the_callers_tensors_reports_progress(test_set, tmp_path):
     images, labels = test_set
     events = []
-    model, history = lenet5.train(images=images[:2000], labels=labels[:2000], test_images=images[2000:3000],
-                                  test_labels=labels[2000:3000], epochs=2, batch_size=50, threads=2,
-                                  out=tmp_path, progress=lambda event, value: events.append((event, value)))
+    with torch.no_grad():  # the caller's grad mode is this libtorch's too: training turns it on
+        model, history = lenet5.train(images=images[:2000], labels=labels[:2000], test_images=images[2000:3000],
+                                      test_labels=labels[2000:3000], epochs=2, batch_size=50, threads=2,
+                                      out=tmp_path, progress=lambda event, value: events.append((event, value)))
     assert [e for e, _ in events].count("epoch") == 2
     last = [v for e, v in events if e == "progress"][-1]
     assert (last["epoch"], last["seen"], last["total"]) == (2, 2000, 2000)
@@ -189,6 +190,10 @@ def test_bad_inputs_raise_python_exceptions(shipped, tmp_path, test_set):
         shipped(torch.zeros(2, 28, 28))
     with pytest.raises(TypeError, match="float32"):
         shipped(x.double())
+    with pytest.raises(ValueError, match="sparse"):
+        shipped(x.to_sparse())
+    with pytest.raises(ValueError, match="meta device"):
+        shipped(torch.zeros(2, 1, 32, 32, device="meta"))
     # A non-contiguous view is read as it is, not misread.
     t = x.transpose(2, 3)
     assert torch.equal(shipped(t), shipped(t.contiguous()))
@@ -214,6 +219,8 @@ def test_bad_inputs_raise_python_exceptions(shipped, tmp_path, test_set):
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError)):
             model.to("cuda")
+    with pytest.raises(ValueError, match='state_dict\\["fc3.bias"\\].*meta'):
+        model.load_state_dict({**model.state_dict(), "fc3.bias": torch.zeros(10, device="meta")})
     with pytest.raises(ValueError, match="labels"):
         lenet5.evaluate(shipped, images=x, labels=torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="epochs 0"):
