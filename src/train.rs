@@ -240,7 +240,7 @@ pub trait Observer {
 }
 
 /// How far the epoch in progress has got: images seen of `total`, and the running means.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct EpochProgress {
     pub epoch: usize,
     pub epochs: usize,

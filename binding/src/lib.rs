@@ -438,20 +438,9 @@ impl NotebookWatcher {
     }
 }
 
-#[derive(serde::Serialize)]
-struct ProgressEvent {
-    epoch: usize,
-    epochs: usize,
-    seen: u64,
-    total: u64,
-    loss: f64,
-    accuracy: f64,
-}
-
 impl Watcher for NotebookWatcher {
     fn progress(&mut self, p: &EpochProgress) {
-        let event = ProgressEvent { epoch: p.epoch, epochs: p.epochs, seen: p.seen, total: p.total, loss: p.loss, accuracy: p.accuracy };
-        self.call("progress", &event);
+        self.call("progress", p);
     }
 
     fn epoch_done(&mut self, metrics: &EpochMetrics, epochs: usize) {
