@@ -235,3 +235,12 @@ def test_bad_inputs_raise_python_exceptions(shipped, tmp_path, test_set):
         lenet5.conv("101/010/101", [[1, 2], [3]])
     with pytest.raises(ValueError, match="stride 0"):
         lenet5.conv(stride=0)
+
+
+def test_the_cli_binary_links_no_python(binary):
+    # tch's python-extension and pyo3's extension-module come in through the binding crate only:
+    # the binary must not need libtorch_python or libpython to start.
+    linked = run(["ldd", binary]).stdout
+    assert "libtorch_cpu" in linked and "python" not in linked, linked
+    native = next((ROOT / "binding" / "python" / "lenet5").glob("_native*.so"))
+    assert "libtorch_python" in run(["ldd", native]).stdout  # what pyo3-tch's tensors cross through
