@@ -389,6 +389,57 @@ def train_batches(model, optimizer, images, labels, batches, scheduler=None, shi
 
 
 # -----------------------------------------------------------------------------
+# Comparing two runs, tolerance 0: their weights, or their training checkpoints entry by entry
+# (scripts/parity, tests/python).
+
+def elements(x) -> int:
+    """The values `x` holds: a tensor's elements, summed through dicts, lists and tuples; 1 for anything else."""
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, dict):
+        return sum(elements(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(elements(v) for v in x)
+    return 1
+
+
+def differences(a, b, where: str = "", ordered: bool = True) -> dict[str, tuple[int, float]]:
+    """Where `a` and `b` differ, walking dicts (any dict may stand for state_dict()'s OrderedDict),
+    lists and tuples: {path: (values that differ, largest |difference|)}, empty when identical.
+    Tensors match only in dtype, shape and every element; other values in type and value. A
+    missing or extra key, another length, type, dtype or shape counts all its values, as inf.
+    Dict keys must come in the same order unless `ordered` is False (safetensors sorts them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out, common = {}, [k for k in a if k in b]
+        odd = [k for k in a if k not in b] + [k for k in b if k not in a]
+        if odd or (ordered and common != [k for k in b if k in a]):
+            out[f"{where} keys".lstrip()] = (max(sum(elements((a | b)[k]) for k in odd), 1), float("inf"))
+        for k in common:
+            out |= differences(a[k], b[k], f"{where}[{k!r}]", ordered)
+        return out
+    if type(a) is not type(b):
+        return {where: (max(elements(a), elements(b)), float("inf"))}
+    if isinstance(a, (list, tuple)):
+        out = {f"{where} length".lstrip(): (elements(a[len(b):] + b[len(a):]), float("inf"))} if len(a) != len(b) else {}
+        for i, (x, y) in enumerate(zip(a, b)):
+            out |= differences(x, y, f"{where}[{i}]", ordered)
+        return out
+    if isinstance(a, torch.Tensor):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return {where: (max(a.numel(), b.numel()), float("inf"))}
+        n = int((a != b).sum())
+        return {where: (n, (a.double() - b.double()).abs().max().item())} if n else {}
+    if a != b:
+        return {where: (1, abs(a - b) if isinstance(a, (int, float)) else float("inf"))}
+    return {}
+
+
+def total(diffs: dict[str, tuple[int, float]]) -> tuple[int, float]:
+    """(values that differ, largest |difference|) over all of `differences`' entries."""
+    return sum(n for n, _ in diffs.values()), max((d for _, d in diffs.values()), default=0.0)
+
+
+# -----------------------------------------------------------------------------
 # Weights in every format, recognised by content (weights.rs detect), checked, then copied.
 
 
