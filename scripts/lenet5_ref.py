@@ -474,22 +474,55 @@ def detect_format(path) -> str:
 
 def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Named tensors (PyTorch names, CPU) from any format, renamed by `key_map`: {old: new}
-    replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`)."""
+    replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`). A torch.save
+    file may hold a state dict or a notebook's checkpoint dict with one inside; a `module.` on
+    every key is dropped first (weights.rs read_tensors)."""
     path, fmt = Path(path), detect_format(path)
     if fmt == "safetensors":
         tensors = load_file(str(path))
     elif fmt == "state-dict":
         try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a pickled nn.Module, or arbitrary objects
-            raise WeightsError(f"{path}: not a plain state dict ({str(e).splitlines()[0]}); "
+            raise WeightsError(f"{path}: not a plain state dict or checkpoint dict ({str(e).splitlines()[0]}); "
                                "save model.state_dict() instead") from e
-        if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
-            raise WeightsError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors")
+        tensors = _weights_in(loaded, path)
     else:  # TorchScript module or tch archive: its parameters and buffers
         tensors = torch.jit.load(str(path), map_location="cpu").state_dict()
     tensors = {k.replace("|", "."): v for k, v in tensors.items()}
+    # DataParallel and DistributedDataParallel keep the model as their `module`.
+    if tensors and all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
+        print(f"note: {path}: every key starts with '{DATA_PARALLEL_PREFIX}' (DataParallel); reading them without it",
+              file=sys.stderr)
+        tensors = {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in tensors.items()}
     return {_rename(k, key_map or {}): v for k, v in tensors.items()}
+
+
+# Where notebooks keep the model's weights in a checkpoint dict, most specific first (PyTorch's
+# tutorial writes `model_state_dict`), and the prefix DataParallel adds (weights.rs).
+CHECKPOINT_KEYS = ("model_state_dict", "state_dict", "model", "net")
+DATA_PARALLEL_PREFIX = "module."
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _weights_in(value, path: Path) -> dict[str, torch.Tensor]:
+    """A state dict, or the one a checkpoint dict holds under a CHECKPOINT_KEYS entry (weights.rs
+    torch_save_tensors)."""
+    if _is_state_dict(value):
+        return value
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: holds a {type(value).__name__}, not a state dict or a checkpoint dict")
+    for key in CHECKPOINT_KEYS:
+        if _is_state_dict(value.get(key)):
+            print(f"note: {path}: weights from its '{key}' entry", file=sys.stderr)
+            return value[key]
+    keys = [repr(k) for k in list(value)[:12]]
+    raise WeightsError(f"{path}: holds a dict that is neither a state dict nor a checkpoint with one under "
+                       f"{', '.join(map(repr, CHECKPOINT_KEYS))} (keys: {', '.join(keys)}"
+                       f"{', …' if len(value) > len(keys) else ''})")
 
 
 def _rename(key: str, key_map: dict[str, str]) -> str:
