@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 import zipfile
@@ -427,10 +428,11 @@ def differences(a, b, where: str = "", ordered: bool = True) -> dict[str, tuple[
     if isinstance(a, torch.Tensor):
         if a.dtype != b.dtype or a.shape != b.shape:
             return {where: (max(a.numel(), b.numel()), float("inf"))}
-        n = int((a != b).sum())
-        return {where: (n, (a.double() - b.double()).abs().max().item())} if n else {}
+        n = int((a != b).sum())  # a NaN differs from everything, itself included, by inf
+        return {where: (n, (a.double() - b.double()).abs().nan_to_num(float("inf")).max().item())} if n else {}
     if a != b:
-        return {where: (1, abs(a - b) if isinstance(a, (int, float)) else float("inf"))}
+        number = isinstance(a, (int, float)) and not math.isnan(a - b)
+        return {where: (1, abs(a - b) if number else float("inf"))}
     return {}
 
 
