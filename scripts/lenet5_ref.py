@@ -1,9 +1,10 @@
 """LeNet-5 in PyTorch: the Python twin of the Rust crate, name for name.
 
 The one place the Python side defines the model (src/model.rs), the data pipeline
-(src/data.rs), the training step (src/train.rs) and readers for every file the Rust binary
-reads or writes (src/weights.rs, src/card.rs). scripts/crosscheck, scripts/train_reference,
-scripts/parity, scripts/compare.ipynb and tests/python all import it; none defines its own.
+(src/data.rs), the training step (src/train.rs), readers for every file the Rust binary
+reads or writes (src/weights.rs, src/card.rs) and the exact comparison of two runs' weights
+and checkpoints. scripts/crosscheck, scripts/train_reference, scripts/parity,
+scripts/compare.ipynb and tests/python all import it; none defines its own.
 """
 
 from __future__ import annotations
