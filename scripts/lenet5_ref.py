@@ -1,9 +1,10 @@
 """LeNet-5 in PyTorch: the Python twin of the Rust crate, name for name.
 
 The one place the Python side defines the model (src/model.rs), the data pipeline
-(src/data.rs), the training step (src/train.rs) and readers for every file the Rust binary
-reads or writes (src/weights.rs, src/card.rs). scripts/crosscheck, scripts/train_reference,
-scripts/parity, scripts/compare.ipynb and tests/python all import it; none defines its own.
+(src/data.rs), the training step (src/train.rs), readers for every file the Rust binary
+reads or writes (src/weights.rs, src/card.rs) and the exact comparison of two runs' weights
+and checkpoints. scripts/crosscheck, scripts/train_reference, scripts/parity,
+scripts/compare.ipynb and tests/python all import it; none defines its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import sys
 import time
 import zipfile
@@ -389,6 +391,58 @@ def train_batches(model, optimizer, images, labels, batches, scheduler=None, shi
 
 
 # -----------------------------------------------------------------------------
+# Comparing two runs, tolerance 0: their weights, or their training checkpoints entry by entry
+# (scripts/parity, tests/python).
+
+def elements(x) -> int:
+    """The values `x` holds: a tensor's elements, summed through dicts, lists and tuples; 1 for anything else."""
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, dict):
+        return sum(elements(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(elements(v) for v in x)
+    return 1
+
+
+def differences(a, b, where: str = "", ordered: bool = True) -> dict[str, tuple[int, float]]:
+    """Where `a` and `b` differ, walking dicts (any dict may stand for state_dict()'s OrderedDict),
+    lists and tuples: {path: (values that differ, largest |difference|)}, empty when identical.
+    Tensors match only in dtype, shape and every element; other values in type and value. A
+    missing or extra key, another length, type, dtype or shape counts all its values, as inf.
+    Dict keys must come in the same order unless `ordered` is False (safetensors sorts them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out, common = {}, [k for k in a if k in b]
+        odd = [k for k in a if k not in b] + [k for k in b if k not in a]
+        if odd or (ordered and common != [k for k in b if k in a]):
+            out[f"{where} keys".lstrip()] = (max(sum(elements((a | b)[k]) for k in odd), 1), float("inf"))
+        for k in common:
+            out |= differences(a[k], b[k], f"{where}[{k!r}]", ordered)
+        return out
+    if type(a) is not type(b):
+        return {where: (max(elements(a), elements(b)), float("inf"))}
+    if isinstance(a, (list, tuple)):
+        out = {f"{where} length".lstrip(): (elements(a[len(b):] + b[len(a):]), float("inf"))} if len(a) != len(b) else {}
+        for i, (x, y) in enumerate(zip(a, b)):
+            out |= differences(x, y, f"{where}[{i}]", ordered)
+        return out
+    if isinstance(a, torch.Tensor):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return {where: (max(a.numel(), b.numel()), float("inf"))}
+        n = int((a != b).sum())  # a NaN differs from everything, itself included, by inf
+        return {where: (n, (a.double() - b.double()).abs().nan_to_num(float("inf")).max().item())} if n else {}
+    if a != b:
+        number = isinstance(a, (int, float)) and not math.isnan(a - b)
+        return {where: (1, abs(a - b) if number else float("inf"))}
+    return {}
+
+
+def total(diffs: dict[str, tuple[int, float]]) -> tuple[int, float]:
+    """(values that differ, largest |difference|) over all of `differences`' entries."""
+    return sum(n for n, _ in diffs.values()), max((d for _, d in diffs.values()), default=0.0)
+
+
+# -----------------------------------------------------------------------------
 # Weights in every format, recognised by content (weights.rs detect), checked, then copied.
 
 
@@ -423,22 +477,55 @@ def detect_format(path) -> str:
 
 def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Named tensors (PyTorch names, CPU) from any format, renamed by `key_map`: {old: new}
-    replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`)."""
+    replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`). A torch.save
+    file may hold a state dict or a notebook's checkpoint dict with one inside; a `module.` on
+    every key is dropped first (weights.rs read_tensors)."""
     path, fmt = Path(path), detect_format(path)
     if fmt == "safetensors":
         tensors = load_file(str(path))
     elif fmt == "state-dict":
         try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a pickled nn.Module, or arbitrary objects
-            raise WeightsError(f"{path}: not a plain state dict ({str(e).splitlines()[0]}); "
+            raise WeightsError(f"{path}: not a plain state dict or checkpoint dict ({str(e).splitlines()[0]}); "
                                "save model.state_dict() instead") from e
-        if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
-            raise WeightsError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors")
+        tensors = _weights_in(loaded, path)
     else:  # TorchScript module or tch archive: its parameters and buffers
         tensors = torch.jit.load(str(path), map_location="cpu").state_dict()
     tensors = {k.replace("|", "."): v for k, v in tensors.items()}
+    # DataParallel and DistributedDataParallel keep the model as their `module`.
+    if tensors and all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
+        print(f"note: {path}: every key starts with '{DATA_PARALLEL_PREFIX}' (DataParallel); reading them without it",
+              file=sys.stderr)
+        tensors = {k.removeprefix(DATA_PARALLEL_PREFIX): v for k, v in tensors.items()}
     return {_rename(k, key_map or {}): v for k, v in tensors.items()}
+
+
+# Where notebooks keep the model's weights in a checkpoint dict, most specific first (PyTorch's
+# tutorial writes `model_state_dict`), and the prefix DataParallel adds (weights.rs).
+CHECKPOINT_KEYS = ("model_state_dict", "state_dict", "model", "net")
+DATA_PARALLEL_PREFIX = "module."
+
+
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _weights_in(value, path: Path) -> dict[str, torch.Tensor]:
+    """A state dict, or the one a checkpoint dict holds under a CHECKPOINT_KEYS entry (weights.rs
+    torch_save_tensors)."""
+    if _is_state_dict(value):
+        return value
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: holds a {type(value).__name__}, not a state dict or a checkpoint dict")
+    for key in CHECKPOINT_KEYS:
+        if _is_state_dict(value.get(key)):
+            print(f"note: {path}: weights from its '{key}' entry", file=sys.stderr)
+            return value[key]
+    keys = [repr(k) for k in list(value)[:12]]
+    raise WeightsError(f"{path}: holds a dict that is neither a state dict nor a checkpoint with one under "
+                       f"{', '.join(map(repr, CHECKPOINT_KEYS))} (keys: {', '.join(keys)}"
+                       f"{', …' if len(value) > len(keys) else ''})")
 
 
 def _rename(key: str, key_map: dict[str, str]) -> str:

@@ -113,3 +113,19 @@ pub fn load(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     let optimizer = optimizer.into_iter().map(|(k, t)| (k[OPTIMIZER_PREFIX.len()..].to_string(), t)).collect();
     Ok((meta, Saved { weights, optimizer }))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::optim::Hyper;
+    use crate::schedule::ScheduleState;
+
+    /// OneCycleLR's last momentum of a 150-step run, which serde_json's default float parser
+    /// reads back as 0.9499776216141752: the resumed run would go on with another beta1.
+    #[test]
+    fn the_schedules_position_reads_back_bit_for_bit() {
+        let position = ScheduleState { last_epoch: 150, hyper: Hyper { lr: 6.83348889338717e-7, momentum: 0.9499776216141751 } };
+        let back: ScheduleState = serde_json::from_slice(&serde_json::to_vec(&position).unwrap()).unwrap();
+        assert_eq!(back.hyper.momentum.to_bits(), position.hyper.momentum.to_bits());
+        assert_eq!(back, position);
+    }
+}

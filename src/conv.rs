@@ -3,7 +3,6 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Read;
-use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 use crate::pictures::{self, Shading, Tile};
@@ -60,41 +59,9 @@ impl Preset {
         m.iter().map(|r| r.to_vec()).collect()
     }
 
-    fn name(self) -> String {
+    pub fn name(self) -> String {
         clap::ValueEnum::to_possible_value(&self).map(|p| p.get_name().to_string()).unwrap_or_default()
     }
-}
-
-#[derive(clap::Args, Debug)]
-pub struct ConvArgs {
-    /// Input matrix file, or - for standard input: one row per line, cells split by spaces or
-    /// commas, or the compact `11100/01110/...` (one digit per cell) [default: the classic 5x5].
-    #[arg(long, value_name = "FILE|-", conflicts_with = "preset")]
-    pub input: Option<PathBuf>,
-    /// Filter matrix file, same format [default: the classic 3x3 `101/010/101`].
-    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
-    pub filter: Option<PathBuf>,
-    /// Stride of the filter.
-    #[arg(long, default_value_t = 1)]
-    pub stride: usize,
-    /// Zero padding on every side of the input.
-    #[arg(long, default_value_t = 0)]
-    pub padding: usize,
-    /// Which windows to write out term by term.
-    #[arg(long, value_enum, default_value = "first")]
-    pub explain: Explain,
-    /// Apply a named filter to a real MNIST test digit (pixels scaled to 0-9 so each prints as one digit).
-    #[arg(long, value_enum)]
-    pub preset: Option<Preset>,
-    /// Test-set index of the digit for --preset [default: the first 3].
-    #[arg(long, requires = "preset")]
-    pub index: Option<i64>,
-    /// Folder holding the MNIST IDX files, for --preset [default: data/mnist].
-    #[arg(long, value_name = "DIR", env = "LENET5_DATA")]
-    pub data: Option<PathBuf>,
-    /// Also draw input, filter and output as a PNG [default with --preset: conv-PRESET.png].
-    #[arg(long, value_name = "FILE")]
-    pub png: Option<PathBuf>,
 }
 
 /// Parses the compact `11100/01110/...` form of the built-in examples.
@@ -416,7 +383,7 @@ pub fn picture(input: &Matrix, filter: &Matrix, output: &Matrix, title: &str) ->
 }
 
 /// An MNIST test digit as a 28x28 matrix of 0-9 (pixel / 255 * 9, rounded), with its label.
-fn mnist_digit(data: Option<&std::path::Path>, index: Option<i64>) -> Result<(Matrix, i64, i64)> {
+pub fn mnist_digit(data: Option<&std::path::Path>, index: Option<i64>) -> Result<(Matrix, i64, i64)> {
     let test = crate::data::load_test(crate::data::DatasetKind::Mnist, data, crate::data::Normalization { mean: 0.0, std: 1.0 })?;
     let index = crate::visualize::pick_index(&test, index)?;
     let pad = crate::data::PAD;
@@ -424,39 +391,6 @@ fn mnist_digit(data: Option<&std::path::Path>, index: Option<i64>) -> Result<(Ma
     let values = Vec::<f32>::try_from((image * 9.0).round().flatten(0, -1).to_kind(Kind::Float)).context("reading the digit")?;
     let label = test.labels.int64_value(&[index]);
     Ok((values.chunks(28).map(|r| r.iter().map(|&v| v as f64).collect()).collect(), index, label))
-}
-
-pub fn run(args: &ConvArgs) -> Result<()> {
-    ensure!(args.stride > 0, "--stride 0: the stride must be at least 1");
-    let (input, filter, input_name, png) = match args.preset {
-        Some(preset) => {
-            let (digit, index, label) = mnist_digit(args.data.as_deref(), args.index)?;
-            let png = args.png.clone().unwrap_or_else(|| PathBuf::from(format!("conv-{}.png", preset.name())));
-            (digit, preset.filter(), format!(": MNIST test image #{index}, a {label}, pixels scaled to 0-9"), Some(png))
-        }
-        None => {
-            let input = match &args.input {
-                Some(path) => read_matrix(path).context("--input")?,
-                None => parse_compact(CLASSIC_INPUT),
-            };
-            let filter = match &args.filter {
-                Some(path) => read_matrix(path).context("--filter")?,
-                None => parse_compact(CLASSIC_FILTER),
-            };
-            (input, filter, String::new(), args.png.clone())
-        }
-    };
-    print!("{}", walkthrough(&input, &filter, args.stride, args.padding, args.explain, &input_name)?);
-    if let Some(png) = png {
-        let output = naive_conv2d(&input, &filter, args.stride, args.padding);
-        let title = match args.preset {
-            Some(p) => format!("{} filter on an MNIST digit, stride {}, padding {}", p.name(), args.stride, args.padding),
-            None => format!("convolution, stride {}, padding {}", args.stride, args.padding),
-        };
-        picture(&input, &filter, &output, &title)?.save(&png)?;
-        println!("picture: {}", png.display());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

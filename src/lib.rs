@@ -2,22 +2,18 @@
 //! with PyTorch. The binary in `main.rs` is a thin shell over this library.
 
 pub mod atomic;
-pub mod bench;
 pub mod card;
 pub mod checkpoint;
-pub mod cli;
 pub mod conv;
 pub mod data;
 pub mod device;
 pub mod direct;
 pub mod export;
-pub mod interrupt;
 pub mod handwriting;
 pub mod model;
 pub mod optim;
 pub mod pictures;
 pub mod predict;
-pub mod progress;
 pub mod run;
 pub mod schedule;
 pub mod serve;

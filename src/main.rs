@@ -1,13 +1,15 @@
 //! `lenet5`: parse the command line, run it, print the error chain and exit non-zero on failure.
 
+mod cli;
+
 use clap::Parser;
 
 fn main() {
-    let cli = lenet5::cli::Cli::parse();
-    if let Err(err) = lenet5::cli::run(cli) {
+    let args = cli::Cli::parse();
+    if let Err(err) = cli::run(args) {
         eprintln!("error: {err:#}");
         // A run stopped by a signal exits as a shell expects: 130 for SIGINT, 143 for SIGTERM.
-        let code = err.downcast_ref::<lenet5::interrupt::Interrupted>().map_or(1, |i| i.exit_code);
+        let code = err.downcast_ref::<cli::Interrupted>().map_or(1, |i| i.exit_code);
         std::process::exit(code);
     }
 }

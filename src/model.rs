@@ -75,6 +75,11 @@ pub struct ModelConfig {
     pub head: Head,
 }
 
+impl ModelConfig {
+    /// What `lenet5 train` and `lenet5.LeNet5()` build unless told otherwise.
+    pub const DEFAULT: ModelConfig = ModelConfig { arch: Arch::Modern, head: Head::Softmax };
+}
+
 /// The layers in the order PyTorch registers them.
 pub const LAYERS: [&str; 5] = ["conv1", "conv2", "fc1", "fc2", "fc3"];
 
@@ -277,7 +282,10 @@ mod tests {
     #[test]
     fn initialisation_follows_pytorch_bounds() {
         let (vs, _) = model(Arch::Modern);
-        for (name, fan_in) in [("conv1.weight", 25.0), ("conv2.bias", 150.0), ("fc1.weight", 400.0)] {
+        // Tensors of 120 or more values, so the largest is above 0.8 of the bound but for a
+        // chance below 1e-11 (conv2.bias, 16 values, missed it one run in 36: whichever seed
+        // another test had just set).
+        for (name, fan_in) in [("conv1.weight", 25.0), ("fc1.bias", 400.0), ("fc1.weight", 400.0)] {
             let t = vs.variables()[name].abs().max().double_value(&[]);
             let bound = 1.0 / f64::sqrt(fan_in);
             assert!(t <= bound && t > 0.8 * bound, "{name}: max |w| {t} vs bound {bound}");

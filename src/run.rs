@@ -1,17 +1,22 @@
-//! The run folder: where `train` puts the metrics history (CSV and JSON lines, rewritten
-//! atomically after every epoch), the latest checkpoint, and the trained model under the
-//! name [`MODEL_NAME`].
+//! A training run in its folder, from start (or resume) to the exported model: the one flow
+//! behind `lenet5 train` and `lenet5.train()`. The folder holds the metrics history (CSV and
+//! JSON lines, rewritten atomically after every epoch), the latest checkpoint, and the trained
+//! model under the name [`MODEL_NAME`].
 
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use tch::nn::VarStore;
+use tch::nn::{Module, VarStore};
+use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, CheckpointMeta};
-use crate::interrupt::StopRequest;
-use crate::optim::Optimizer;
-use crate::progress::TerminalProgress;
-use crate::train::{EpochMetrics, EpochProgress, Observer, TrainState};
+use crate::card::{CardMetrics, ModelCard};
+use crate::checkpoint::{self, CheckpointMeta, Saved};
+use crate::data::{self, Splits};
+use crate::model::{parameter_count, LeNet5};
+use crate::optim::{Implementation, Optimizer};
+use crate::train::{self, EpochMetrics, EpochProgress, Metrics, Observer, Outcome, TrainState, Trainer};
+use crate::weights;
 
 /// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
 pub const MODEL_NAME: &str = "lenet5";
@@ -72,14 +77,216 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
 /// The run's latest checkpoint, replaced at every epoch end and every --checkpoint-every steps.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
-/// Keeps a run folder current while training: a checkpoint and the metrics history at
-/// every checkpoint, progress on the terminal, and a stop when a signal arrives.
-pub struct RunObserver<'a> {
-    pub run: &'a RunDir,
-    pub vs: &'a VarStore,
+/// A run folder's checkpoint, or the file itself.
+pub fn checkpoint_file(path: &Path) -> PathBuf {
+    if path.is_dir() { path.join(CHECKPOINT_FILE) } else { path.to_path_buf() }
+}
+
+/// What the caller of [`train`] sees and steers while it trains: the CLI shows a terminal bar
+/// and listens for signals, the Python binding updates a notebook bar and checks for
+/// KeyboardInterrupt.
+pub trait Watcher {
+    fn progress(&mut self, _progress: &EpochProgress) {}
+    fn epoch_done(&mut self, _metrics: &EpochMetrics, _epochs: usize) {}
+    /// Asked after every step; true stops the run with a checkpoint.
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+/// Where a run's weights start.
+pub enum Start {
+    /// A fresh initialisation from the recipe's seed.
+    Fresh,
+    /// These weights (any format `weights::read_tensors` reads) and a fresh optimizer.
+    Init(PathBuf),
+    /// A checkpoint's weights and optimizer state, read from `source`.
+    Resume { source: PathBuf, saved: Saved },
+}
+
+/// A run to start or continue: its recipe and state, where it starts and its folder.
+pub struct RunPlan {
     pub meta: CheckpointMeta,
-    pub stop: StopRequest,
-    pub progress: TerminalProgress,
+    pub start: Start,
+    /// A safetensors file whose int64 `order` [steps, batch] replaces the shuffled epochs
+    /// (parity checks).
+    pub batch_order: Option<PathBuf>,
+    pub out: PathBuf,
+}
+
+/// `runs/DATASET-ARCH-HEAD`, the folder of a run not told otherwise.
+fn default_out(meta: &CheckpointMeta) -> PathBuf {
+    let (d, a, h) = (crate::flag_name(&meta.dataset), crate::flag_name(&meta.model.arch), crate::flag_name(&meta.model.head));
+    PathBuf::from(format!("runs/{d}-{a}-{h}"))
+}
+
+impl RunPlan {
+    /// A new run of `meta`'s recipe, in `out` (default `runs/DATASET-ARCH-HEAD`).
+    pub fn new(meta: CheckpointMeta, start: Start, out: Option<PathBuf>) -> Result<RunPlan> {
+        meta.config.validate()?;
+        ensure!(meta.checkpoint_every != Some(0), "--checkpoint-every 0: must be at least 1");
+        ensure!(matches!(start, Start::Fresh | Start::Init(_)), "a new run starts fresh or from --init weights");
+        let out = out.unwrap_or_else(|| default_out(&meta));
+        Ok(RunPlan { meta, start, batch_order: None, out })
+    }
+
+    /// Continues the run saved at `path`: a run folder, its checkpoint.safetensors, or a
+    /// PyTorch training checkpoint (.pt; its run folder is `out`, default as for a new run).
+    pub fn resume(path: &Path, out: Option<PathBuf>) -> Result<RunPlan> {
+        // A PyTorch checkpoint is a torch.save zip; ours is safetensors (in a run folder).
+        let (meta, saved, folder) = if path.is_file() && weights::detect(path)? == weights::Format::TorchSave {
+            let (meta, saved) = crate::torch_checkpoint::read(path)?;
+            (meta, saved, None)
+        } else {
+            let file = checkpoint_file(path);
+            let (meta, saved) = checkpoint::load(&file)?;
+            (meta, saved, Some(file.parent().map(Path::to_path_buf).unwrap_or_default()))
+        };
+        let out = folder.or(out).unwrap_or_else(|| default_out(&meta));
+        Ok(RunPlan { meta, start: Start::Resume { source: path.to_path_buf(), saved }, batch_order: None, out })
+    }
+
+    /// The line a run starts with: what trains, on what, how.
+    pub fn describe(&self, device: Device) -> String {
+        let (m, c) = (&self.meta, &self.meta.config);
+        let epochs = if self.batch_order.is_some() || c.dry_run { 1 } else { c.epochs };
+        let mut line = format!(
+            "{} LeNet-5 ({}, {}) on {} with {} on {}: {epochs} epochs, batch {}, lr {}, {} schedule, {} threads",
+            if matches!(self.start, Start::Resume { .. }) { "resuming" } else { "training" },
+            crate::flag_name(&m.model.arch),
+            crate::flag_name(&m.model.head),
+            crate::flag_name(&m.dataset),
+            crate::flag_name(&c.optimizer.kind),
+            crate::device::name(device),
+            c.batch_size,
+            c.optimizer.lr,
+            crate::flag_name(&c.schedule),
+            tch::get_num_threads()
+        );
+        if matches!(self.start, Start::Resume { .. }) {
+            line += &format!("\ncontinuing at epoch {} after step {}", m.state.epoch.max(1), m.state.step);
+            if c.optimizer.implementation == Implementation::Libtorch {
+                line += "; libtorch's optimizer state starts afresh (tch cannot save it)";
+            }
+        }
+        line
+    }
+}
+
+/// A finished run: the model, its card (as exported), its history and its final test metrics.
+pub struct Trained {
+    pub vs: VarStore,
+    pub net: LeNet5,
+    pub card: ModelCard,
+    pub history: Vec<EpochMetrics>,
+    pub test: Metrics,
+    /// `DIR/lenet5`: the exported model files are this with .safetensors, .json, .pt.
+    pub prefix: PathBuf,
+    pub wall_seconds: f64,
+}
+
+/// How [`train`] ended.
+pub enum RunEnd {
+    Finished(Box<Trained>),
+    /// Stopped on the watcher's request; the checkpoint in `dir` continues it.
+    Stopped { state: TrainState, dir: PathBuf },
+}
+
+/// Trains `plan` on `device`, on `data` or else the plan's data set read from disk, keeping
+/// its folder current, and exports the model into it when the run finishes.
+pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut dyn Watcher) -> Result<RunEnd> {
+    let RunPlan { meta, start, batch_order, out } = plan;
+    let config = &meta.config;
+    let run = RunDir::create(&out)?;
+    let started = Instant::now();
+    tch::manual_seed(config.seed);
+    let data = match data {
+        Some(data) => data,
+        None => data::load(meta.dataset, meta.data_dir.as_deref())?,
+    }
+    .to_device(device);
+    let mut vs = VarStore::new(device);
+    let net = LeNet5::new(&vs.root(), meta.model);
+    let batch_order = match &batch_order {
+        Some(path) => Some(read_batch_order(path, data.train.len())?),
+        None => None,
+    };
+    let trainer = Trainer {
+        config,
+        head: meta.model.head,
+        background: meta.dataset.normalization().background(),
+        batch_order,
+        checkpoint_every: meta.checkpoint_every,
+    };
+    let mut optimizer = trainer.optimizer(&net, &vs)?;
+    let resumed = matches!(start, Start::Resume { .. });
+    match start {
+        Start::Fresh => {}
+        Start::Init(path) => {
+            let tensors = weights::read_tensors(&path, weights::detect(&path)?)?;
+            weights::load_state_dict(&mut vs, tensors, &[], &path.display().to_string())?;
+        }
+        Start::Resume { source, saved } => {
+            let name = source.display().to_string();
+            weights::load_state_dict(&mut vs, saved.weights, &[], &name)?;
+            optimizer.load_state_tensors(saved.optimizer, &name)?;
+        }
+    }
+    let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), watcher };
+    // Gradients on, whatever the caller's thread had: a notebook's `with torch.no_grad():`
+    // reaches this libtorch too.
+    let outcome = tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), &mut observer));
+    let history = match outcome? {
+        Outcome::Finished(history) => history,
+        Outcome::Stopped(state) => return Ok(RunEnd::Stopped { state, dir: run.dir }),
+    };
+    let last = history.last().context("training ran no epoch")?;
+    let forward = |xs: &Tensor| -> Result<Tensor> { Ok(net.forward(xs)) };
+    let test = train::evaluate(&forward, meta.model.head, &data.test, config.test_batch_size)?;
+    let mut card = ModelCard::new(meta.model, meta.dataset, parameter_count(&vs), Some(config.seed));
+    card.metrics = Some(CardMetrics { test_accuracy: test.accuracy(), test_loss: test.loss, test_correct: test.correct, test_total: test.total });
+    let wall_seconds = started.elapsed().as_secs_f64();
+    card.training = Some(serde_json::json!({
+        "recipe": config,
+        "device": crate::device::name(device),
+        "threads": tch::get_num_threads(),
+        "train_seconds": last.seconds,
+        "wall_seconds": wall_seconds,
+        "epochs_run": history.len(),
+        "resumed": resumed,
+        "data": meta.data_dir.as_ref().map_or_else(|| crate::flag_name(&meta.dataset), |d| d.display().to_string()),
+    }));
+    let prefix = run.model_prefix();
+    let check_inputs = data.test.images.narrow(0, 0, crate::export::CHECK_BATCH.min(data.test.len()));
+    let card = crate::export::export(&vs, &net, &card, &prefix, &check_inputs, false)?;
+    Ok(RunEnd::Finished(Box::new(Trained { vs, net, card, history, test, prefix, wall_seconds })))
+}
+
+fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {
+    let tensors = Tensor::read_safetensors(path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", path.display()))?;
+    let order = tensors
+        .into_iter()
+        .find_map(|(k, t)| (k == "order").then_some(t))
+        .with_context(|| format!("{}: no tensor named `order`", path.display()))?;
+    ensure!(
+        order.dim() == 2 && order.kind() == Kind::Int64,
+        "{}: `order` must be int64 [steps, batch], got {:?} {:?}",
+        path.display(),
+        order.kind(),
+        order.size()
+    );
+    let (lo, hi) = (order.min().int64_value(&[]), order.max().int64_value(&[]));
+    ensure!(lo >= 0 && hi < train_len, "{}: indices {lo}..={hi} outside the {train_len} training images", path.display());
+    Ok(order)
+}
+
+/// Keeps a run folder current while training: a checkpoint and the metrics history at
+/// every checkpoint; progress and stop requests go to and from the watcher.
+struct RunObserver<'a> {
+    run: &'a RunDir,
+    vs: &'a VarStore,
+    meta: CheckpointMeta,
+    watcher: &'a mut dyn Watcher,
 }
 
 impl Observer for RunObserver<'_> {
@@ -90,11 +297,15 @@ impl Observer for RunObserver<'_> {
     }
 
     fn progress(&mut self, progress: &EpochProgress) {
-        self.progress.show(progress);
+        self.watcher.progress(progress);
+    }
+
+    fn epoch_done(&mut self, metrics: &EpochMetrics, epochs: usize) {
+        self.watcher.epoch_done(metrics, epochs);
     }
 
     fn should_stop(&mut self) -> bool {
-        self.stop.requested().is_some()
+        self.watcher.should_stop()
     }
 }
 

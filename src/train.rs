@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{Dataset, Splits};
 use crate::direct::DirectTraining;
 use crate::model::{Head, LeNet5, ModelConfig, NUM_CLASSES};
-use crate::optim::{Implementation, Optimizer, OptimizerConfig};
+use crate::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
 use crate::schedule::{Schedule, ScheduleKind, ScheduleState};
 use crate::weights::Engine;
 
@@ -43,6 +43,54 @@ pub struct TrainConfig {
 
 fn yes() -> bool {
     true
+}
+
+impl TrainConfig {
+    /// The recipe of a plain `lenet5 train` and of `lenet5.train()`: torch.optim's AdamW under
+    /// OneCycleLR for 8 epochs (99.25% on MNIST, see the README).
+    pub const DEFAULT: TrainConfig = TrainConfig {
+        epochs: 8,
+        batch_size: 128,
+        test_batch_size: 1000,
+        optimizer: OptimizerConfig {
+            kind: OptimizerKind::Adamw,
+            implementation: Implementation::Torch,
+            lr: 3e-3,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 1e-4,
+            amsgrad: false,
+        },
+        schedule: ScheduleKind::Onecycle,
+        gamma: 0.7,
+        cycle_momentum: true,
+        shift: 0,
+        seed: 1,
+        limit_train: None,
+        dry_run: false,
+        engine: Engine::Libtorch,
+    };
+
+    /// Checks every setting before any work starts, naming the `lenet5 train` flag at fault.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.epochs > 0, "--epochs {}: must be at least 1", self.epochs);
+        ensure!(self.batch_size > 0, "--batch-size {}: must be at least 1", self.batch_size);
+        ensure!(self.test_batch_size > 0, "--test-batch-size {}: must be at least 1", self.test_batch_size);
+        self.optimizer.validate()?;
+        ensure!(self.gamma > 0.0, "--gamma {}: must be positive", self.gamma);
+        ensure!(
+            !(self.optimizer.implementation == Implementation::Libtorch && self.schedule == ScheduleKind::Onecycle && self.cycle_momentum),
+            "--optimizer-impl libtorch cannot cycle the momentum as --schedule onecycle does: add --no-cycle-momentum"
+        );
+        ensure!((0..=4).contains(&self.shift), "--shift {}: must be between 0 and 4 pixels", self.shift);
+        if let Some(n) = self.limit_train {
+            ensure!(n > 0, "--limit-train {n}: must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 /// Batches of a dry run, and the size of its test set.
@@ -84,6 +132,22 @@ pub struct EpochMetrics {
     pub test_accuracy: f64,
     /// Training time so far, evaluation excluded.
     pub seconds: f64,
+}
+
+impl EpochMetrics {
+    /// The one line a run prints after each of its `epochs` epochs.
+    pub fn line(&self, epochs: usize) -> String {
+        format!(
+            "epoch {:>2}/{epochs}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  lr {:.2e}  {:.1}s",
+            self.epoch,
+            self.train_loss,
+            100.0 * self.train_accuracy,
+            self.test_loss,
+            100.0 * self.test_accuracy,
+            self.lr,
+            self.seconds
+        )
+    }
 }
 
 /// Evaluates `forward` (normalised images -> logits) on `data` in batches, without gradients.
@@ -174,6 +238,8 @@ pub trait Observer {
     fn checkpoint(&mut self, state: &TrainState, optimizer: &Optimizer) -> Result<()>;
     /// Called at the start of each epoch, every 20 batches and at the epoch's last batch.
     fn progress(&mut self, _progress: &EpochProgress) {}
+    /// Called with each finished epoch's metrics (of `epochs`), before its checkpoint.
+    fn epoch_done(&mut self, _metrics: &EpochMetrics, _epochs: usize) {}
     /// Asked after every step; true stops the run at the next checkpoint.
     fn should_stop(&mut self) -> bool {
         false
@@ -181,7 +247,7 @@ pub trait Observer {
 }
 
 /// How far the epoch in progress has got: images seen of `total`, and the running means.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct EpochProgress {
     pub epoch: usize,
     pub epochs: usize,
@@ -450,15 +516,7 @@ impl Trainer<'_> {
                 test_accuracy: test_metrics.accuracy(),
                 seconds: state.seconds,
             };
-            eprintln!(
-                "epoch {epoch:>2}/{epochs}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  lr {:.2e}  {:.1}s",
-                row.train_loss,
-                100.0 * row.train_accuracy,
-                row.test_loss,
-                100.0 * row.test_accuracy,
-                row.lr,
-                row.seconds
-            );
+            observer.epoch_done(&row, epochs);
             state.history.push(row);
             if !schedule.per_batch() {
                 schedule.step(&mut position); // after the epoch's evaluation, as PyTorch's MNIST example

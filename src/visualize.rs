@@ -5,11 +5,10 @@ use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::{DataArgs, ModelArgs, RuntimeArgs};
-use crate::data::{self, Dataset};
-use crate::model::{Arch, LeNet5, ModelConfig, NUM_CLASSES, STAGES};
+use crate::data::{self, Dataset, DatasetKind};
+use crate::model::{Arch, LeNet5, ModelConfig, NUM_CLASSES};
 use crate::pictures::{self, Picture, Series, Shading, Tile};
-use crate::weights::Classifier;
+use crate::weights::{Classifier, LoadOptions};
 
 /// The class whose first test image is followed by default: the "3" of the LeNet-5 walkthroughs.
 pub const DEFAULT_CLASS: i64 = 3;
@@ -24,26 +23,31 @@ pub const FILTER_ZOOM: u32 = 16;
 const MISTAKE_ZOOM: u32 = 3;
 const MISTAKE_COLUMNS: usize = 9;
 
-#[derive(clap::Args, Debug)]
-pub struct VisualizeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
-    #[command(flatten)]
-    pub runtime: RuntimeArgs,
-    /// Test-set index of the image to follow through the network [default: the first 3].
-    #[arg(long, conflicts_with = "image")]
+/// What `visualize` draws and where: the model file and how to read it, the test data, the
+/// image to follow (a test index or a file) and the output folder.
+#[derive(Debug, Clone)]
+pub struct VisualizeConfig {
+    pub model: PathBuf,
+    pub load: LoadOptions,
+    pub device: Device,
+    pub dataset: DatasetKind,
+    pub data: Option<PathBuf>,
     pub index: Option<i64>,
-    /// Follow your own image instead (PNG, JPEG, BMP, PGM), preprocessed as `predict` does.
-    #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
-    /// Folder for the PNG files.
-    #[arg(long, value_name = "DIR", default_value = "runs/pictures")]
     pub out: PathBuf,
     /// Most misclassified test images drawn in mistakes.png.
-    #[arg(long, default_value_t = 36)]
     pub mistakes: usize,
+}
+
+/// What [`write`] wrote.
+pub struct Report {
+    /// `SOURCE: predicted ...` for the image followed.
+    pub verdict: String,
+    pub written: Vec<Written>,
+    /// The safetensors file of every stage's activations.
+    pub activations: PathBuf,
+    /// The metrics file that was not there, so no training curves were drawn.
+    pub missing_metrics: Option<PathBuf>,
 }
 
 /// `index` checked against the test set, or the first image of [`DEFAULT_CLASS`].
@@ -176,21 +180,22 @@ pub struct Written {
     pub what: String,
 }
 
-pub fn run(args: &VisualizeArgs) -> Result<()> {
-    let device = args.runtime.apply()?;
-    let classifier = args.model.load(device)?;
+/// Draws every picture of `c.model` into `c.out`.
+pub fn write(c: &VisualizeConfig) -> Result<Report> {
+    let device = c.device;
+    let classifier = crate::weights::load(&c.model, &c.load, device)?;
     let Classifier::Native { vs, net, card, .. } = &classifier else {
         bail!(
             "{}: a TorchScript module keeps its layers inside a compiled graph, so its feature maps cannot be read; \
              give visualize the weights instead (the .safetensors file beside it)",
-            args.model.model.display()
+            c.model.display()
         );
     };
-    let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(args.data.dataset);
+    let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(c.dataset);
     let norm = card.as_ref().map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
     let classes = card.as_ref().map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
-    let test = data::load_test(dataset, args.data.data.as_deref(), norm)?.to_device(device);
-    let out = &args.out;
+    let test = data::load_test(dataset, c.data.as_deref(), norm)?.to_device(device);
+    let out = &c.out;
     std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
     let mut written = Vec::new();
     let mut save = |picture: Picture, file: &str, what: String| -> Result<()> {
@@ -201,13 +206,13 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
     };
 
     // One image through the network.
-    let (image, source, truth) = match &args.image {
+    let (image, source, truth) = match &c.image {
         Some(path) => {
             let prepared = crate::handwriting::load(path)?;
             (prepared.tensor(norm).to_device(device), path.display().to_string(), None)
         }
         None => {
-            let i = pick_index(&test, args.index)?;
+            let i = pick_index(&test, c.index)?;
             let label = test.labels.int64_value(&[i]);
             (test.images.narrow(0, i, 1), format!("test image #{i}"), Some(label))
         }
@@ -233,7 +238,7 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
     crate::atomic::write_with(&activations, |tmp| Tensor::write_safetensors(&named, tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display())))?;
 
     // The run that made the model: its metrics file sits beside the weights.
-    let metrics = args.model.model.parent().unwrap_or(Path::new(".")).join(crate::run::METRICS_FILE);
+    let metrics = c.model.parent().unwrap_or(Path::new(".")).join(crate::run::METRICS_FILE);
     let skipped_curves = if metrics.is_file() {
         let history = crate::run::read_metrics(&metrics)?;
         save(curves_picture(&history, &format!("Training: {} epoch{}, from {}", history.len(), if history.len() == 1 { "" } else { "s" }, metrics.display()))?, "curves.png", format!("loss and accuracy per epoch, from {}", metrics.display()))?;
@@ -253,7 +258,7 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
     let accuracy = 1.0 - wrong.len() as f64 / labels.len().max(1) as f64;
     let summary = format!("{} of {} test images right ({:.2}%)", labels.len() - wrong.len(), labels.len(), 100.0 * accuracy);
     save(pictures::heat_map(&format!("Confusion matrix: {summary}"), &axis_labels(&classes), &confusion)?, "confusion.png", format!("the confusion matrix: {summary}"))?;
-    let shown = &wrong[..wrong.len().min(args.mistakes)];
+    let shown = &wrong[..wrong.len().min(c.mistakes)];
     if !shown.is_empty() {
         let pad = data::PAD;
         let short = axis_labels(&classes);
@@ -275,13 +280,5 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
         save(pictures::grid(&title, &tiles, MISTAKE_COLUMNS)?, "mistakes.png", format!("{} of the {} test images the model gets wrong (true → predicted)", shown.len(), wrong.len()))?;
     }
 
-    println!("{}: {verdict}", source);
-    for w in &written {
-        println!("{}  {}", w.path.display(), w.what);
-    }
-    println!("{}  the activations of every stage ({})", activations.display(), STAGES.join(", "));
-    if let Some(missing) = skipped_curves {
-        eprintln!("note: no training curves: {} does not exist (train writes it into the run folder)", missing.display());
-    }
-    Ok(())
+    Ok(Report { verdict: format!("{source}: {verdict}"), written, activations, missing_metrics: skipped_curves })
 }

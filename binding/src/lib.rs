@@ -3,17 +3,21 @@
 //! errors to Python exceptions, and passes `torch.Tensor`s through without copies (both sides
 //! run on the one libtorch that `import torch` loaded). Stubs: python/lenet5/_native.pyi.
 
-use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 use pyo3_tch::PyTensor;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lenet5::card::ModelCard;
-use lenet5::data::{self, Dataset, DatasetKind};
+use lenet5::checkpoint::CheckpointMeta;
+use lenet5::conv as walkthrough;
+use lenet5::data::{self, Dataset, DatasetKind, Splits};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, STAGES};
+use lenet5::run::{self, RunEnd, RunPlan, Start, Watcher, CHECKPOINT_FILE};
+use lenet5::train::{EpochMetrics, EpochProgress, TrainConfig};
 use lenet5::weights::{self, Classifier, Engine, LoadOptions};
 
 /// The library's error as the fitting Python exception, with the CLI's message.
@@ -39,10 +43,45 @@ impl<T, E: Into<anyhow::Error>> OrPyErr<T> for Result<T, E> {
     }
 }
 
+/// A serde value (a card, a recipe, metrics) as the Python object `json.loads` makes of it.
+fn to_python<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Bound<'py, PyAny>> {
+    let json = serde_json::to_string(value).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    py.import("json")?.call_method1("loads", (json,))
+}
+
 /// A value of one of the library's lower-case enums (`"modern"`, `"fashion-mnist"`).
 fn parse<T: serde::de::DeserializeOwned>(what: &str, value: &str, choices: &str) -> PyResult<T> {
     serde_json::from_value(serde_json::Value::from(value))
         .map_err(|_| PyValueError::new_err(format!("{what}={value:?}: must be one of {choices}")))
+}
+
+/// A `torch.Tensor` argument that libtorch can compute on here: dense (strided) and on the CPU
+/// or a CUDA device. Anything else is refused before libtorch sees it, which would fail on it
+/// inside a kernel (and tch would panic).
+struct Dense(Tensor);
+
+impl<'py> FromPyObject<'py> for Dense {
+    fn extract_bound(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let tensor: PyTensor = obj
+            .extract()
+            .map_err(|_| PyTypeError::new_err(format!("expected a torch.Tensor, got {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default())))?;
+        let layout = obj.getattr("layout")?.str()?.to_string();
+        if layout != "torch.strided" {
+            return Err(PyValueError::new_err(format!("a {layout} tensor: pass a dense one (.to_dense())")));
+        }
+        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
+        if device != "cpu" && device != "cuda" {
+            return Err(PyValueError::new_err(format!("a tensor on the {device} device: lenet5 computes on cpu or cuda")));
+        }
+        Ok(Dense(tensor.0))
+    }
+}
+
+impl std::ops::Deref for Dense {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.0
+    }
 }
 
 /// Checks a batch of inputs before libtorch sees it: shape `[N, 1, 32, 32]`, float32, on `device`.
@@ -123,20 +162,20 @@ impl PyLeNet5 {
     }
 
     /// Logits `[N, 10]` of a normalised batch `[N, 1, 32, 32]` (float32, on the model's device).
-    fn __call__(&self, x: PyTensor) -> PyResult<PyTensor> {
+    fn __call__(&self, x: Dense) -> PyResult<PyTensor> {
         check_batch(&x, self.device())?;
         Ok(PyTensor(tch::no_grad(|| self.model().forward(&x)).py()?))
     }
 
     /// Class probabilities `[N, 10]`: softmax of the logits, or one sigmoid per class.
-    fn probabilities(&self, x: PyTensor) -> PyResult<PyTensor> {
+    fn probabilities(&self, x: Dense) -> PyResult<PyTensor> {
         let logits = self.__call__(x)?;
         Ok(PyTensor(self.model().head().probabilities(&logits)))
     }
 
     /// Every stage of the forward pass by name (input, C1, S2, C3, S4, F5, F6, output), as
     /// tensors; `input` is `x` itself.
-    fn activations<'py>(&self, py: Python<'py>, x: PyTensor) -> PyResult<Bound<'py, PyDict>> {
+    fn activations<'py>(&self, py: Python<'py>, x: Dense) -> PyResult<Bound<'py, PyDict>> {
         check_batch(&x, self.device())?;
         let (_, net, _) = self.native()?;
         let mut stages = vec![];
@@ -167,7 +206,10 @@ impl PyLeNet5 {
         let mut tensors = vec![];
         for (k, v) in state_dict.iter() {
             let name: String = k.extract().map_err(|_| PyTypeError::new_err(format!("state_dict key {k}: not a string")))?;
-            let t: PyTensor = v.extract().map_err(|_| PyTypeError::new_err(format!("state_dict[{name:?}]: not a torch.Tensor")))?;
+            let t: Dense = v.extract().map_err(|e| {
+                let kind = if e.is_instance_of::<PyValueError>(v.py()) { PyValueError::new_err } else { PyTypeError::new_err };
+                kind(format!("state_dict[{name:?}]: {}", e.value(v.py())))
+            })?;
             tensors.push((name, t.0.to_device(Device::Cpu)));
         }
         let engine = self.model().engine();
@@ -222,9 +264,7 @@ impl PyLeNet5 {
     /// The model card (JSON text parsed into a dict), or None.
     #[getter]
     fn card<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let Some(card) = self.model().card() else { return Ok(None) };
-        let json = serde_json::to_string(card).expect("a card always serialises");
-        Ok(Some(py.import("json")?.call_method1("loads", (json,))?))
+        self.model().card().map(|card| to_python(py, card)).transpose()
     }
 
     fn __repr__(&self) -> String {
@@ -259,31 +299,39 @@ fn load(path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, dev
     Ok(model)
 }
 
+/// The caller's `images` `[N, 1, 32, 32]` (network inputs) and `labels` `[N]` as a data set,
+/// checked; `what` names them in messages ("images", "test_images").
+fn tensors_dataset(images: Dense, labels: Dense, what: &str, device: Device) -> PyResult<Dataset> {
+    let n = images.size().first().copied().unwrap_or(0);
+    check_batch(&images, device).map_err(|e| Python::with_gil(|py| PyValueError::new_err(format!("{what}: {}", e.value(py)))))?;
+    let labels_name = what.replace("images", "labels");
+    if labels.size() != [n] || labels.kind() != Kind::Int64 {
+        return Err(PyValueError::new_err(format!(
+            "{labels_name} must be int64 of shape [{n}] (one per image), got {:?} {:?}",
+            labels.kind(),
+            labels.size()
+        )));
+    }
+    if n == 0 {
+        return Err(PyValueError::new_err(format!("{what}: no images")));
+    }
+    let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+    if lo < 0 || hi >= NUM_CLASSES {
+        return Err(PyValueError::new_err(format!("{labels_name} must be classes 0..{NUM_CLASSES}, found {lo}..={hi}")));
+    }
+    Ok(Dataset { images: images.0, labels: labels.0.to_device(device) })
+}
+
 /// The test split of `data` (or the data set's default folder), or the caller's tensors.
 fn dataset(
-    images: Option<PyTensor>,
-    labels: Option<PyTensor>,
+    images: Option<Dense>,
+    labels: Option<Dense>,
     kind: DatasetKind,
     data: Option<&Path>,
     device: Device,
 ) -> PyResult<Dataset> {
     match (images, labels) {
-        (Some(images), Some(labels)) => {
-            let n = images.size().first().copied().unwrap_or(0);
-            check_batch(&images, device)?;
-            if labels.size() != [n] || labels.kind() != Kind::Int64 {
-                return Err(PyValueError::new_err(format!(
-                    "labels must be int64 of shape [{n}] (one per image), got {:?} {:?}",
-                    labels.kind(),
-                    labels.size()
-                )));
-            }
-            let (lo, hi) = if n == 0 { (0, 0) } else { (labels.min().int64_value(&[]), labels.max().int64_value(&[])) };
-            if lo < 0 || hi >= NUM_CLASSES {
-                return Err(PyValueError::new_err(format!("labels must be classes 0..{NUM_CLASSES}, found {lo}..={hi}")));
-            }
-            Ok(Dataset { images: images.0, labels: labels.0.to_device(device) })
-        }
+        (Some(images), Some(labels)) => tensors_dataset(images, labels, "images", device),
         (None, None) => Ok(data::load_test(kind, data, kind.normalization()).py()?.to_device(device)),
         _ => Err(PyValueError::new_err("pass both images and labels, or neither (to use the test set)")),
     }
@@ -297,8 +345,8 @@ fn evaluate<'py>(
     py: Python<'py>,
     model: &PyLeNet5,
     data: Option<PathBuf>,
-    images: Option<PyTensor>,
-    labels: Option<PyTensor>,
+    images: Option<Dense>,
+    labels: Option<Dense>,
     batch_size: i64,
 ) -> PyResult<Bound<'py, PyDict>> {
     if batch_size < 1 {
@@ -319,11 +367,241 @@ fn evaluate<'py>(
     Ok(out)
 }
 
+/// `recipe` (keyword arguments named as `TrainConfig` serialises: `epochs`, `lr`, `betas`,
+/// `optimizer`, `schedule`, ...) over [`TrainConfig::DEFAULT`], checked as the CLI checks flags.
+fn recipe(overrides: Option<&Bound<'_, PyDict>>) -> PyResult<TrainConfig> {
+    let mut json = serde_json::to_value(TrainConfig::DEFAULT).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let fields = json.as_object_mut().expect("a recipe serialises as an object");
+    let json_module = overrides.map(|d| d.py().import("json")).transpose()?;
+    for (key, value) in overrides.into_iter().flat_map(|d| d.iter()) {
+        let key: String = key.extract()?;
+        if !fields.contains_key(&key) {
+            let mut known: Vec<&String> = fields.keys().collect();
+            known.sort();
+            let known: Vec<&str> = known.iter().map(|k| k.as_str()).collect();
+            return Err(PyTypeError::new_err(format!("train() got an unexpected keyword argument {key:?}; the recipe's are {}", known.join(", "))));
+        }
+        let text: String = json_module.as_ref().expect("set when there are overrides").call_method1("dumps", (&value,))
+            .and_then(|t| t.extract())
+            .map_err(|_| PyTypeError::new_err(format!("{key}={value}: not a number, string, bool, list or None")))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let default = &fields[&key];
+        let fits = match (default, &value) {
+            (serde_json::Value::Null, v) => v.is_null() || v.is_u64(), // optional counts (limit_train)
+            (serde_json::Value::Number(_), v) => v.is_number(),
+            (serde_json::Value::Bool(_), v) => v.is_boolean(),
+            (serde_json::Value::String(_), v) => v.is_string(),
+            (serde_json::Value::Array(d), serde_json::Value::Array(v)) => d.len() == v.len() && v.iter().all(|x| x.is_number()),
+            _ => false,
+        };
+        if !fits {
+            return Err(PyTypeError::new_err(format!("{key}={text}: expected {} like the default {default}", kind_of(default))));
+        }
+        fields.insert(key, value);
+    }
+    let config: TrainConfig = serde_json::from_value(json).map_err(|e| PyValueError::new_err(format!("recipe: {e}")))?;
+    config.validate().py()?;
+    Ok(config)
+}
+
+/// What a recipe value must be, in words.
+fn kind_of(default: &serde_json::Value) -> &'static str {
+    match default {
+        serde_json::Value::Null => "None or a count",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::Bool(_) => "True or False",
+        serde_json::Value::String(_) => "a string",
+        _ => "a pair of numbers",
+    }
+}
+
+/// Runs Python's progress callback and notices Ctrl-C (the notebook's stop button) between
+/// steps: both need the interpreter, taken for a moment from the training thread.
+struct NotebookWatcher {
+    progress: Option<PyObject>,
+    /// The exception to raise once the run has stopped: the KeyboardInterrupt, or whatever
+    /// the progress callback raised.
+    raised: Option<PyErr>,
+}
+
+impl NotebookWatcher {
+    fn call(&mut self, event: &str, value: &impl serde::Serialize) {
+        let Some(callback) = &self.progress else { return };
+        if self.raised.is_some() {
+            return;
+        }
+        Python::with_gil(|py| {
+            if let Err(e) = to_python(py, value).and_then(|v| callback.call1(py, (event, v))) {
+                self.raised = Some(e);
+            }
+        });
+    }
+}
+
+impl Watcher for NotebookWatcher {
+    fn progress(&mut self, p: &EpochProgress) {
+        self.call("progress", p);
+    }
+
+    fn epoch_done(&mut self, metrics: &EpochMetrics, epochs: usize) {
+        self.call("epoch", &serde_json::json!({ "metrics": metrics, "epochs": epochs, "line": metrics.line(epochs) }));
+    }
+
+    fn should_stop(&mut self) -> bool {
+        if self.raised.is_none() {
+            self.raised = Python::with_gil(|py| py.check_signals().err());
+        }
+        self.raised.is_some()
+    }
+}
+
+/// Trains LeNet-5 as `lenet5 train` does (see `lenet5.train` in `__init__.py`, which adds
+/// the progress display) and returns `(model, history)`.
+#[pyfunction]
+#[pyo3(signature = (
+    recipe_overrides = None, *, arch = "modern", head = "softmax", dataset = "mnist", data = None,
+    images = None, labels = None, test_images = None, test_labels = None, out = None, resume = None,
+    init = None, checkpoint_every = None, device = "auto", threads = None, progress = None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn train<'py>(
+    py: Python<'py>,
+    recipe_overrides: Option<&Bound<'py, PyDict>>,
+    arch: &str,
+    head: &str,
+    dataset: &str,
+    data: Option<PathBuf>,
+    images: Option<Dense>,
+    labels: Option<Dense>,
+    test_images: Option<Dense>,
+    test_labels: Option<Dense>,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    init: Option<PathBuf>,
+    checkpoint_every: Option<usize>,
+    device: &str,
+    threads: Option<i32>,
+    progress: Option<PyObject>,
+) -> PyResult<(PyLeNet5, Bound<'py, PyAny>)> {
+    let device = lenet5::device::parse(device).py()?;
+    if let Some(n) = threads {
+        if n < 1 {
+            return Err(PyValueError::new_err(format!("threads={n}: must be at least 1")));
+        }
+        tch::set_num_threads(n);
+    }
+    let plan = match &resume {
+        Some(path) => {
+            if recipe_overrides.is_some_and(|d| !d.is_empty()) || init.is_some() {
+                return Err(PyValueError::new_err("resume= continues a run with its saved recipe; it takes no recipe arguments or init="));
+            }
+            RunPlan::resume(path, out).py()?
+        }
+        None => {
+            let model = ModelConfig { arch: parse("arch", arch, "'modern', 'classic'")?, head: parse("head", head, "'softmax', 'sigmoid'")? };
+            let dataset: DatasetKind = parse("dataset", dataset, "'mnist', 'fashion-mnist'")?;
+            let meta = CheckpointMeta::new(model, dataset, data.clone(), recipe(recipe_overrides)?, checkpoint_every);
+            RunPlan::new(meta, init.map_or(Start::Fresh, Start::Init), out).py()?
+        }
+    };
+    // The caller's tensors, checked here; else the plan's data set is read from disk.
+    let splits = match (images, labels, test_images, test_labels) {
+        (None, None, None, None) => None,
+        (Some(images), Some(labels), Some(test_images), Some(test_labels)) => Some(Splits {
+            train: tensors_dataset(images, labels, "images", device)?,
+            test: tensors_dataset(test_images, test_labels, "test_images", device)?,
+        }),
+        _ => {
+            return Err(PyValueError::new_err(
+                "pass images, labels, test_images and test_labels together (the run evaluates on the test tensors after every epoch), or none to use the data set",
+            ))
+        }
+    };
+    let mut watcher = NotebookWatcher { progress, raised: None };
+    let end = py.allow_threads(|| run::train(plan, device, splits, &mut watcher)).py()?;
+    match end {
+        RunEnd::Finished(trained) => {
+            let history = to_python(py, &trained.history)?;
+            let trained = *trained;
+            let model = PyLeNet5 { model: Classifier::Native { vs: trained.vs, net: trained.net, card: Some(trained.card), direct: None } };
+            match watcher.raised {
+                Some(e) => Err(e),
+                None => Ok((model, history)),
+            }
+        }
+        RunEnd::Stopped { state, dir } => {
+            let message = format!(
+                "stopped after step {} (epoch {}); checkpoint saved in {}; resume with lenet5.train(resume={:?})",
+                state.step,
+                state.epoch,
+                dir.join(CHECKPOINT_FILE).display(),
+                dir.display().to_string()
+            );
+            match watcher.raised {
+                Some(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => Err(PyKeyboardInterrupt::new_err(message)),
+                Some(e) => Err(e),
+                None => Err(PyRuntimeError::new_err(message)),
+            }
+        }
+    }
+}
+
+/// A matrix from a string (`"11100/01110/..."` or rows of numbers), a list of rows or a 2-D
+/// tensor, checked as `lenet5 conv` checks its files.
+fn matrix(value: &Bound<'_, PyAny>, what: &str) -> PyResult<walkthrough::Matrix> {
+    let text = if let Ok(s) = value.downcast::<PyString>() {
+        s.to_string()
+    } else {
+        let rows: Vec<Vec<f64>> = match value.extract::<Dense>() {
+            Ok(t) if t.dim() == 2 => Vec::<Vec<f64>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double)).py()?,
+            Ok(t) => return Err(PyValueError::new_err(format!("{what}: a 2-D tensor is needed, got shape {:?}", t.size()))),
+            Err(e) if e.is_instance_of::<PyValueError>(value.py()) => return Err(PyValueError::new_err(format!("{what}: {}", e.value(value.py())))),
+            Err(_) => value.extract().map_err(|_| PyTypeError::new_err(format!("{what}: expected a string, a list of rows of numbers or a 2-D tensor")))?,
+        };
+        // Through the text form, so every check (and its message) is `lenet5 conv`'s own;
+        // Rust prints floats so that they parse back exactly.
+        rows.iter().map(|r| r.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n")
+    };
+    walkthrough::parse_matrix(&text, what).py()
+}
+
+/// The convolution walkthrough as data: each window's `(input, filter)` terms and sum, and
+/// the output by the plain loop and by libtorch's conv2d (the numbers `lenet5 conv` prints).
+#[pyfunction]
+#[pyo3(signature = (input = None, filter = None, stride = 1, padding = 0))]
+fn conv<'py>(
+    py: Python<'py>,
+    input: Option<&Bound<'py, PyAny>>,
+    filter: Option<&Bound<'py, PyAny>>,
+    stride: usize,
+    padding: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let input = match input {
+        Some(v) => matrix(v, "input")?,
+        None => walkthrough::parse_compact(walkthrough::CLASSIC_INPUT),
+    };
+    let filter = match filter {
+        Some(v) => matrix(v, "filter")?,
+        None => walkthrough::parse_compact(walkthrough::CLASSIC_FILTER),
+    };
+    walkthrough::check_shapes(&input, &filter, stride, padding).map_err(|e| PyValueError::new_err(format!("{e:#}").replace("--", "")))?;
+    let windows = walkthrough::windows(&input, &filter, stride, padding);
+    let ow = walkthrough::output_size(input[0].len(), filter[0].len(), stride, padding);
+    let out = PyDict::new(py);
+    out.set_item("windows", to_python(py, &windows)?)?;
+    out.set_item("output", walkthrough::sums(&windows, ow))?;
+    out.set_item("libtorch", walkthrough::torch_conv2d(&input, &filter, stride, padding).py()?)?;
+    Ok(out)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLeNet5>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(train, m)?)?;
+    m.add_function(wrap_pyfunction!(conv, m)?)?;
+    m.add("DEFAULT_RECIPE", to_python(m.py(), &TrainConfig::DEFAULT)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

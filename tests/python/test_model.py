@@ -120,6 +120,45 @@ def test_key_maps_rename_whole_dotted_prefixes(tmp_path, trained):
     assert L._rename("features.01.bias", {"features.0": "conv1"}) == "features.01.bias"
 
 
+@pytest.mark.parametrize("key", L.CHECKPOINT_KEYS)
+def test_a_notebooks_checkpoint_dict_gives_its_weights_as_rust_reads_it(tmp_path, trained, key, capsys):
+    """The entries weights.rs looks in, beside what a notebook saves with them (tutorial layout)."""
+    sd = trained.state_dict()
+    opt = torch.optim.AdamW(trained.parameters())
+    torch.save({"epoch": 3, key: sd, "optimizer_state_dict": opt.state_dict(), "loss": 0.25}, tmp_path / "ckpt.pt")
+    assert L.differences(L.read_state_dict(tmp_path / "ckpt.pt"), sd) == {}
+    assert f"note: {tmp_path / 'ckpt.pt'}: weights from its '{key}' entry" in capsys.readouterr().err
+    # The most specific entry wins: a checkpoint whose `model` holds other tensors too.
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "model_state_dict": sd}, tmp_path / "two.pt")
+    assert L.differences(L.read_state_dict(tmp_path / "two.pt"), sd) == {}
+
+
+def test_data_parallels_module_prefix_is_dropped_in_every_file(tmp_path, trained, capsys):
+    sd = trained.state_dict()
+    dp = torch.nn.DataParallel(trained).state_dict()
+    assert all(k.startswith("module.") for k in dp)
+    torch.save(dp, tmp_path / "dp.pt")
+    torch.save({"epoch": 1, "state_dict": dp}, tmp_path / "dp_ckpt.pt")
+    save_file(dict(dp), str(tmp_path / "dp.safetensors"))
+    for name in ("dp.pt", "dp_ckpt.pt", "dp.safetensors"):
+        assert L.differences(L.read_state_dict(tmp_path / name), sd, ordered=False) == {}, name  # safetensors sorts
+        assert "every key starts with 'module.' (DataParallel)" in capsys.readouterr().err, name
+    # A prefix on only some keys is left for --key-map (and the fit check) to name.
+    torch.save({**sd, "module.extra": torch.zeros(1)}, tmp_path / "some.pt")
+    assert "module.extra" in L.read_state_dict(tmp_path / "some.pt")
+
+
+def test_a_dict_without_weights_names_where_it_looked_and_what_it_holds(tmp_path, trained):
+    torch.save({"epoch": 1, "weights": trained.state_dict()}, tmp_path / "odd.pt")
+    with pytest.raises(L.WeightsError, match=r"odd.pt: holds a dict that is neither a state dict nor a checkpoint "
+                                             r"with one under 'model_state_dict', 'state_dict', 'model', 'net' "
+                                             r"\(keys: 'epoch', 'weights'\)"):
+        L.read_state_dict(tmp_path / "odd.pt")
+    torch.save([trained.state_dict()], tmp_path / "list.pt")
+    with pytest.raises(L.WeightsError, match="list.pt: holds a list, not a state dict or a checkpoint dict"):
+        L.read_state_dict(tmp_path / "list.pt")
+
+
 def test_a_state_dict_that_does_not_fit_is_refused_whole_with_every_problem_named(trained):
     sd = {k: torch.zeros_like(v) for k, v in trained.state_dict().items()}
     sd["fc1.weight"] = torch.zeros(120, 256)

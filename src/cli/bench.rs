@@ -4,19 +4,20 @@
 //! with PyTorch's. Its Python twin is the `--child` mode of `scripts/bench`.
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::{Cli, Command, DataArgs, RuntimeArgs};
-use crate::data::{self, Splits};
-use crate::model::LeNet5;
-use crate::optim::Optimizer;
-use crate::train::{self, EpochMetrics, Observer, Outcome, TrainState, Trainer};
-use crate::weights::{self, Classifier, Engine, LoadOptions};
+use lenet5::data::{self, Splits};
+use lenet5::model::{LeNet5, ModelConfig};
+use lenet5::optim::Optimizer;
+use lenet5::train::{self, EpochMetrics, Observer, Outcome, TrainConfig, TrainState, Trainer};
+use lenet5::weights::{self, Classifier, Engine, LoadOptions};
+
+use super::{DataArgs, RuntimeArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Measure {
@@ -105,11 +106,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Measure::Latency | Measure::LatencyScript => latency(args, device, batch, steps, warmup)?,
         Measure::TimeTo99 => time_to_target(args, device)?,
     };
-    out["what"] = json!(crate::flag_name(&args.what));
+    out["what"] = json!(lenet5::flag_name(&args.what));
     out["side"] = json!("rust");
-    out["device"] = json!(crate::device::name(device));
+    out["device"] = json!(lenet5::device::name(device));
     out["threads"] = json!(threads);
-    out["libtorch"] = json!(crate::LIBTORCH_VERSION);
+    out["libtorch"] = json!(lenet5::LIBTORCH_VERSION);
     out["peak_rss_mib"] = json!(peak_rss_mib());
     if args.json {
         println!("{out}");
@@ -133,22 +134,14 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// The recipe of a plain `lenet5 train`: its flags' defaults, so the two never drift.
-fn default_train_args() -> Result<crate::cli::TrainArgs> {
-    match Cli::try_parse_from(["lenet5", "train"])?.command {
-        Command::Train(args) => Ok(args),
-        _ => unreachable!("`lenet5 train` parses as the train command"),
-    }
-}
-
 /// Both splits on `device`, and a freshly initialised model (`--seed`, else 1) of the default recipe.
-fn setup_training(args: &BenchArgs, device: Device) -> Result<(crate::cli::TrainArgs, Splits, VarStore, LeNet5)> {
-    let recipe = default_train_args()?;
+fn setup_training(args: &BenchArgs, device: Device) -> Result<(TrainConfig, Splits, VarStore, LeNet5)> {
+    let recipe = TrainConfig::DEFAULT;
     let data = data::load(args.data.dataset, args.data.data.as_deref())?;
     let data = data.to_device(device);
     tch::manual_seed(args.seed.unwrap_or(recipe.seed));
     let vs = VarStore::new(device);
-    let net = LeNet5::new(&vs.root(), crate::model::ModelConfig { arch: recipe.arch, head: recipe.head });
+    let net = LeNet5::new(&vs.root(), ModelConfig::DEFAULT);
     Ok((recipe, data, vs, net))
 }
 
@@ -186,7 +179,7 @@ impl Observer for StepClock {
 fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, warmup: usize) -> Result<Value> {
     ensure!(warmup > 0, "--warmup 0: training needs at least one untimed step");
     let (recipe, data, vs, net) = setup_training(args, device)?;
-    let config = train::TrainConfig { batch_size: batch, engine: args.engine, ..recipe.config()? };
+    let config = TrainConfig { batch_size: batch, engine: args.engine, ..recipe };
     // Random batches given as a batch order, one row per step, plus one spare row so the
     // run stops before its epoch ends (and evaluates).
     let rows = (warmup + steps + 1) as i64;
@@ -241,7 +234,7 @@ fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, 
     let seconds = started.elapsed().as_secs_f64();
     let accuracy = metrics.context("no pass was timed")?.accuracy();
     Ok(json!({
-        "model": path, "engine": crate::flag_name(&classifier.engine()), "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
+        "model": path, "engine": lenet5::flag_name(&classifier.engine()), "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
         "images_per_s": (passes as f64 * test.len() as f64) / seconds, "accuracy": accuracy,
     }))
 }
@@ -265,7 +258,7 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
         Ok(())
     })?;
     let mut out = json!({
-        "model": path, "engine": crate::flag_name(&classifier.engine()), "batch_size": batch, "calls": calls, "warmup": warmup,
+        "model": path, "engine": lenet5::flag_name(&classifier.engine()), "batch_size": batch, "calls": calls, "warmup": warmup,
         "median_us": quantile(&mut micros, 0.5), "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
     });
     if let Classifier::Native { net, direct: None, .. } = &classifier {
@@ -284,7 +277,7 @@ fn quantile(values: &mut [f64], q: f64) -> f64 {
 /// Median microseconds of each stage of the forward pass (C1 is conv1 and its activation,
 /// F5 includes the flatten), timed through `forward_observed`: where a single image's time goes.
 fn stage_medians(net: &LeNet5, inputs: &[Tensor], calls: usize, device: Device) -> Value {
-    let stages = &crate::model::STAGES[1..];
+    let stages = &lenet5::model::STAGES[1..];
     let mut micros = vec![Vec::with_capacity(calls); stages.len()];
     tch::no_grad(|| {
         for i in 0..calls {
@@ -327,10 +320,11 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     let (mut recipe, data, vs, net) = setup_training(args, device)?;
     recipe.epochs = args.epochs.unwrap_or(recipe.epochs);
     recipe.batch_size = args.batch_size.unwrap_or(recipe.batch_size);
-    recipe.lr = args.lr.unwrap_or(recipe.lr);
+    recipe.optimizer.lr = args.lr.unwrap_or(recipe.optimizer.lr);
     recipe.seed = args.seed.unwrap_or(recipe.seed);
     recipe.engine = args.engine;
-    let config = recipe.config()?;
+    recipe.validate()?;
+    let config = recipe;
     let norm = args.data.dataset.normalization();
     let trainer =
         Trainer { config: &config, head: net.config.head, background: norm.background(), batch_order: None, checkpoint_every: None };
@@ -363,15 +357,6 @@ mod tests {
         // Ten values: the median's rank is 4.5, which Python rounds to 4 (round half to even).
         let mut ten: Vec<f64> = (1..=10).map(f64::from).collect();
         assert_eq!(quantile(&mut ten, 0.5), 5.0);
-    }
-
-    #[test]
-    fn time_to_99_trains_with_the_defaults_of_lenet5_train() {
-        let recipe = default_train_args().unwrap().config().unwrap();
-        let o = recipe.optimizer;
-        assert_eq!((recipe.epochs, recipe.batch_size, o.lr, o.weight_decay), (8, 128, 3e-3, 1e-4));
-        assert_eq!(o.kind, crate::optim::OptimizerKind::Adamw);
-        assert_eq!(recipe.schedule, crate::schedule::ScheduleKind::Onecycle);
     }
 
     #[test]
