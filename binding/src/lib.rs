@@ -133,9 +133,13 @@ impl PyLeNet5 {
     }
 
     /// Switches the engine (again after a weight change: the direct engine keeps its own copy).
+    /// The CLI's direct engine takes libtorch's threads for itself; here libtorch is also the
+    /// notebook's torch, whose thread count stays what its user set.
     fn set_engine(&mut self, engine: Engine) -> PyResult<()> {
-        let model = &mut self.model;
-        model.set_engine(engine, Path::new("this model")).map_err(|e| PyValueError::new_err(format!("{e:#}")))
+        let threads = tch::get_num_threads();
+        let switched = self.model.set_engine(engine, Path::new("this model"));
+        tch::set_num_threads(threads);
+        switched.map_err(|e| PyValueError::new_err(format!("{e:#}")))
     }
 }
 

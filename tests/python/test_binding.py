@@ -46,8 +46,10 @@ def test_logits_equal_the_pytorch_model_on_the_10000_test_images(shipped, refere
 
 def test_the_direct_engine_agrees_to_float_rounding(reference, test_set):
     images, _ = test_set
+    threads = torch.get_num_threads()
     direct = lenet5.load(MODEL, engine="direct")
     assert direct.engine == "direct"
+    assert torch.get_num_threads() == threads  # the notebook's torch keeps its settings
     ours, theirs = direct(images), L.predict(reference, images)
     # Another summation order: rounding only (the logits are ~10 in size).
     assert (ours - theirs).abs().max().item() < 1e-4

@@ -49,8 +49,9 @@ def train(
     `lr`, `optimizer` ("adamw", "adam", "sgd"), `optimizer_impl` ("torch", "libtorch"),
     `momentum`, `dampening`, `nesterov`, `betas`, `eps`, `weight_decay`, `amsgrad`,
     `schedule` ("onecycle", "cosine", "step", "constant"), `gamma`, `cycle_momentum`,
-    `shift`, `seed`, `limit_train`, `dry_run`. The same seed and thread count give the same
-    weights as the CLI, bit for bit.
+    `shift`, `seed`, `limit_train`, `dry_run`, `engine` ("libtorch": bit-identical to PyTorch;
+    "direct": the direct engine's own gradient loops, faster on a CPU, other rounding). The
+    same seed and thread count give the same weights as the CLI, bit for bit.
 
     Data: the MNIST folder (`data`, default data/mnist; `dataset="fashion-mnist"`), or your
     own `images` `[N, 1, 32, 32]` float32 network inputs with int64 `labels` `[N]`, and
