@@ -149,7 +149,7 @@ impl RunPlan {
     /// The line a run starts with: what trains, on what, how.
     pub fn describe(&self, device: Device) -> String {
         let (m, c) = (&self.meta, &self.meta.config);
-        let epochs = if self.batch_order.is_some() || c.dry_run { 1 } else { c.epochs };
+        let epochs = c.epochs_run(self.batch_order.is_some());
         let mut line = format!(
             "{} LeNet-5 ({}, {}) on {} with {} on {}: {epochs} epochs, batch {}, lr {}, {} schedule, {} threads",
             if matches!(self.start, Start::Resume { .. }) { "resuming" } else { "training" },

@@ -74,6 +74,12 @@ impl TrainConfig {
         engine: Engine::Libtorch,
     };
 
+    /// Epochs a run of this recipe trains: one for a dry run or a given batch order (which
+    /// holds every step), else `epochs`.
+    pub fn epochs_run(&self, batch_order: bool) -> usize {
+        if batch_order || self.dry_run { 1 } else { self.epochs }
+    }
+
     /// Checks every setting before any work starts, naming the `lenet5 train` flag at fault.
     pub fn validate(&self) -> Result<()> {
         ensure!(self.epochs > 0, "--epochs {}: must be at least 1", self.epochs);
@@ -388,7 +394,7 @@ impl Trainer<'_> {
 
     /// Number of epochs this run trains for.
     pub fn epochs(&self) -> usize {
-        if self.batch_order.is_some() || self.config.dry_run { 1 } else { self.config.epochs }
+        self.config.epochs_run(self.batch_order.is_some())
     }
 
     /// Trains `model` (whose variables live in `vs`) with `opt` (from [`Self::optimizer`],
