@@ -23,22 +23,82 @@ pub struct Step {
     pub gradients: Vec<Tensor>,
 }
 
-/// A [`DirectNet`] that trains: its weights are read from the VarStore before every batch,
-/// and each thread's gradient sums are kept from batch to batch (they are 250 KB each).
+/// A [`DirectNet`] that trains: its weights are read from the VarStore before every batch;
+/// each thread's gradient sums and buffers are kept from batch to batch.
 pub struct DirectTraining {
     net: DirectNet,
-    sums: Vec<Box<Weights>>,
+    scratch: Vec<Box<Scratch>>,
 }
 
 /// How one thread computes a share of the batch: `DirectNet::share_with` in some lanes.
-type Share = fn(&DirectNet, &Conv2ByOutput, &[f32], &[i64], f32, &mut [f32], &mut Weights) -> f64;
+type Share = fn(&DirectNet, &Conv2ByOutput, &[f32], &[i64], f32, &mut [f32], &mut Scratch) -> f64;
+
+/// Images a thread takes through the linear layers together: one matrix product per layer
+/// and direction for all of them, so each layer's weights and weight gradient (fc1's are
+/// 200 KB each) pass through the cache once per `MICRO` images instead of once per image.
+const MICRO: usize = 32;
+
+/// One thread's memory: its gradient sums (laid out as the weights), what the backward pass
+/// reads of each image of a micro-batch, and the linear layers' rows.
+struct Scratch {
+    sums: Box<Weights>,
+    kept: Vec<Kept>,
+    rows: Box<Rows>,
+}
+
+/// One image's convolutional stages as the backward pass reads them: the padded input, C1
+/// and C3 as [`subsample_keeping`] leaves them, S2 and S4.
+struct Kept {
+    image: [[f32; IMAGE_WIDE]; SIDE],
+    c1: Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
+    s2: Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    c3: Maps<C3_MAPS, C3_SIDE, C3_SIDE>,
+    s4: Maps<C3_MAPS, S4_SIDE, S4_SIDE>,
+}
+
+/// A micro-batch's rows through the linear layers (each row one image), and their gradients.
+struct Rows {
+    flat: [[f32; FLAT]; MICRO],
+    f5: [[f32; F5_WIDE]; MICRO],
+    f6: [[f32; F6_WIDE]; MICRO],
+    out: [[f32; CLASSES_WIDE]; MICRO],
+    d_flat: [[f32; FLAT]; MICRO],
+    d5: [[f32; F5_WIDE]; MICRO],
+    d6: [[f32; F6_WIDE]; MICRO],
+    d_out: [[f32; CLASSES_WIDE]; MICRO],
+}
+
+impl Scratch {
+    fn new() -> Box<Scratch> {
+        let kept = (0..MICRO)
+            .map(|_| Kept {
+                image: [[0.0; IMAGE_WIDE]; SIDE],
+                c1: [[[0.0; C1_WIDE]; C1_SIDE]; C1_MAPS],
+                s2: [[[0.0; S2_SIDE]; S2_SIDE]; C1_MAPS],
+                c3: [[[0.0; C3_SIDE]; C3_SIDE]; C3_MAPS],
+                s4: [[[0.0; S4_SIDE]; S4_SIDE]; C3_MAPS],
+            })
+            .collect();
+        let rows = Box::new(Rows {
+            flat: [[0.0; FLAT]; MICRO],
+            f5: [[0.0; F5_WIDE]; MICRO],
+            f6: [[0.0; F6_WIDE]; MICRO],
+            out: [[0.0; CLASSES_WIDE]; MICRO],
+            d_flat: [[0.0; FLAT]; MICRO],
+            d5: [[0.0; F5_WIDE]; MICRO],
+            d6: [[0.0; F6_WIDE]; MICRO],
+            d_out: [[0.0; CLASSES_WIDE]; MICRO],
+        });
+        Box::new(Scratch { sums: Weights::zeroed(), kept, rows })
+    }
+}
 
 impl DirectTraining {
     /// The engine for the LeNet-5 in `vs` (on the CPU), splitting batches across up to
     /// `threads` threads.
     pub fn new(vs: &VarStore, config: ModelConfig, threads: usize) -> Result<DirectTraining> {
         ensure!(vs.device() == Device::Cpu, "--engine direct trains on the CPU; the model is on {:?}: use --device cpu", vs.device());
-        Ok(DirectTraining { net: DirectNet::new(vs, config, threads)?, sums: vec![] })
+        Ok(DirectTraining { net: DirectNet::new(vs, config, threads)?, scratch: vec![] })
     }
 
     /// The forward pass with the current weights of `vs`, for evaluating during training.
@@ -55,7 +115,8 @@ impl DirectTraining {
 
     fn step_in(&mut self, vs: &VarStore, xs: &Tensor, ys: &Tensor, share: Share) -> Result<Step> {
         self.net.weights.load(vs)?;
-        let pixels = pixels_of(xs)?;
+        let batch = pixels_of(xs)?;
+        let pixels = floats(&batch);
         let images = pixels.len() / PIXELS;
         let labels = Vec::<i64>::try_from(ys.to_device(Device::Cpu).f_to_kind(Kind::Int64)?.view(-1))?;
         ensure!(labels.len() == images && images > 0, "a batch of {images} images has {} labels", labels.len());
@@ -63,30 +124,30 @@ impl DirectTraining {
             anyhow::bail!("label {bad} is not a class (0-9)");
         }
         let threads = self.net.threads.min(images / MIN_IMAGES_PER_THREAD).max(1);
-        while self.sums.len() < threads {
-            self.sums.push(Weights::zeroed());
+        while self.scratch.len() < threads {
+            self.scratch.push(Scratch::new());
         }
         let per_thread = images.div_ceil(threads);
         let scale = 1.0 / images as f32; // the mean's 1/B, in every image's output gradient
         let mut logits = vec![0f32; images * CLASSES];
         let net = &self.net;
         let by_output = &*conv2_by_output(&net.weights);
-        let mut shares = pixels.chunks(per_thread * PIXELS).zip(labels.chunks(per_thread)).zip(logits.chunks_mut(per_thread * CLASSES)).zip(&mut self.sums);
-        let (((first_pixels, first_labels), first_logits), first_sums) = shares.next().expect("at least one image");
+        let mut shares = pixels.chunks(per_thread * PIXELS).zip(labels.chunks(per_thread)).zip(logits.chunks_mut(per_thread * CLASSES)).zip(&mut self.scratch);
+        let (((first_pixels, first_labels), first_logits), first_scratch) = shares.next().expect("at least one image");
         let loss_sum = std::thread::scope(|scope| {
             let others: Vec<_> = shares
-                .map(|(((pixels, labels), logits), sums)| scope.spawn(move || share(net, by_output, pixels, labels, scale, logits, sums)))
+                .map(|(((pixels, labels), logits), scratch)| scope.spawn(move || share(net, by_output, pixels, labels, scale, logits, scratch)))
                 .collect();
-            let mut loss = share(net, by_output, first_pixels, first_labels, scale, first_logits, first_sums);
+            let mut loss = share(net, by_output, first_pixels, first_labels, scale, first_logits, first_scratch);
             for handle in others {
                 loss += handle.join().expect("a gradient thread panicked");
             }
             loss
         });
-        let (total, rest) = self.sums.split_at_mut(1);
-        let total = &mut total[0];
-        for sums in &mut rest[..threads - 1] {
-            for (t, s) in total.arrays_mut().into_iter().zip(sums.arrays_mut()) {
+        let (total, rest) = self.scratch.split_at_mut(1);
+        let total = &mut total[0].sums;
+        for scratch in &mut rest[..threads - 1] {
+            for (t, s) in total.arrays_mut().into_iter().zip(scratch.sums.arrays_mut()) {
                 t.iter_mut().zip(s.iter()).for_each(|(t, s)| *t += s);
             }
         }
@@ -95,11 +156,8 @@ impl DirectTraining {
             .into_iter()
             .enumerate()
             .map(|(p, array)| {
-                let shape = PARAMETERS[p].1;
-                let n = shape.iter().product::<i64>() as usize;
-                let index = Weights::index(p);
-                let values: Vec<f32> = (0..n).map(|k| array[index(k)]).collect();
-                Tensor::from_slice(&values).view(shape)
+                let values: Vec<f32> = Weights::positions(p).map(|at| array[at]).collect();
+                Tensor::from_slice(&values).view(PARAMETERS[p].1)
             })
             .collect();
         Ok(Step {
@@ -112,71 +170,150 @@ impl DirectTraining {
 
 impl DirectNet {
     /// One thread's share: logits into `logits`, gradients (each image's output gradient
-    /// scaled by `scale`) into `sums`, which it zeroes first; returns the sum of the losses.
-    fn share(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
+    /// scaled by `scale`) into `scratch.sums`, which it zeroes first; returns the sum of the
+    /// losses.
+    fn share(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has the features `share_avx2` is compiled for.
-            return unsafe { self.share_avx2(by_output, pixels, labels, scale, logits, sums) };
+            return unsafe { self.share_avx2(by_output, pixels, labels, scale, logits, scratch) };
         }
-        self.share_with::<Portable>(by_output, pixels, labels, scale, logits, sums)
+        self.share_with::<Portable>(by_output, pixels, labels, scale, logits, scratch)
     }
 
     /// `share_with` compiled for AVX2 and FMA, as `run_avx2`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn share_avx2(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
-        self.share_with::<avx2::Avx2>(by_output, pixels, labels, scale, logits, sums)
+    unsafe fn share_avx2(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+        self.share_with::<avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
     }
 
+    /// The share in micro-batches: each image's convolutional stages forwards, the linear
+    /// layers for all of them forwards and backwards, then each image's convolutional stages
+    /// backwards.
     #[inline(always)]
-    fn share_with<L: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], sums: &mut Weights) -> f64 {
+    fn share_with<L: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+        let Scratch { sums, kept, rows } = scratch;
         for array in sums.arrays_mut() {
             array.fill(0.0);
         }
-        let mut image = [[0f32; IMAGE_WIDE]; SIDE];
         let mut loss = 0f64;
-        for ((input, &label), out) in pixels.chunks_exact(PIXELS).zip(labels).zip(logits.chunks_exact_mut(CLASSES)) {
-            for (row, src) in image.iter_mut().zip(input.chunks_exact(SIDE)) {
-                row[..SIDE].copy_from_slice(src);
+        for ((pixels, labels), logits) in pixels.chunks(MICRO * PIXELS).zip(labels.chunks(MICRO)).zip(logits.chunks_mut(MICRO * CLASSES)) {
+            let kept = &mut kept[..labels.len()];
+            for ((kept, input), flat) in kept.iter_mut().zip(pixels.chunks_exact(PIXELS)).zip(&mut rows.flat) {
+                self.convolutions_forward::<L>(input, kept, flat);
             }
-            loss += self.learn::<L>(by_output, &image, label as usize, scale, out, sums) as f64;
+            loss += self.linear_layers(rows, labels, scale, logits, sums);
+            for (kept, d_flat) in kept.iter().zip(&rows.d_flat) {
+                self.convolutions_backward::<L>(by_output, kept, d_flat, sums);
+            }
         }
         loss
     }
 
-    /// The forward pass of one image, keeping what the backward pass reads, then the backward
-    /// pass, adding into `g` (laid out as the weights). Returns the image's loss.
+    /// C1 to S4 of one image (`input`, 32x32), keeping what their backward pass reads in
+    /// `kept`; S4 flattened in PyTorch's order (map, y, x) into `flat`.
     #[inline(always)]
-    fn learn<L: Lanes>(&self, by_output: &Conv2ByOutput, image: &[[f32; IMAGE_WIDE]; SIDE], label: usize, scale: f32, logits: &mut [f32], g: &mut Weights) -> f32 {
+    fn convolutions_forward<L: Lanes>(&self, input: &[f32], kept: &mut Kept, flat: &mut [f32; FLAT]) {
         let w = &*self.weights;
         let arch = self.config.arch;
-        let mut c1 = conv1::<L>(w, image); // (6, 28, 32), before the activation
-        let s2: Maps<C1_MAPS, S2_SIDE, S2_SIDE> = subsample_keeping(arch, &mut c1);
-        let mut c3 = conv2::<L>(w, &s2); // (16, 10, 10)
-        let s4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> = subsample_keeping(arch, &mut c3);
-        let flat: [f32; FLAT] = s4.as_flattened().as_flattened().try_into().expect("16 x 5 x 5 values");
-        let f5 = activate(arch, dense::<L, FLAT, F5_WIDE>(&w.fc1, &w.fc1_bias, &flat)); // (128): 120 + zeros
-        let f6 = activate(arch, dense::<L, F5_WIDE, F6_WIDE>(&w.fc2, &w.fc2_bias, &f5)); // (96): 84 + zeros
-        let out = dense::<L, F6_WIDE, CLASSES_WIDE>(&w.fc3, &w.fc3_bias, &f6); // (32): 10 + zeros
-        logits.copy_from_slice(&out[..CLASSES]);
-
-        let (loss, d_out) = loss_gradient(self.config.head, &out, label, scale);
-        let mut d6 = dense_backward::<L, F6_WIDE, CLASSES_WIDE>(arch, &w.fc3, &f6, &d_out, &mut g.fc3, &mut g.fc3_bias);
-        activation_backward(arch, &f6, &mut d6);
-        let mut d5 = dense_backward::<L, F5_WIDE, F6_WIDE>(arch, &w.fc2, &f5, &d6, &mut g.fc2, &mut g.fc2_bias);
-        activation_backward(arch, &f5, &mut d5);
-        let d_flat = dense_backward::<L, FLAT, F5_WIDE>(arch, &w.fc1, &flat, &d5, &mut g.fc1, &mut g.fc1_bias);
-        // Back from PyTorch's flatten order (map, y, x) to maps.
-        let d4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> =
-            std::array::from_fn(|c| std::array::from_fn(|y| std::array::from_fn(|x| d_flat[(c * S4_SIDE + y) * S4_SIDE + x])));
-        let d3: Maps<C3_MAPS, C3_SIDE, C3_SIDE> = subsample_backward(arch, &c3, &s4, &d4);
-        let d2 = conv2_backward::<L>(by_output, &s2, &d3, g);
-        match arch {
-            Arch::Modern => conv1_backward_routed::<L>(image, &c1, &s2, &d2, g),
-            Arch::Classic => conv1_backward::<L>(image, &subsample_backward(arch, &c1, &s2, &d2), g),
+        for (row, src) in kept.image.iter_mut().zip(input.chunks_exact(SIDE)) {
+            row[..SIDE].copy_from_slice(src);
         }
+        kept.c1 = conv1::<L>(w, &kept.image); // (6, 28, 32), before the activation
+        kept.s2 = subsample_keeping(arch, &mut kept.c1);
+        kept.c3 = conv2::<L>(w, &kept.s2); // (16, 10, 10)
+        kept.s4 = subsample_keeping(arch, &mut kept.c3);
+        flat.copy_from_slice(kept.s4.as_flattened().as_flattened());
+    }
+
+    /// F5, F6 and the output for a micro-batch (`rows.flat`, one row per label) forwards, the
+    /// logits into `logits`, then the head's loss and every linear layer backwards: the
+    /// weight and bias gradients added into `g`, S4's gradient left in `rows.d_flat`.
+    /// Returns the sum of the losses.
+    fn linear_layers(&self, rows: &mut Rows, labels: &[i64], scale: f32, logits: &mut [f32], g: &mut Weights) -> f64 {
+        let (w, arch, m) = (&*self.weights, self.config.arch, labels.len());
+        let Rows { flat, f5, f6, out, d_flat, d5, d6, d_out } = rows;
+        let (flat, f5, f6, out) = (&flat[..m], &mut f5[..m], &mut f6[..m], &mut out[..m]);
+        let (d_flat, d5, d6, d_out) = (&mut d_flat[..m], &mut d5[..m], &mut d6[..m], &mut d_out[..m]);
+        dense_rows(&w.fc1, &w.fc1_bias, flat, f5);
+        activate_rows(arch, f5);
+        dense_rows(&w.fc2, &w.fc2_bias, f5, f6);
+        activate_rows(arch, f6);
+        dense_rows(&w.fc3, &w.fc3_bias, f6, out);
+        let mut loss = 0f64;
+        for (((out, &label), logits), d_out) in out.iter().zip(labels).zip(logits.chunks_exact_mut(CLASSES)).zip(d_out.iter_mut()) {
+            logits.copy_from_slice(&out[..CLASSES]);
+            let (image_loss, d) = loss_gradient(self.config.head, out, label as usize, scale);
+            loss += image_loss as f64;
+            *d_out = d;
+        }
+        dense_rows_backward(&w.fc3, f6, d_out, &mut g.fc3, &mut g.fc3_bias, d6);
+        activation_backward_rows(arch, f6, d6);
+        dense_rows_backward(&w.fc2, f5, d6, &mut g.fc2, &mut g.fc2_bias, d5);
+        activation_backward_rows(arch, f5, d5);
+        dense_rows_backward(&w.fc1, flat, d5, &mut g.fc1, &mut g.fc1_bias, d_flat);
         loss
+    }
+
+    /// S4 to C1 of one image backwards from S4's gradient `d_flat` (PyTorch's flatten order),
+    /// adding conv2's and conv1's weight and bias gradients into `g`.
+    #[inline(always)]
+    fn convolutions_backward<L: Lanes>(&self, by_output: &Conv2ByOutput, kept: &Kept, d_flat: &[f32; FLAT], g: &mut Weights) {
+        let arch = self.config.arch;
+        let d4: &Maps<C3_MAPS, S4_SIDE, S4_SIDE> = d_flat.as_chunks::<S4_SIDE>().0.as_chunks::<S4_SIDE>().0.try_into().expect("16 x 5 x 5 values");
+        let d3: Maps<C3_MAPS, C3_SIDE, C3_SIDE> = subsample_backward(arch, &kept.c3, &kept.s4, d4);
+        let d2 = conv2_backward::<L>(by_output, &kept.s2, &d3, g);
+        match arch {
+            Arch::Modern => conv1_backward_routed::<L>(&kept.image, &kept.c1, &kept.s2, &d2, g),
+            Arch::Classic => conv1_backward::<L>(&kept.image, &subsample_backward(arch, &kept.c1, &kept.s2, &d2), g),
+        }
+    }
+}
+
+/// `c = a b + beta c` for row-major matrices (matrixmultiply's sgemm, which picks its AVX2 or
+/// portable kernel at run time): `a` is `m x k` and `b` is `k x n`, each given as a slice
+/// and its (row, column) strides; `c` is `m x n` with rows `c_row` apart.
+fn gemm(m: usize, k: usize, n: usize, a: (&[f32], [usize; 2]), b: (&[f32], [usize; 2]), beta: f32, c: &mut [f32], c_row: usize) {
+    let last = |rows: usize, cols: usize, [row, col]: [usize; 2]| (rows - 1) * row + (cols - 1) * col;
+    assert!(m > 0 && k > 0 && n > 0);
+    assert!(last(m, k, a.1) < a.0.len() && last(k, n, b.1) < b.0.len() && last(m, n, [c_row, 1]) < c.len(), "a matrix outside its slice");
+    let [rsa, csa, rsb, csb] = [a.1[0], a.1[1], b.1[0], b.1[1]].map(|s| s as isize);
+    // SAFETY: every element of the three matrices lies inside its slice (checked above), and
+    // `c`'s distinct elements have distinct addresses (its column stride is 1, rows `c_row >= n` apart).
+    assert!(c_row >= n);
+    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.0.as_ptr(), rsa, csa, b.0.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), c_row as isize, 1) }
+}
+
+/// A linear layer for a row of inputs per image: `y = x W + b`, weights stored (in, out).
+fn dense_rows<const I: usize, const O: usize>(w: &[[f32; O]; I], bias: &[f32; O], x: &[[f32; I]], y: &mut [[f32; O]]) {
+    y.fill(*bias);
+    gemm(x.len(), I, O, (x.as_flattened(), [I, 1]), (w.as_flattened(), [O, 1]), 1.0, y.as_flattened_mut(), O);
+}
+
+/// [`dense_rows`] backwards from the outputs' gradient `d`: adds `x^T d` into the weight
+/// gradient `gw` and the column sums of `d` into `gb`, and sets the inputs' gradient
+/// `dx = d W^T`.
+fn dense_rows_backward<const I: usize, const O: usize>(w: &[[f32; O]; I], x: &[[f32; I]], d: &[[f32; O]], gw: &mut [[f32; O]; I], gb: &mut [f32; O], dx: &mut [[f32; I]]) {
+    for row in d {
+        gb.iter_mut().zip(row).for_each(|(g, d)| *g += d);
+    }
+    let m = x.len();
+    gemm(I, m, O, (x.as_flattened(), [1, I]), (d.as_flattened(), [O, 1]), 1.0, gw.as_flattened_mut(), O);
+    gemm(m, O, I, (d.as_flattened(), [O, 1]), (w.as_flattened(), [1, O]), 0.0, dx.as_flattened_mut(), I);
+}
+
+/// [`activate`] on every row.
+fn activate_rows<const N: usize>(arch: Arch, rows: &mut [[f32; N]]) {
+    for row in rows {
+        *row = activate(arch, *row);
+    }
+}
+
+/// [`activation_backward`] on every row.
+fn activation_backward_rows<const N: usize>(arch: Arch, y: &[[f32; N]], d: &mut [[f32; N]]) {
+    for (y, d) in y.iter().zip(d) {
+        activation_backward(arch, y, d);
     }
 }
 
@@ -294,42 +431,8 @@ fn activation_backward<const N: usize>(arch: Arch, y: &[f32; N], d: &mut [f32; N
     }
 }
 
-/// A linear layer backwards, weights stored (in, out) as [`dense`] reads them: adds the
-/// gradient of its weights (`x d^T`) and bias (`d`) into `gw` and `gb`, and returns that of
-/// its inputs (`W d`). Inputs that are 0 add nothing to `gw`, so their rows are skipped; in
-/// the modern variant every input is a ReLU output, whose gradient the next step zeroes where
-/// it is 0, so the input gradient is skipped there too.
-#[inline(always)]
-fn dense_backward<L: Lanes, const I: usize, const O: usize>(
-    arch: Arch,
-    w: &[[f32; O]; I],
-    x: &[f32; I],
-    d: &[f32; O],
-    gw: &mut [[f32; O]; I],
-    gb: &mut [f32; O],
-) -> [f32; I] {
-    for (gb, d) in gb.iter_mut().zip(d) {
-        *gb += d;
-    }
-    let mut dx = [0f32; I];
-    for ((&xi, dx), (w, gw)) in x.iter().zip(&mut dx).zip(w.iter().zip(gw)) {
-        if xi != 0.0 {
-            let s = L::splat(xi);
-            for (g, d) in gw.chunks_exact_mut(LANES).zip(d.chunks_exact(LANES)) {
-                L::load(g).mul_add(s, L::load(d)).store(g);
-            }
-        }
-        if xi != 0.0 || arch == Arch::Classic {
-            // Two running sums, over alternate lane vectors.
-            let mut acc = [L::splat(0.0); 2];
-            for (k, (w, d)) in w.chunks_exact(LANES).zip(d.chunks_exact(LANES)).enumerate() {
-                acc[k % 2] = acc[k % 2].mul_add(L::load(w), L::load(d));
-            }
-            *dx = acc[0].add(acc[1]).sum();
-        }
-    }
-    dx
-}
+/// Input maps whose S2 gradient rows [`conv2_backward`] sums together, in registers.
+const S2_GROUP: usize = 2;
 
 /// conv2's weights by output map, `(out, in, ky, kx)`, each row of five kx padded to a lane
 /// vector with zeros: the rows S2's gradient adds.
@@ -412,13 +515,18 @@ fn conv2_backward<L: Lanes>(
             if n == 0 {
                 continue;
             }
-            for (i, rows) in padded.iter_mut().enumerate() {
-                for ky in 0..KERNEL {
-                    let mut acc = L::splat(0.0);
-                    for &(o, v) in &nonzero[..n] {
-                        acc = acc.mul_add(L::splat(v), L::load(&by_output[o][i][ky]));
+            // Two input maps' ten kernel rows at a time in ten running sums, each map's gradient
+            // broadcast once for all ten.
+            for (i0, maps) in padded.chunks_exact_mut(S2_GROUP).enumerate().map(|(g, maps)| (g * S2_GROUP, maps)) {
+                let mut acc = [L::splat(0.0); S2_GROUP * KERNEL];
+                for &(o, v) in &nonzero[..n] {
+                    let v = L::splat(v);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = acc.mul_add(v, L::load(&by_output[o][i0 + r / KERNEL][r % KERNEL]));
                     }
-                    let at = &mut rows[y + ky][x..];
+                }
+                for (r, acc) in acc.into_iter().enumerate() {
+                    let at = &mut maps[r / KERNEL][y + r % KERNEL][x..];
                     L::load(at).add(acc).store(at);
                 }
             }

@@ -112,18 +112,19 @@ impl Weights {
         ]
     }
 
-    /// Where the value at flat index `k` of parameter `p` in PyTorch's layout (`PARAMETERS[p]`)
-    /// sits in its array here, as a function of `k`: conv2 is (in, ky, kx, out), the linear
-    /// layers (in, out) with rows padded to whole lanes; the rest as PyTorch.
-    fn index(p: usize) -> impl Fn(usize) -> usize {
-        let (inputs, row) = match PARAMETERS[p].0 {
-            "conv2.weight" => (C1_MAPS * KERNEL * KERNEL, C3_MAPS),
-            "fc1.weight" => (FLAT, F5_WIDE),
-            "fc2.weight" => (120, F6_WIDE),
-            "fc3.weight" => (84, CLASSES_WIDE),
-            _ => (usize::MAX, 1), // k % inputs = k, k / inputs = 0: the identity
+    /// Where the values of parameter `p` in PyTorch's layout (`PARAMETERS[p]`, flat) sit in
+    /// its array here, in PyTorch's order: conv2 is (in, ky, kx, out), the linear layers
+    /// (in, out) with rows padded to whole lanes; the rest as PyTorch. (Nested loops rather
+    /// than a division per value: the weights go in and the gradients out at every step.)
+    fn positions(p: usize) -> impl Iterator<Item = usize> {
+        let (outputs, inputs, row) = match PARAMETERS[p] {
+            ("conv2.weight", _) => (C3_MAPS, C1_MAPS * KERNEL * KERNEL, C3_MAPS),
+            ("fc1.weight", _) => (120, FLAT, F5_WIDE),
+            ("fc2.weight", _) => (84, 120, F6_WIDE),
+            ("fc3.weight", _) => (CLASSES, 84, CLASSES_WIDE),
+            (_, shape) => (1, shape.iter().product::<i64>() as usize, 1), // the identity
         };
-        move |k| (k % inputs) * row + k / inputs
+        (0..outputs).flat_map(move |o| (0..inputs).map(move |i| i * row + o))
     }
 
     /// Copies the weights of the LeNet-5 in `vs` into these layouts (the padding stays zero).
@@ -137,9 +138,8 @@ impl Weights {
             let n = t.numel();
             let mut values = vec![0f32; n];
             t.f_copy_data(&mut values, n)?;
-            let index = Weights::index(p);
-            for (k, v) in values.into_iter().enumerate() {
-                array[index(k)] = v;
+            for (v, at) in values.into_iter().zip(Weights::positions(p)) {
+                array[at] = v;
             }
         }
         Ok(())
@@ -157,9 +157,10 @@ impl DirectNet {
 
     /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)` on the CPU, as `LeNet5::forward`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let pixels = pixels_of(xs)?;
+        let batch = pixels_of(xs)?;
+        let pixels = floats(&batch);
         let mut logits = vec![0f32; pixels.len() / PIXELS * CLASSES];
-        self.run(&pixels, &mut logits);
+        self.run(pixels, &mut logits);
         Ok(Tensor::from_slice(&logits).view([xs.size()[0], CLASSES as i64]))
     }
 
@@ -222,22 +223,28 @@ impl DirectNet {
     }
 }
 
-/// The pixels of a normalised batch `(B, 1, 32, 32)` on the CPU, image after image.
-fn pixels_of(xs: &Tensor) -> Result<Vec<f32>> {
+/// A normalised batch `(B, 1, 32, 32)` on the CPU as a contiguous float tensor (the input
+/// itself when it is one, else a converted copy), whose pixels [`floats`] reads in place.
+fn pixels_of(xs: &Tensor) -> Result<Tensor> {
     ensure!(xs.device() == Device::Cpu, "the direct engine runs on the CPU; the input is on {:?}", xs.device());
     let size = xs.size();
     ensure!(
         size.len() == 4 && size[1..] == [1, SIDE as i64, SIDE as i64],
         "the input has shape {size:?}; expected [B, 1, {SIDE}, {SIDE}]"
     );
-    let n = size[0] as usize * PIXELS;
-    let mut pixels = vec![0f32; n];
-    if xs.kind() == Kind::Float {
-        xs.f_copy_data(&mut pixels, n)?; // one copy, whatever the strides
-    } else {
-        xs.to_kind(Kind::Float).f_copy_data(&mut pixels, n)?;
+    Ok(xs.f_to_kind(Kind::Float)?.f_contiguous()?)
+}
+
+/// The values of a contiguous float tensor on the CPU, borrowed.
+fn floats(t: &Tensor) -> &[f32] {
+    assert!(t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous());
+    let n = t.numel();
+    if n == 0 {
+        return &[];
     }
-    Ok(pixels)
+    // SAFETY: a contiguous float tensor holds `n` initialised f32 from its data pointer, and
+    // the borrow of `t` keeps its storage alive (and, as `&Tensor`, unchanged) meanwhile.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
 }
 
 fn has_avx2() -> bool {
