@@ -164,6 +164,8 @@ pub struct Optimizer {
 
 enum Engine {
     Torch(Vec<ParamState>),
+    /// torch.optim's algorithms over every parameter at once ([`Optimizer::flatten`]).
+    Flat(ParamState),
     Libtorch(nn::Optimizer),
 }
 
@@ -205,7 +207,7 @@ impl Optimizer {
                 opt.backward_step(loss);
                 Ok(())
             }
-            Engine::Torch(_) => {
+            Engine::Torch(_) | Engine::Flat(_) => {
                 for (_, p) in &mut self.params {
                     check(unsafe { lenet5_clear_grad(p.as_mut_ptr()) })?;
                 }
@@ -220,30 +222,79 @@ impl Optimizer {
     /// undefined tensor for a `.grad` of None): what the direct engine calls with the
     /// gradients it computed itself.
     pub fn step(&mut self, grads: Vec<Tensor>) -> Result<()> {
-        let Engine::Torch(states) = &mut self.engine else {
-            anyhow::bail!("libtorch's optimizers step on the gradients autograd left; --engine direct needs --optimizer-impl torch");
-        };
         ensure!(grads.len() == self.params.len(), "{} gradients for {} parameters", grads.len(), self.params.len());
-        let (config, hyper) = (&self.config, self.hyper);
+        for ((name, p), grad) in self.params.iter().zip(&grads) {
+            ensure!(!grad.defined() || grad.size() == p.size(), "the gradient of {name} has shape {:?}, expected {:?}", grad.size(), p.size());
+        }
+        let (config, hyper) = (self.config, self.hyper);
+        let update = |p: &mut Tensor, grad: Tensor, state: &mut ParamState| match config.kind {
+            OptimizerKind::Sgd => sgd(&config, hyper, p, grad, state),
+            OptimizerKind::Adam | OptimizerKind::Adamw => adam(&config, hyper, p, grad, state),
+        };
         tch::no_grad(|| -> Result<()> {
-            for (((name, p), state), grad) in self.params.iter_mut().zip(states.iter_mut()).zip(grads) {
-                if !grad.defined() {
-                    continue; // torch.optim skips parameters whose .grad is None
+            match &mut self.engine {
+                Engine::Torch(states) => {
+                    for (((_, p), state), grad) in self.params.iter_mut().zip(states.iter_mut()).zip(grads) {
+                        if grad.defined() {
+                            update(p, grad, state)?; // torch.optim skips parameters whose .grad is None
+                        }
+                    }
                 }
-                ensure!(grad.size() == p.size(), "the gradient of {name} has shape {:?}, expected {:?}", grad.size(), p.size());
-                match config.kind {
-                    OptimizerKind::Sgd => sgd(config, hyper, p, grad, state)?,
-                    OptimizerKind::Adam | OptimizerKind::Adamw => adam(config, hyper, p, grad, state)?,
+                Engine::Flat(state) => {
+                    ensure!(grads.iter().all(Tensor::defined), "a flattened optimizer steps every parameter: each needs a gradient");
+                    let mut flat = Tensor::f_cat(&self.params.iter().map(|(_, p)| p.view(-1)).collect::<Vec<_>>(), 0)?;
+                    update(&mut flat, Tensor::f_cat(&grads.iter().map(|g| g.view(-1)).collect::<Vec<_>>(), 0)?, state)?;
+                    let updated = split(&self.params, &flat);
+                    for ((_, p), updated) in self.params.iter_mut().zip(updated) {
+                        p.f_copy_(&updated)?;
+                    }
+                }
+                Engine::Libtorch(_) => {
+                    anyhow::bail!("libtorch's optimizers step on the gradients autograd left; --engine direct needs --optimizer-impl torch")
                 }
             }
             Ok(())
         })
     }
 
+    /// Steps all the parameters as one flat tensor from now on (their state too): the same
+    /// algorithm and ops as [`Self::step`] param by param, each element getting the same
+    /// arithmetic, in a tenth of the libtorch calls, which for LeNet-5's small tensors cost
+    /// more than the arithmetic. For the direct engine, whose step is otherwise plain loops;
+    /// the libtorch engine keeps torch.optim's per-parameter loop, which it matches bit for bit.
+    pub fn flatten(&mut self) -> Result<()> {
+        let Engine::Torch(states) = &self.engine else {
+            return Ok(()); // flat already, or libtorch's (which `step` refuses)
+        };
+        let mut flat = ParamState::default();
+        for (f, field) in STATE_FIELDS.into_iter().enumerate() {
+            let present: Vec<&Tensor> = states.iter().filter_map(|state| state.fields()[f].1.as_ref()).collect();
+            if present.is_empty() {
+                continue;
+            }
+            ensure!(present.len() == states.len(), "optimizer state {field} is kept for some parameters only: it cannot be flattened");
+            let value = if field == "step" {
+                let steps: Vec<f64> = present.iter().map(|t| t.double_value(&[])).collect();
+                ensure!(steps.iter().all(|&s| s == steps[0]), "the parameters' optimizer steps differ ({steps:?}): they cannot be flattened");
+                present[0].copy()
+            } else {
+                Tensor::f_cat(&present.iter().map(|t| t.view(-1)).collect::<Vec<_>>(), 0)?
+            };
+            *flat.field_mut(field).expect("a state field") = Some(value);
+        }
+        self.engine = Engine::Flat(flat);
+        Ok(())
+    }
+
+
     /// The state as named tensors, `PARAM.FIELD` (e.g. `conv1.weight.exp_avg`); empty for the
     /// libtorch optimizers, whose state tch cannot reach.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let Engine::Torch(states) = &self.engine else { return vec![] };
+        let states = match &self.engine {
+            Engine::Torch(states) => states,
+            Engine::Flat(flat) => &self.unflattened(flat),
+            Engine::Libtorch(_) => return vec![],
+        };
         let mut out = vec![];
         for ((name, _), state) in self.params.iter().zip(states) {
             for (field, t) in state.fields() {
@@ -257,10 +308,10 @@ impl Optimizer {
 
     /// Restores what [`Self::state_tensors`] gave, checking every name and shape first.
     pub fn load_state_tensors(&mut self, tensors: Vec<(String, Tensor)>, source: &str) -> Result<()> {
-        let Engine::Torch(states) = &mut self.engine else {
+        if let Engine::Libtorch(_) = self.engine {
             ensure!(tensors.is_empty(), "{source}: optimizer state saved, but libtorch's optimizers cannot take it");
             return Ok(());
-        };
+        }
         let index: BTreeMap<&str, usize> = self.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
         let mut placed = vec![];
         for (key, t) in tensors {
@@ -282,9 +333,39 @@ impl Optimizer {
             let slot = fresh[i].field_mut(&field).with_context(|| format!("{source}: optimizer state {key}: unknown field {field}"))?;
             *slot = Some(t.to_kind(kind).to_device(device).reshape(shape));
         }
-        *states = fresh;
+        let flat = matches!(self.engine, Engine::Flat(_));
+        self.engine = Engine::Torch(fresh);
+        if flat {
+            self.flatten().with_context(|| format!("{source}: optimizer state"))?;
+        }
         Ok(())
     }
+
+    /// The per-parameter state of a flat one: views of its tensors (`step` shared).
+    fn unflattened(&self, flat: &ParamState) -> Vec<ParamState> {
+        let mut states: Vec<ParamState> = self.params.iter().map(|_| ParamState::default()).collect();
+        for (field, value) in flat.fields() {
+            let Some(value) = value else { continue };
+            let parts = if field == "step" { states.iter().map(|_| value.shallow_clone()).collect() } else { split(&self.params, value) };
+            for (state, part) in states.iter_mut().zip(parts) {
+                *state.field_mut(field).expect("a state field") = Some(part);
+            }
+        }
+        states
+    }
+}
+
+/// A flat tensor over all of `params` cut into one view per parameter, shaped as it.
+fn split(params: &[(String, Tensor)], flat: &Tensor) -> Vec<Tensor> {
+    let mut offset = 0;
+    params
+        .iter()
+        .map(|(_, p)| {
+            let n = p.numel() as i64;
+            offset += n;
+            flat.narrow(0, offset - n, n).view(p.size().as_slice())
+        })
+        .collect()
 }
 
 /// `torch.optim.SGD`'s `_single_tensor_sgd` for one parameter.
@@ -410,5 +491,66 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("--nesterov"));
         let c = OptimizerConfig { kind: OptimizerKind::Adam, nesterov: false, betas: (1.0, 0.999), ..c };
         assert!(c.validate().unwrap_err().to_string().contains("--beta1 1"));
+    }
+
+    /// Two optimizers over equal copies of LeNet-5's parameters, the second flattened after
+    /// `flatten_after` steps (its state then continues flat), stepped with the same gradients.
+    fn per_parameter_and_flat(config: OptimizerConfig, flatten_after: usize, steps: usize) -> [(Vec<Tensor>, Vec<(String, Tensor)>); 2] {
+        tch::manual_seed(3);
+        let shapes: [&[i64]; 10] = [&[6, 1, 5, 5], &[6], &[16, 6, 5, 5], &[16], &[120, 400], &[120], &[84, 120], &[84], &[10, 84], &[10]];
+        let start: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect();
+        let grads: Vec<Vec<Tensor>> = (0..steps).map(|_| shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect()).collect();
+        [usize::MAX, flatten_after].map(|flatten_after| {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let params: Vec<(String, Tensor)> = start.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect();
+            let mut opt = Optimizer::new(config, &vs, params).unwrap();
+            for (step, grads) in grads.iter().enumerate() {
+                if step == flatten_after {
+                    opt.flatten().unwrap();
+                }
+                opt.hyper.momentum = config.momentum_like() - 0.01 * step as f64; // as one-cycle moves it
+                opt.step(grads.iter().map(Tensor::copy).collect()).unwrap();
+            }
+            (opt.params.iter().map(|(_, p)| p.copy()).collect(), opt.state_tensors())
+        })
+    }
+
+    #[test]
+    fn a_flattened_optimizer_steps_as_the_per_parameter_one() {
+        // Elementwise ops give each element the same arithmetic whatever tensor it sits in;
+        // seen bit-identical, so the bound is 0 (a wrong offset, a lost state field or a
+        // step counted twice would differ by far more than rounding).
+        let adamw = OptimizerConfig { weight_decay: 1e-2, amsgrad: true, ..OptimizerConfig::new(OptimizerKind::Adamw, 1e-2) };
+        let sgd = OptimizerConfig { momentum: 0.9, nesterov: true, weight_decay: 1e-3, ..OptimizerConfig::new(OptimizerKind::Sgd, 0.1) };
+        for (config, flatten_after) in [(adamw, 0), (adamw, 2), (sgd, 0), (sgd, 3)] {
+            let [(want, want_state), (got, got_state)] = per_parameter_and_flat(config, flatten_after, 5);
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert!(w.equal(g), "{:?}, flattened after {flatten_after} steps: parameter {i} differs", config.kind);
+            }
+            let names = |state: &[(String, Tensor)]| state.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&want_state), names(&got_state));
+            for ((name, w), (_, g)) in want_state.iter().zip(&got_state) {
+                assert!(w.size() == g.size() && w.equal(g), "{:?}: state {name} differs", config.kind);
+            }
+        }
+    }
+
+    #[test]
+    fn a_flattened_optimizer_takes_back_its_saved_state() {
+        let config = OptimizerConfig { weight_decay: 1e-2, ..OptimizerConfig::new(OptimizerKind::Adamw, 1e-2) };
+        let [(_, per_parameter), (params, flat)] = per_parameter_and_flat(config, 0, 3);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut opt = Optimizer::new(config, &vs, params.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect()).unwrap();
+        opt.flatten().unwrap();
+        opt.load_state_tensors(per_parameter.iter().map(|(n, t)| (n.clone(), t.copy())).collect(), "test").unwrap();
+        for ((name, want), (_, got)) in flat.iter().zip(opt.state_tensors()) {
+            assert!(want.equal(&got), "{name}");
+        }
+        // Steps that differ between parameters cannot share one flat state.
+        let mut uneven = per_parameter;
+        let step = uneven.iter_mut().find(|(n, _)| n == "p3.step").unwrap();
+        step.1 = Tensor::from(7f32);
+        let err = opt.load_state_tensors(uneven, "ckpt").unwrap_err();
+        assert!(format!("{err:#}").contains("ckpt: optimizer state") && format!("{err:#}").contains("steps differ"), "{err:#}");
     }
 }

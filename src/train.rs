@@ -430,6 +430,7 @@ impl Trainer<'_> {
                     opt.config().implementation == Implementation::Torch,
                     "--engine direct steps with torch.optim's algorithms: use --optimizer-impl torch"
                 );
+                opt.flatten()?;
                 let config = ModelConfig { head: self.head, ..model.config };
                 let direct = DirectTraining::new(vs, config, tch::get_num_threads() as usize)?;
                 (Gradients::Direct(direct), Some(LentThreads::lend()))
