@@ -271,24 +271,23 @@ impl DirectNet {
     }
 }
 
-/// `c = a b + beta c` for row-major matrices (matrixmultiply's sgemm, which picks its AVX2 or
-/// portable kernel at run time): `a` is `m x k` and `b` is `k x n`, each given as a slice
-/// and its (row, column) strides; `c` is `m x n` with rows `c_row` apart.
-fn gemm(m: usize, k: usize, n: usize, a: (&[f32], [usize; 2]), b: (&[f32], [usize; 2]), beta: f32, c: &mut [f32], c_row: usize) {
+/// `c = a b + beta c` (matrixmultiply's sgemm, which picks its AVX2 or portable kernel at run
+/// time): `a` is `m x k` and `b` is `k x n`, each given as a slice and its (row, column)
+/// strides; `c` is `m x n`, row-major and dense.
+fn gemm(m: usize, k: usize, n: usize, a: (&[f32], [usize; 2]), b: (&[f32], [usize; 2]), beta: f32, c: &mut [f32]) {
     let last = |rows: usize, cols: usize, [row, col]: [usize; 2]| (rows - 1) * row + (cols - 1) * col;
     assert!(m > 0 && k > 0 && n > 0);
-    assert!(last(m, k, a.1) < a.0.len() && last(k, n, b.1) < b.0.len() && last(m, n, [c_row, 1]) < c.len(), "a matrix outside its slice");
+    assert!(last(m, k, a.1) < a.0.len() && last(k, n, b.1) < b.0.len() && m * n <= c.len(), "a matrix outside its slice");
     let [rsa, csa, rsb, csb] = [a.1[0], a.1[1], b.1[0], b.1[1]].map(|s| s as isize);
     // SAFETY: every element of the three matrices lies inside its slice (checked above), and
-    // `c`'s distinct elements have distinct addresses (its column stride is 1, rows `c_row >= n` apart).
-    assert!(c_row >= n);
-    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.0.as_ptr(), rsa, csa, b.0.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), c_row as isize, 1) }
+    // `c`'s elements, dense, have distinct addresses.
+    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.0.as_ptr(), rsa, csa, b.0.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
 }
 
 /// A linear layer for a row of inputs per image: `y = x W + b`, weights stored (in, out).
 fn dense_rows<const I: usize, const O: usize>(w: &[[f32; O]; I], bias: &[f32; O], x: &[[f32; I]], y: &mut [[f32; O]]) {
     y.fill(*bias);
-    gemm(x.len(), I, O, (x.as_flattened(), [I, 1]), (w.as_flattened(), [O, 1]), 1.0, y.as_flattened_mut(), O);
+    gemm(x.len(), I, O, (x.as_flattened(), [I, 1]), (w.as_flattened(), [O, 1]), 1.0, y.as_flattened_mut());
 }
 
 /// [`dense_rows`] backwards from the outputs' gradient `d`: adds `x^T d` into the weight
@@ -299,8 +298,8 @@ fn dense_rows_backward<const I: usize, const O: usize>(w: &[[f32; O]; I], x: &[[
         gb.iter_mut().zip(row).for_each(|(g, d)| *g += d);
     }
     let m = x.len();
-    gemm(I, m, O, (x.as_flattened(), [1, I]), (d.as_flattened(), [O, 1]), 1.0, gw.as_flattened_mut(), O);
-    gemm(m, O, I, (d.as_flattened(), [O, 1]), (w.as_flattened(), [1, O]), 0.0, dx.as_flattened_mut(), I);
+    gemm(I, m, O, (x.as_flattened(), [1, I]), (d.as_flattened(), [O, 1]), 1.0, gw.as_flattened_mut());
+    gemm(m, O, I, (d.as_flattened(), [O, 1]), (w.as_flattened(), [1, O]), 0.0, dx.as_flattened_mut());
 }
 
 /// [`activate`] on every row.
