@@ -286,7 +286,6 @@ impl Optimizer {
         Ok(())
     }
 
-
     /// The state as named tensors, `PARAM.FIELD` (e.g. `conv1.weight.exp_avg`); empty for the
     /// libtorch optimizers, whose state tch cannot reach.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
