@@ -164,8 +164,9 @@ pub struct Optimizer {
 
 enum Engine {
     Torch(Vec<ParamState>),
-    /// torch.optim's algorithms over every parameter at once ([`Optimizer::flatten`]).
-    Flat(ParamState),
+    /// torch.optim's algorithms over every parameter at once ([`Optimizer::flatten`]):
+    /// `params` is their concatenation, of which the parameters are now views.
+    Flat { params: Tensor, state: ParamState },
     Libtorch(nn::Optimizer),
 }
 
@@ -207,7 +208,7 @@ impl Optimizer {
                 opt.backward_step(loss);
                 Ok(())
             }
-            Engine::Torch(_) | Engine::Flat(_) => {
+            Engine::Torch(_) | Engine::Flat { .. } => {
                 for (_, p) in &mut self.params {
                     check(unsafe { lenet5_clear_grad(p.as_mut_ptr()) })?;
                 }
@@ -219,42 +220,40 @@ impl Optimizer {
     }
 
     /// `optimizer.step()` with these gradients, one per parameter in PyTorch's order (an
-    /// undefined tensor for a `.grad` of None): what the direct engine calls with the
-    /// gradients it computed itself.
+    /// undefined tensor for a `.grad` of None).
     pub fn step(&mut self, grads: Vec<Tensor>) -> Result<()> {
         ensure!(grads.len() == self.params.len(), "{} gradients for {} parameters", grads.len(), self.params.len());
         for ((name, p), grad) in self.params.iter().zip(&grads) {
             ensure!(!grad.defined() || grad.size() == p.size(), "the gradient of {name} has shape {:?}, expected {:?}", grad.size(), p.size());
         }
         let (config, hyper) = (self.config, self.hyper);
-        let update = |p: &mut Tensor, grad: Tensor, state: &mut ParamState| match config.kind {
-            OptimizerKind::Sgd => sgd(&config, hyper, p, grad, state),
-            OptimizerKind::Adam | OptimizerKind::Adamw => adam(&config, hyper, p, grad, state),
-        };
-        tch::no_grad(|| -> Result<()> {
-            match &mut self.engine {
-                Engine::Torch(states) => {
-                    for (((_, p), state), grad) in self.params.iter_mut().zip(states.iter_mut()).zip(grads) {
-                        if grad.defined() {
-                            update(p, grad, state)?; // torch.optim skips parameters whose .grad is None
-                        }
+        match &mut self.engine {
+            Engine::Torch(states) => tch::no_grad(|| {
+                for (((_, p), state), grad) in self.params.iter_mut().zip(states.iter_mut()).zip(grads) {
+                    if grad.defined() {
+                        update(&config, hyper, p, grad, state)?; // torch.optim skips parameters whose .grad is None
                     }
                 }
-                Engine::Flat(state) => {
-                    ensure!(grads.iter().all(Tensor::defined), "a flattened optimizer steps every parameter: each needs a gradient");
-                    let mut flat = Tensor::f_cat(&self.params.iter().map(|(_, p)| p.view(-1)).collect::<Vec<_>>(), 0)?;
-                    update(&mut flat, Tensor::f_cat(&grads.iter().map(|g| g.view(-1)).collect::<Vec<_>>(), 0)?, state)?;
-                    let updated = split(&self.params, &flat);
-                    for ((_, p), updated) in self.params.iter_mut().zip(updated) {
-                        p.f_copy_(&updated)?;
-                    }
-                }
-                Engine::Libtorch(_) => {
-                    anyhow::bail!("libtorch's optimizers step on the gradients autograd left; --engine direct needs --optimizer-impl torch")
-                }
+                Ok(())
+            }),
+            Engine::Flat { .. } => {
+                ensure!(grads.iter().all(Tensor::defined), "a flattened optimizer steps every parameter: each needs a gradient");
+                self.step_flat(Tensor::f_cat(&grads.iter().map(|g| g.view(-1)).collect::<Vec<_>>(), 0)?)
             }
-            Ok(())
-        })
+            Engine::Libtorch(_) => {
+                anyhow::bail!("libtorch's optimizers step on the gradients autograd left; --engine direct needs --optimizer-impl torch")
+            }
+        }
+    }
+
+    /// `optimizer.step()` with every parameter's gradient in one flat tensor, concatenated in
+    /// the parameters' order: what the direct engine gives a flattened optimizer.
+    pub fn step_flat(&mut self, grad: Tensor) -> Result<()> {
+        let Engine::Flat { params, state } = &mut self.engine else {
+            anyhow::bail!("a flat gradient needs a flattened optimizer (Optimizer::flatten)");
+        };
+        ensure!(grad.size() == params.size(), "a flat gradient of shape {:?} for {} parameter values", grad.size(), params.numel());
+        tch::no_grad(|| update(&self.config, self.hyper, &mut params.shallow_clone(), grad, state))
     }
 
     /// Steps all the parameters as one flat tensor from now on (their state too): the same
@@ -262,6 +261,8 @@ impl Optimizer {
     /// arithmetic, in a tenth of the libtorch calls, which for LeNet-5's small tensors cost
     /// more than the arithmetic. For the direct engine, whose step is otherwise plain loops;
     /// the libtorch engine keeps torch.optim's per-parameter loop, which it matches bit for bit.
+    /// The parameters become views of one tensor (`set_data`: every shallow clone, the
+    /// VarStore's included, sees it), so the step writes them in place.
     pub fn flatten(&mut self) -> Result<()> {
         let Engine::Torch(states) = &self.engine else {
             return Ok(()); // flat already, or libtorch's (which `step` refuses)
@@ -282,7 +283,12 @@ impl Optimizer {
             };
             *flat.field_mut(field).expect("a state field") = Some(value);
         }
-        self.engine = Engine::Flat(flat);
+        let params = tch::no_grad(|| Tensor::f_cat(&self.params.iter().map(|(_, p)| p.detach().view(-1)).collect::<Vec<_>>(), 0))?;
+        let views = split(&self.params, &params);
+        for ((_, p), view) in self.params.iter_mut().zip(views) {
+            p.f_set_data(&view)?;
+        }
+        self.engine = Engine::Flat { params, state: flat };
         Ok(())
     }
 
@@ -291,7 +297,7 @@ impl Optimizer {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let states = match &self.engine {
             Engine::Torch(states) => states,
-            Engine::Flat(flat) => &self.unflattened(flat),
+            Engine::Flat { state, .. } => &self.unflattened(state),
             Engine::Libtorch(_) => return vec![],
         };
         let mut out = vec![];
@@ -332,7 +338,7 @@ impl Optimizer {
             let slot = fresh[i].field_mut(&field).with_context(|| format!("{source}: optimizer state {key}: unknown field {field}"))?;
             *slot = Some(t.to_kind(kind).to_device(device).reshape(shape));
         }
-        let flat = matches!(self.engine, Engine::Flat(_));
+        let flat = matches!(self.engine, Engine::Flat { .. });
         self.engine = Engine::Torch(fresh);
         if flat {
             self.flatten().with_context(|| format!("{source}: optimizer state"))?;
@@ -365,6 +371,14 @@ fn split(params: &[(String, Tensor)], flat: &Tensor) -> Vec<Tensor> {
             flat.narrow(0, offset - n, n).view(p.size().as_slice())
         })
         .collect()
+}
+
+/// One parameter's step (or a flat tensor's) by the configured algorithm.
+fn update(c: &OptimizerConfig, h: Hyper, p: &mut Tensor, grad: Tensor, state: &mut ParamState) -> Result<()> {
+    match c.kind {
+        OptimizerKind::Sgd => sgd(c, h, p, grad, state),
+        OptimizerKind::Adam | OptimizerKind::Adamw => adam(c, h, p, grad, state),
+    }
 }
 
 /// `torch.optim.SGD`'s `_single_tensor_sgd` for one parameter.
@@ -493,7 +507,8 @@ mod tests {
     }
 
     /// Two optimizers over equal copies of LeNet-5's parameters, the second flattened after
-    /// `flatten_after` steps (its state then continues flat), stepped with the same gradients.
+    /// `flatten_after` steps (its state then continues flat), stepped with the same gradients:
+    /// the parameters as shallow clones taken before the optimizer was built, and its state.
     fn per_parameter_and_flat(config: OptimizerConfig, flatten_after: usize, steps: usize) -> [(Vec<Tensor>, Vec<(String, Tensor)>); 2] {
         tch::manual_seed(3);
         let shapes: [&[i64]; 10] = [&[6, 1, 5, 5], &[6], &[16, 6, 5, 5], &[16], &[120, 400], &[120], &[84, 120], &[84], &[10, 84], &[10]];
@@ -502,6 +517,8 @@ mod tests {
         [usize::MAX, flatten_after].map(|flatten_after| {
             let vs = nn::VarStore::new(tch::Device::Cpu);
             let params: Vec<(String, Tensor)> = start.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect();
+            // What the VarStore and the model hold: shallow clones, which must see every step.
+            let held: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
             let mut opt = Optimizer::new(config, &vs, params).unwrap();
             for (step, grads) in grads.iter().enumerate() {
                 if step == flatten_after {
@@ -510,7 +527,7 @@ mod tests {
                 opt.hyper.momentum = config.momentum_like() - 0.01 * step as f64; // as one-cycle moves it
                 opt.step(grads.iter().map(Tensor::copy).collect()).unwrap();
             }
-            (opt.params.iter().map(|(_, p)| p.copy()).collect(), opt.state_tensors())
+            (held, opt.state_tensors())
         })
     }
 

@@ -315,7 +315,7 @@ impl Gradients<'_> {
             }
             Gradients::Direct(direct) => {
                 let step = direct.step(vs, xs, ys)?;
-                opt.step(step.gradients)?;
+                opt.step_flat(step.gradient)?;
                 Ok((step.logits, step.loss))
             }
         }

@@ -19,8 +19,9 @@ pub struct Step {
     pub logits: Tensor,
     /// The head's mean loss over the batch, a float scalar.
     pub loss: Tensor,
-    /// d loss / d parameter, in PyTorch's order and shapes ([`crate::model::parameter_names`]).
-    pub gradients: Vec<Tensor>,
+    /// d loss / d parameter, every parameter flattened and concatenated in PyTorch's order
+    /// ([`crate::model::parameter_names`]): what [`crate::optim::Optimizer::step_flat`] takes.
+    pub gradient: Tensor,
 }
 
 /// A [`DirectNet`] that trains: its weights are read from the VarStore before every batch;
@@ -145,25 +146,20 @@ impl DirectTraining {
             loss
         });
         let (total, rest) = self.scratch.split_at_mut(1);
-        let total = &mut total[0].sums;
+        let mut total = total[0].sums.arrays_mut();
         for scratch in &mut rest[..threads - 1] {
-            for (t, s) in total.arrays_mut().into_iter().zip(scratch.sums.arrays_mut()) {
+            for (t, s) in total.iter_mut().zip(scratch.sums.arrays_mut()) {
                 t.iter_mut().zip(s.iter()).for_each(|(t, s)| *t += s);
             }
         }
-        let gradients = total
-            .arrays_mut()
-            .into_iter()
-            .enumerate()
-            .map(|(p, array)| {
-                let values: Vec<f32> = Weights::positions(p).map(|at| array[at]).collect();
-                Tensor::from_slice(&values).view(PARAMETERS[p].1)
-            })
-            .collect();
+        let mut gradient = Vec::with_capacity(PARAMETERS.iter().map(|(_, shape)| shape.iter().product::<i64>() as usize).sum());
+        for (p, array) in total.iter().enumerate() {
+            gradient.extend(Weights::positions(p).map(|at| array[at])); // into PyTorch's layout
+        }
         Ok(Step {
             logits: Tensor::from_slice(&logits).view([images as i64, CLASSES as i64]),
             loss: Tensor::from((loss_sum / images as f64) as f32),
-            gradients,
+            gradient: Tensor::from_slice(&gradient),
         })
     }
 }
@@ -657,7 +653,13 @@ mod tests {
         let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
         let [fast, portable] = [DirectNet::share as Share, DirectNet::share_with::<Portable>].map(|share| {
             let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
-            step.gradients.into_iter().chain([step.logits, step.loss]).collect::<Vec<_>>()
+            let mut offset = 0;
+            let gradients = PARAMETERS.map(|(_, shape)| {
+                let n = shape.iter().product::<i64>();
+                offset += n;
+                step.gradient.narrow(0, offset - n, n).view(shape)
+            });
+            gradients.into_iter().chain([step.logits, step.loss]).collect::<Vec<_>>()
         });
         let relative = |got: &Tensor, want: &Tensor| {
             let want = want.to_kind(Kind::Double);
