@@ -216,10 +216,10 @@ impl DirectNet {
         for (row, src) in kept.image.iter_mut().zip(input.chunks_exact(SIDE)) {
             row[..SIDE].copy_from_slice(src);
         }
-        kept.c1 = conv1::<L>(w, &kept.image); // (6, 28, 32), before the activation
-        kept.s2 = subsample_keeping(arch, &mut kept.c1);
-        kept.c3 = conv2::<L>(w, &kept.s2); // (16, 10, 10)
-        kept.s4 = subsample_keeping(arch, &mut kept.c3);
+        conv1::<L>(w, &kept.image, &mut kept.c1); // (6, 28, 32), before the activation
+        subsample_keeping(arch, &mut kept.c1, &mut kept.s2);
+        conv2::<L>(w, &kept.s2, &mut kept.c3); // (16, 10, 10)
+        subsample_keeping(arch, &mut kept.c3, &mut kept.s4);
         flat.copy_from_slice(kept.s4.as_flattened().as_flattened());
     }
 
@@ -343,17 +343,16 @@ fn loss_gradient(head: Head, z: &[f32; CLASSES_WIDE], label: usize, scale: f32) 
     (loss, d)
 }
 
-/// S2 and S4 as [`subsample`] computes them, leaving in `maps` what their backward pass
-/// reads: the pre-activations (modern: the window's maximum is where the gradient goes) or
-/// the tanh'd values (classic: tanh's derivative is `1 - tanh^2`).
+/// S2 and S4 as [`subsample`] computes them, into `out`, leaving in `maps` what their
+/// backward pass reads: the pre-activations (modern: the window's maximum is where the
+/// gradient goes) or the tanh'd values (classic: tanh's derivative is `1 - tanh^2`).
 #[inline(always)]
-fn subsample_keeping<const C: usize, const N: usize, const W: usize, const S: usize>(arch: Arch, maps: &mut Maps<C, N, W>) -> Maps<C, S, S> {
+fn subsample_keeping<const C: usize, const N: usize, const W: usize, const S: usize>(arch: Arch, maps: &mut Maps<C, N, W>, out: &mut Maps<C, S, S>) {
     if arch == Arch::Classic {
         for row in maps.iter_mut().flatten() {
             row[..2 * S].iter_mut().for_each(|v| *v = v.tanh());
         }
     }
-    let mut out = [[[0f32; S]; S]; C];
     for (o, m) in out.iter_mut().zip(maps.iter()) {
         for (y, row) in o.iter_mut().enumerate() {
             let (top, bottom) = (&m[2 * y], &m[2 * y + 1]);
@@ -362,7 +361,6 @@ fn subsample_keeping<const C: usize, const N: usize, const W: usize, const S: us
             }
         }
     }
-    out
 }
 
 /// The gradient with respect to the pre-activations of C1 or C3, from that of the subsampled

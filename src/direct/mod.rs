@@ -214,8 +214,12 @@ impl DirectNet {
     fn image<L: Lanes>(&self, image: &[[f32; IMAGE_WIDE]; SIDE]) -> [f32; CLASSES_WIDE] {
         let w = &*self.weights;
         let arch = self.config.arch;
-        let s2: Maps<C1_MAPS, S2_SIDE, S2_SIDE> = subsample(arch, &conv1::<L>(w, image));
-        let s4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> = subsample(arch, &conv2::<L>(w, &s2));
+        let mut c1 = [[[0.0; C1_WIDE]; C1_SIDE]; C1_MAPS];
+        conv1::<L>(w, image, &mut c1);
+        let s2: Maps<C1_MAPS, S2_SIDE, S2_SIDE> = subsample(arch, &c1);
+        let mut c3 = [[[0.0; C3_SIDE]; C3_SIDE]; C3_MAPS];
+        conv2::<L>(w, &s2, &mut c3);
+        let s4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> = subsample(arch, &c3);
         let flat: &[f32; FLAT] = s4.as_flattened().as_flattened().try_into().expect("16 x 5 x 5 values");
         let f5 = activate(arch, dense::<L, FLAT, F5_WIDE>(&w.fc1, &w.fc1_bias, flat));
         let f6 = activate(arch, dense::<L, F5_WIDE, F6_WIDE>(&w.fc2, &w.fc2_bias, &f5));
@@ -356,10 +360,11 @@ mod avx2 {
 /// C1 maps computed together, so each input vector loaded serves two of them.
 const C1_GROUP: usize = 2;
 
-/// C1 before its activation: each output row accumulates 25 shifted input rows, 32 wide.
+/// C1 before its activation, into `maps` (every value written): each output row accumulates
+/// 25 shifted input rows, 32 wide. (Into a place rather than returned: the training pass
+/// keeps C1, and a returned 21 KB array was copied there.)
 #[inline(always)]
-fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE]) -> Maps<C1_MAPS, C1_SIDE, C1_WIDE> {
-    let mut maps = [[[0f32; C1_WIDE]; C1_SIDE]; C1_MAPS];
+fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE], maps: &mut Maps<C1_MAPS, C1_SIDE, C1_WIDE>) {
     for c0 in (0..C1_MAPS).step_by(C1_GROUP) {
         for y in 0..C1_SIDE {
             let mut acc: [[L; C1_WIDE / LANES]; C1_GROUP] =
@@ -383,18 +388,17 @@ fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE]) -> Maps<C1_MA
             }
         }
     }
-    maps
 }
 
 /// C3 positions computed together, so each weight vector loaded serves five of them (five
 /// running sums, plus a weight vector and the broadcast inputs, fill the 16 AVX2 registers).
 const C3_BLOCK: usize = 5;
 
-/// C3 before its activation, with full connections: each position accumulates its 150 inputs
-/// against 8-map weight vectors, [`C3_BLOCK`] positions and 8 maps at a time.
+/// C3 before its activation, with full connections, into `maps` (every value written, as
+/// [`conv1`]): each position accumulates its 150 inputs against 8-map weight vectors,
+/// [`C3_BLOCK`] positions and 8 maps at a time.
 #[inline(always)]
-fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Maps<C3_MAPS, C3_SIDE, C3_SIDE> {
-    let mut maps = [[[0f32; C3_SIDE]; C3_SIDE]; C3_MAPS];
+fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, maps: &mut Maps<C3_MAPS, C3_SIDE, C3_SIDE>) {
     for half in [0, LANES] {
         for y in 0..C3_SIDE {
             for x0 in (0..C3_SIDE).step_by(C3_BLOCK) {
@@ -420,7 +424,6 @@ fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Maps<C3
             }
         }
     }
-    maps
 }
 
 /// The activation and 2x2 subsampling of S2 and S4, from the first `2 S` columns of each
