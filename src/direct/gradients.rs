@@ -152,9 +152,12 @@ impl DirectTraining {
                 t.iter_mut().zip(s.iter()).for_each(|(t, s)| *t += s);
             }
         }
-        let mut gradient = Vec::with_capacity(PARAMETERS.iter().map(|(_, shape)| shape.iter().product::<i64>() as usize).sum());
+        let mut gradient = vec![0f32; PARAMETERS.iter().map(|(_, shape)| shape.iter().product::<i64>() as usize).sum()];
+        let mut offset = 0;
         for (p, array) in total.iter().enumerate() {
-            gradient.extend(Weights::positions(p).map(|at| array[at])); // into PyTorch's layout
+            let out = &mut gradient[offset..];
+            Weights::for_each_position(p, |k, at| out[k] = array[at]); // into PyTorch's layout
+            offset += PARAMETERS[p].1.iter().product::<i64>() as usize;
         }
         Ok(Step {
             logits: Tensor::from_slice(&logits).view([images as i64, CLASSES as i64]),

@@ -112,11 +112,14 @@ impl Weights {
         ]
     }
 
-    /// Where the values of parameter `p` in PyTorch's layout (`PARAMETERS[p]`, flat) sit in
-    /// its array here, in PyTorch's order: conv2 is (in, ky, kx, out), the linear layers
-    /// (in, out) with rows padded to whole lanes; the rest as PyTorch. (Nested loops rather
-    /// than a division per value: the weights go in and the gradients out at every step.)
-    fn positions(p: usize) -> impl Iterator<Item = usize> {
+    /// Visits each value of parameter `p` as (its index in PyTorch's layout, `PARAMETERS[p]`
+    /// flat; its position in the array here): conv2 is (in, ky, kx, out) here, the linear
+    /// layers (in, out) with rows padded to whole lanes, the rest as PyTorch. The transposed
+    /// ones go in 8 x 8 tiles, so both sides move a cache line at a time: the weights go in
+    /// and the gradients out at every training step, and value by value fc1's transpose cost
+    /// a cache miss per value.
+    fn for_each_position(p: usize, mut visit: impl FnMut(usize, usize)) {
+        const TILE: usize = 8;
         let (outputs, inputs, row) = match PARAMETERS[p] {
             ("conv2.weight", _) => (C3_MAPS, C1_MAPS * KERNEL * KERNEL, C3_MAPS),
             ("fc1.weight", _) => (120, FLAT, F5_WIDE),
@@ -124,7 +127,15 @@ impl Weights {
             ("fc3.weight", _) => (CLASSES, 84, CLASSES_WIDE),
             (_, shape) => (1, shape.iter().product::<i64>() as usize, 1), // the identity
         };
-        (0..outputs).flat_map(move |o| (0..inputs).map(move |i| i * row + o))
+        for o0 in (0..outputs).step_by(TILE) {
+            for i0 in (0..inputs).step_by(TILE) {
+                for o in o0..(o0 + TILE).min(outputs) {
+                    for i in i0..(i0 + TILE).min(inputs) {
+                        visit(o * inputs + i, i * row + o);
+                    }
+                }
+            }
+        }
     }
 
     /// Copies the weights of the LeNet-5 in `vs` into these layouts (the padding stays zero).
@@ -134,13 +145,9 @@ impl Weights {
             let (name, shape) = PARAMETERS[p];
             let t = variables.get(name).with_context(|| format!("the model has no {name}"))?;
             ensure!(t.size() == shape, "{name} has shape {:?}; expected {shape:?}", t.size());
-            let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float);
-            let n = t.numel();
-            let mut values = vec![0f32; n];
-            t.f_copy_data(&mut values, n)?;
-            for (v, at) in values.into_iter().zip(Weights::positions(p)) {
-                array[at] = v;
-            }
+            let t = t.detach().f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+            let values = floats(&t);
+            Weights::for_each_position(p, |k, at| array[at] = values[k]);
         }
         Ok(())
     }
