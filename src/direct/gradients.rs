@@ -152,12 +152,12 @@ impl DirectTraining {
                 t.iter_mut().zip(s.iter()).for_each(|(t, s)| *t += s);
             }
         }
-        let mut gradient = vec![0f32; PARAMETERS.iter().map(|(_, shape)| shape.iter().product::<i64>() as usize).sum()];
-        let mut offset = 0;
+        let mut gradient = vec![0f32; (0..PARAMETERS.len()).map(parameter_len).sum()];
+        let mut rest = &mut gradient[..];
         for (p, array) in total.iter().enumerate() {
-            let out = &mut gradient[offset..];
+            let (out, tail) = rest.split_at_mut(parameter_len(p));
             Weights::for_each_position(p, |k, at| out[k] = array[at]); // into PyTorch's layout
-            offset += PARAMETERS[p].1.iter().product::<i64>() as usize;
+            rest = tail;
         }
         Ok(Step {
             logits: Tensor::from_slice(&logits).view([images as i64, CLASSES as i64]),
@@ -654,13 +654,9 @@ mod tests {
         let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
         let [fast, portable] = [DirectNet::share as Share, DirectNet::share_with::<Portable>].map(|share| {
             let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
-            let mut offset = 0;
-            let gradients = PARAMETERS.map(|(_, shape)| {
-                let n = shape.iter().product::<i64>();
-                offset += n;
-                step.gradient.narrow(0, offset - n, n).view(shape)
-            });
-            gradients.into_iter().chain([step.logits, step.loss]).collect::<Vec<_>>()
+            let lens: Vec<i64> = (0..PARAMETERS.len()).map(|p| parameter_len(p) as i64).collect();
+            let gradients = step.gradient.split_with_sizes(&lens, 0).into_iter().zip(PARAMETERS).map(|(g, (_, shape))| g.view(shape));
+            gradients.chain([step.logits, step.loss]).collect::<Vec<_>>()
         });
         let relative = |got: &Tensor, want: &Tensor| {
             let want = want.to_kind(Kind::Double);

@@ -80,6 +80,11 @@ const PARAMETERS: [(&str, &[i64]); 10] = [
     ("fc3.bias", &[10]),
 ];
 
+/// How many values parameter `p` of [`PARAMETERS`] holds.
+fn parameter_len(p: usize) -> usize {
+    PARAMETERS[p].1.iter().product::<i64>() as usize
+}
+
 impl Weights {
     fn zeroed() -> Box<Weights> {
         Box::new(Weights {
@@ -125,7 +130,7 @@ impl Weights {
             ("fc1.weight", _) => (120, FLAT, F5_WIDE),
             ("fc2.weight", _) => (84, 120, F6_WIDE),
             ("fc3.weight", _) => (CLASSES, 84, CLASSES_WIDE),
-            (_, shape) => (1, shape.iter().product::<i64>() as usize, 1), // the identity
+            _ => (1, parameter_len(p), 1), // the identity
         };
         for o0 in (0..outputs).step_by(TILE) {
             for i0 in (0..inputs).step_by(TILE) {
