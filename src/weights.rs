@@ -415,7 +415,7 @@ impl Classifier {
                 // its idle OpenMP workers spin for milliseconds after each parallel op, and
                 // would compete for the cores (measured: 44k instead of 72k images/s on 2).
                 let threads = match direct {
-                    Some(d) => d.threads,
+                    Some(d) => d.threads(),
                     None => tch::get_num_threads() as usize,
                 };
                 *direct = Some(DirectNet::new(vs, net.config, threads)?);

@@ -124,7 +124,7 @@ impl DirectTraining {
         if let Some(bad) = labels.iter().find(|&&y| !(0..CLASSES as i64).contains(&y)) {
             anyhow::bail!("label {bad} is not a class (0-9)");
         }
-        let threads = self.net.threads.min(images / MIN_IMAGES_PER_THREAD).max(1);
+        let threads = self.net.shares(images);
         while self.scratch.len() < threads {
             self.scratch.push(Scratch::new());
         }
@@ -133,18 +133,9 @@ impl DirectTraining {
         let mut logits = vec![0f32; images * CLASSES];
         let net = &self.net;
         let by_output = &*conv2_by_output(&net.weights);
-        let mut shares = pixels.chunks(per_thread * PIXELS).zip(labels.chunks(per_thread)).zip(logits.chunks_mut(per_thread * CLASSES)).zip(&mut self.scratch);
-        let (((first_pixels, first_labels), first_logits), first_scratch) = shares.next().expect("at least one image");
-        let loss_sum = std::thread::scope(|scope| {
-            let others: Vec<_> = shares
-                .map(|(((pixels, labels), logits), scratch)| scope.spawn(move || share(net, by_output, pixels, labels, scale, logits, scratch)))
-                .collect();
-            let mut loss = share(net, by_output, first_pixels, first_labels, scale, first_logits, first_scratch);
-            for handle in others {
-                loss += handle.join().expect("a gradient thread panicked");
-            }
-            loss
-        });
+        let shares = pixels.chunks(per_thread * PIXELS).zip(labels.chunks(per_thread)).zip(logits.chunks_mut(per_thread * CLASSES)).zip(&mut self.scratch);
+        let losses = net.on_threads(shares, |(((pixels, labels), logits), scratch)| share(net, by_output, pixels, labels, scale, logits, scratch));
+        let loss_sum: f64 = losses.into_iter().sum();
         let (total, rest) = self.scratch.split_at_mut(1);
         let mut total = total[0].sums.arrays_mut();
         for scratch in &mut rest[..threads - 1] {
