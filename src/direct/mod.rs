@@ -189,20 +189,19 @@ impl DirectNet {
     /// `work` on every share, the first on this thread and the others on the workers,
     /// returning when all are done, with their results in the shares' order.
     fn on_threads<S: Send, R: Send>(&self, shares: impl Iterator<Item = S>, work: impl Fn(S) -> R + Sync) -> Vec<R> {
-        let mut shares = shares.peekable();
-        let first = shares.next();
-        let Some(workers) = self.workers.as_ref().filter(|_| shares.peek().is_some()) else {
-            return first.into_iter().chain(shares).map(work).collect();
+        let mut shares = shares.collect::<Vec<S>>().into_iter();
+        let Some(workers) = self.workers.as_ref().filter(|_| shares.len() > 1) else {
+            return shares.map(work).collect();
         };
-        let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(1 + shares.size_hint().0).collect();
+        let first = shares.next().expect("more than one share");
+        let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(1 + shares.len()).collect();
         let work = &work;
         workers.in_place_scope(|scope| {
-            let mut slots = results.iter_mut();
-            let first_slot = slots.next().expect("a slot for the first share");
+            let (first_slot, slots) = results.split_first_mut().expect("a slot for the first share");
             for (share, slot) in shares.zip(slots) {
                 scope.spawn(move |_| *slot = Some(work(share)));
             }
-            *first_slot = first.map(work);
+            *first_slot = Some(work(first));
         });
         results.into_iter().map(|r| r.expect("every share was computed")).collect()
     }
