@@ -20,10 +20,10 @@ use tch::Device;
 /// take turns.
 static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// The default recipe's optimizer and schedule, on the first 5,000 training images.
+/// The default recipe's optimizer and schedule, on the first 20,000 training images.
 fn recipe(engine: Engine) -> TrainConfig {
     TrainConfig {
-        epochs: 3,
+        epochs: 2,
         batch_size: 64,
         test_batch_size: 1000,
         optimizer: OptimizerConfig { weight_decay: 1e-4, ..OptimizerConfig::new(OptimizerKind::Adamw, 3e-3) },
@@ -32,7 +32,7 @@ fn recipe(engine: Engine) -> TrainConfig {
         cycle_momentum: true,
         shift: 1,
         seed: 3,
-        limit_train: Some(5000),
+        limit_train: Some(20_000),
         dry_run: false,
         engine,
     }
@@ -66,7 +66,10 @@ fn a_short_direct_run_ends_within_0_15_points_of_libtorchs_at_the_same_seed() {
     let _turn = TRAINING.lock().unwrap();
     tch::set_num_threads(2);
     let splits = data::load(DatasetKind::Mnist, None).expect("MNIST in data/mnist: run scripts/setup");
-    // 15,000 training images seen, then the whole test set: 0.15 points is 15 test images.
+    // 40,000 training images seen, then the whole test set: 0.15 points is 15 test images.
+    // The engines round differently, and a run amplifies that like a change of seed: at seeds
+    // 1-8 they ended 0.00-0.07 points apart (modern) and 0.00 (classic) here. A shorter run
+    // (5,000 images, 3 epochs) ended up to 0.20 apart at 96-97 %: too close to chance.
     for model in [ModelConfig { arch: Arch::Modern, head: Head::Softmax }, ModelConfig { arch: Arch::Classic, head: Head::Sigmoid }] {
         let (libtorch, _) = train(&splits, model, &recipe(Engine::Libtorch));
         let (direct, _) = train(&splits, model, &recipe(Engine::Direct));
