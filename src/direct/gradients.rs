@@ -183,6 +183,7 @@ impl DirectNet {
     /// backwards.
     #[inline(always)]
     fn share_with<L: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+        const { assert!(L::WIDTH == LANES, "the training layouts are cut in eight-float halves") };
         let Scratch { sums, kept, rows } = scratch;
         for array in sums.arrays_mut() {
             array.fill(0.0);
