@@ -2,10 +2,13 @@
 train_reference writes the files the Rust side writes, with the same columns."""
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import L, ROOT, load_script
+from conftest import L, ROOT, load_script, run
 
 
 @pytest.mark.parametrize("script, expected", [
@@ -53,3 +56,15 @@ def test_ci_runs_the_readmes_test_command_and_nothing_else():
     commands = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
     assert commands == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', test_command], commands
+
+
+@pytest.mark.parametrize("script", ["bench-binding", "crosscheck", "parity", "train_reference"])
+def test_a_script_started_by_a_python3_without_the_venv_runs_in_the_venv(script):
+    """The README runs them as `scripts/NAME` from a plain shell, where `python3` is the system's
+    (without torch, on a fresh machine): each re-runs itself in .venv (scripts/project_venv.py).
+    These import torch before parsing their flags, so `--help` fails without that step."""
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != venv_bin)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
+    r = run([ROOT / "scripts" / script, "--help"], env={**env, "PATH": path}, timeout=120)
+    assert "usage:" in r.stdout, r.stdout
