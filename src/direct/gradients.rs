@@ -164,26 +164,40 @@ impl DirectNet {
     /// losses.
     fn share(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
         #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has the features `share_avx512` is compiled for.
+            return unsafe { self.share_avx512(by_output, pixels, labels, scale, logits, scratch) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has the features `share_avx2` is compiled for.
             return unsafe { self.share_avx2(by_output, pixels, labels, scale, logits, scratch) };
         }
-        self.share_with::<Portable>(by_output, pixels, labels, scale, logits, scratch)
+        self.share_with::<Portable, Portable>(by_output, pixels, labels, scale, logits, scratch)
     }
 
     /// `share_with` compiled for AVX2 and FMA, as `run_avx2`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn share_avx2(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
-        self.share_with::<avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
+        self.share_with::<avx2::Avx2, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
+    }
+
+    /// `share_with` with the forward pass in AVX-512, as `run_avx512` (the same bits as in
+    /// AVX2), and the backward pass in AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn share_avx512(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+        self.share_with::<avx512::Avx512, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
     }
 
     /// The share in micro-batches: each image's convolutional stages forwards, the linear
     /// layers for all of them forwards and backwards, then each image's convolutional stages
-    /// backwards.
+    /// backwards; the forward pass in `Forward` lanes, the backward pass in `Backward` lanes
+    /// (eight wide: its layouts are cut in eight-float halves).
     #[inline(always)]
-    fn share_with<L: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
-        const { assert!(L::WIDTH == LANES, "the training layouts are cut in eight-float halves") };
+    fn share_with<Forward: Lanes, Backward: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+        const { assert!(Backward::WIDTH == LANES, "the backward layouts are cut in eight-float halves") };
         let Scratch { sums, kept, rows } = scratch;
         for array in sums.arrays_mut() {
             array.fill(0.0);
@@ -192,11 +206,11 @@ impl DirectNet {
         for ((pixels, labels), logits) in pixels.chunks(MICRO * PIXELS).zip(labels.chunks(MICRO)).zip(logits.chunks_mut(MICRO * CLASSES)) {
             let kept = &mut kept[..labels.len()];
             for ((kept, input), flat) in kept.iter_mut().zip(pixels.chunks_exact(PIXELS)).zip(&mut rows.flat) {
-                self.convolutions_forward::<L>(input, kept, flat);
+                self.convolutions_forward::<Forward>(input, kept, flat);
             }
             loss += self.linear_layers(rows, labels, scale, logits, sums);
             for (kept, d_flat) in kept.iter().zip(&rows.d_flat) {
-                self.convolutions_backward::<L>(by_output, kept, d_flat, sums);
+                self.convolutions_backward::<Backward>(by_output, kept, d_flat, sums);
             }
         }
         loss
@@ -644,7 +658,7 @@ mod tests {
         let ys = Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu));
         let [float, double] = [Kind::Float, Kind::Double].map(|kind| autograd(&vs, config, kind, &xs, &ys));
         let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
-        let [fast, portable] = [DirectNet::share as Share, DirectNet::share_with::<Portable>].map(|share| {
+        let [fast, portable] = [DirectNet::share as Share, DirectNet::share_with::<Portable, Portable>].map(|share| {
             let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
             let lens: Vec<i64> = (0..PARAMETERS.len()).map(|p| parameter_len(p) as i64).collect();
             let gradients = step.gradient.split_with_sizes(&lens, 0).into_iter().zip(PARAMETERS).map(|(g, (_, shape))| g.view(shape));
@@ -680,6 +694,32 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_step_with_the_forward_pass_in_avx512_gives_the_avx2_steps_bits() {
+        if !has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512, so training runs the AVX2 loops that the other tests check");
+            return;
+        }
+        for arch in [Arch::Modern, Arch::Classic] {
+            tch::manual_seed(8);
+            let vs = VarStore::new(Device::Cpu);
+            let config = ModelConfig { arch, head: Head::Softmax };
+            let _net = LeNet5::new(&vs.root(), config);
+            let xs = Tensor::rand([70, 1, 32, 32], (Kind::Float, Device::Cpu)) * 3.2 - 0.42;
+            let ys = Tensor::randint(10, [70], (Kind::Int64, Device::Cpu));
+            let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
+            // SAFETY (both): has_avx512 (which includes AVX2 and FMA) said the CPU has them.
+            let avx2: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe { net.share_avx2(by_output, pixels, labels, scale, logits, scratch) };
+            let avx512: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe { net.share_avx512(by_output, pixels, labels, scale, logits, scratch) };
+            let [a, b] = [avx2, avx512].map(|share| {
+                let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
+                [step.gradient, step.logits.view(-1), step.loss.view(-1)].map(|t| Vec::<f32>::try_from(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+            });
+            assert!(a == b, "{arch:?}: the gradient, logits or loss differ");
         }
     }
 

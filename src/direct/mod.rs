@@ -311,8 +311,9 @@ fn floats(t: &Tensor) -> &[f32] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
 }
 
-/// Whether the CPU has AVX-512 (its foundation set, with AVX2 and FMA): the training loops
-/// stay in AVX2 (their layouts are cut in eight-float halves), the forward pass uses it.
+/// Whether the CPU has AVX-512 (its foundation set, with AVX2 and FMA): the forward pass,
+/// in inference and in training, uses it; the training's backward pass stays in AVX2 (its
+/// layouts are cut in eight-float halves).
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -338,7 +339,7 @@ fn has_avx2() -> bool {
 /// The instructions the direct engine runs on this CPU, for `lenet5 info`.
 pub fn instruction_set() -> &'static str {
     if has_avx512() {
-        "AVX-512 (inference), AVX2 and FMA (training)"
+        "AVX-512 (forward pass), AVX2 and FMA (training's backward pass)"
     } else if has_avx2() {
         "AVX2 and FMA"
     } else {
