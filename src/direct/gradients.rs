@@ -226,7 +226,10 @@ impl DirectNet {
             row[..SIDE].copy_from_slice(src);
         }
         conv1::<L>(w, &kept.image, &mut kept.c1); // (6, 28, 32), before the activation
-        subsample_keeping(arch, &mut kept.c1, &mut kept.s2);
+        match arch {
+            Arch::Modern => max_pool_c1::<L>(&kept.c1, &mut kept.s2),
+            Arch::Classic => subsample_keeping(arch, &mut kept.c1, &mut kept.s2),
+        }
         conv2::<L>(w, &kept.s2, &mut kept.c3); // (16, 10, 10)
         subsample_keeping(arch, &mut kept.c3, &mut kept.s4);
         flat.copy_from_slice(kept.s4.as_flattened().as_flattened());
