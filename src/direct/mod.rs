@@ -281,9 +281,15 @@ impl DirectNet {
             Arch::Modern => max_pool_c1::<L>(&c1, &mut s2),
             Arch::Classic => s2 = subsample(arch, &c1),
         }
-        let mut c3 = [[[0.0; C3_SIDE]; C3_SIDE]; C3_MAPS];
-        conv2::<L>(w, &s2, &mut c3);
-        let s4: Maps<C3_MAPS, S4_SIDE, S4_SIDE> = subsample(arch, &c3);
+        let mut s4 = [[[0.0; S4_SIDE]; S4_SIDE]; C3_MAPS];
+        match arch {
+            Arch::Modern => conv2_max_pooled::<L>(w, &s2, &mut s4),
+            Arch::Classic => {
+                let mut c3 = [[[0.0; C3_SIDE]; C3_SIDE]; C3_MAPS];
+                conv2::<L>(w, &s2, &mut c3);
+                s4 = subsample(arch, &c3);
+            }
+        }
         let flat: &[f32; FLAT] = s4.as_flattened().as_flattened().try_into().expect("16 x 5 x 5 values");
         let f5 = activate(arch, dense::<L, FLAT, F5_WIDE>(&w.fc1, &w.fc1_bias, flat));
         let f6 = activate(arch, dense::<L, F5_WIDE, F6_WIDE>(&w.fc2, &w.fc2_bias, &f5));
@@ -568,33 +574,63 @@ fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE], maps: &mut Ma
     }
 }
 
-/// C3 before its activation, with full connections, into `maps` (every value written, as
-/// [`conv1`]): each position accumulates its 150 inputs against weight vectors of `L::WIDTH`
-/// maps, a whole row of ten positions at a time, so each weight vector loaded serves ten
-/// running sums (ten, a weight vector and a broadcast input take 12 of AVX2's 16 registers;
-/// five at a time, as before, made a single image 10-25 % slower with AVX2 or AVX-512).
+/// Row `y` of C3 before its activation, with full connections, for maps `half..half +
+/// L::WIDTH`: each position accumulates its 150 inputs against weight vectors of those maps,
+/// the whole row's ten positions at a time, so each weight vector loaded serves ten running
+/// sums (ten, a weight vector and a broadcast input take 12 of AVX2's 16 registers; five at a
+/// time, as before, made a single image 10-25 % slower with AVX2 or AVX-512).
+#[inline(always)]
+fn conv2_row<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, y: usize, half: usize) -> [L; C3_SIDE] {
+    let mut acc = [L::load(&w.conv2_bias[half..]); C3_SIDE];
+    for (map, kernel) in s2.iter().zip(&w.conv2) {
+        for (ky, kernel_row) in kernel.iter().enumerate() {
+            let input = &map[y + ky];
+            for (kx, k) in kernel_row.iter().enumerate() {
+                let k = L::load(&k[half..]);
+                for (x, a) in acc.iter_mut().enumerate() {
+                    *a = a.mul_add(L::splat(input[x + kx]), k);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Stores the vector of maps `half..` at position (y, x) of `maps`.
+#[inline(always)]
+fn scatter<L: Lanes, const H: usize, const W: usize>(v: L, maps: &mut Maps<C3_MAPS, H, W>, half: usize, y: usize, x: usize) {
+    let mut values = [0f32; C3_MAPS];
+    v.store(&mut values);
+    for (map, &v) in maps[half..].iter_mut().zip(&values[..L::WIDTH]) {
+        map[y][x] = v;
+    }
+}
+
+/// C3 before its activation into `maps` (every value written, as [`conv1`]), row by row.
 #[inline(always)]
 fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, maps: &mut Maps<C3_MAPS, C3_SIDE, C3_SIDE>) {
     for half in (0..C3_MAPS).step_by(L::WIDTH) {
         for y in 0..C3_SIDE {
-            let mut acc = [L::load(&w.conv2_bias[half..]); C3_SIDE];
-            for (map, kernel) in s2.iter().zip(&w.conv2) {
-                for (ky, kernel_row) in kernel.iter().enumerate() {
-                    let input = &map[y + ky];
-                    for (kx, k) in kernel_row.iter().enumerate() {
-                        let k = L::load(&k[half..]);
-                        for (x, a) in acc.iter_mut().enumerate() {
-                            *a = a.mul_add(L::splat(input[x + kx]), k);
-                        }
-                    }
-                }
+            for (x, v) in conv2_row::<L>(w, s2, y, half).into_iter().enumerate() {
+                scatter(v, maps, half, y, x);
             }
-            for (x, a) in acc.into_iter().enumerate() {
-                let mut values = [0f32; C3_MAPS];
-                a.store(&mut values);
-                for (map, &v) in maps[half..].iter_mut().zip(&values[..L::WIDTH]) {
-                    map[y][x] = v;
-                }
+        }
+    }
+}
+
+/// S4 of the modern variant straight from C3's rows in lanes, for inference (training keeps
+/// C3 for its backward pass): each window's four position vectors max-pooled and ReLU'd
+/// lane by lane, the same values as [`subsample`] of [`conv2`] (as [`max_pool_c1`]), with a
+/// quarter of the scattering into maps.
+#[inline(always)]
+fn conv2_max_pooled<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, s4: &mut Maps<C3_MAPS, S4_SIDE, S4_SIDE>) {
+    for half in (0..C3_MAPS).step_by(L::WIDTH) {
+        for y in 0..S4_SIDE {
+            let (top, bottom) = (conv2_row::<L>(w, s2, 2 * y, half), conv2_row::<L>(w, s2, 2 * y + 1, half));
+            for x in 0..S4_SIDE {
+                let (l, r) = (2 * x, 2 * x + 1);
+                let max = top[l].max_keeping_nan(top[r]).max_keeping_nan(bottom[l].max_keeping_nan(bottom[r]));
+                scatter(max.max_keeping_nan(L::splat(0.0)), s4, half, y, x);
             }
         }
     }
@@ -782,42 +818,71 @@ mod tests {
         }
     }
 
+    /// `values` drawn from `choices` by a fixed linear congruential sequence.
+    fn draw(values: &mut [f32], choices: &[f32], mut state: u32) {
+        for v in values {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *v = choices[(state >> 16) as usize % choices.len()];
+        }
+    }
+
+    /// The bits of each value, every NaN as one.
+    fn canonical<const C: usize, const H: usize, const W: usize>(maps: &Maps<C, H, W>) -> Vec<u32> {
+        maps.as_flattened().as_flattened().iter().map(|x| if x.is_nan() { f32::NAN.to_bits() } else { x.to_bits() }).collect()
+    }
+
+    /// S2 from `c1` and S4 from `s2` in the modern variant, as the lanes compute them
+    /// ([`max_pool_c1`], [`conv2_max_pooled`]) and as [`subsample`] does one value at a time.
+    #[inline(always)]
+    fn pooled_both_ways<L: Lanes>(w: &Weights, c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> [[Vec<u32>; 2]; 2] {
+        let mut pooled_c1 = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
+        max_pool_c1::<L>(c1, &mut pooled_c1);
+        let (mut s4, mut c3) = ([[[0f32; S4_SIDE]; S4_SIDE]; C3_MAPS], [[[0f32; C3_SIDE]; C3_SIDE]; C3_MAPS]);
+        conv2_max_pooled::<L>(w, s2, &mut s4);
+        conv2::<L>(w, s2, &mut c3);
+        [
+            [canonical(&pooled_c1), canonical(&subsample::<C1_MAPS, C1_SIDE, C1_WIDE, S2_SIDE>(Arch::Modern, c1))],
+            [canonical(&s4), canonical(&subsample::<C3_MAPS, C3_SIDE, C3_SIDE, S4_SIDE>(Arch::Modern, &c3))],
+        ]
+    }
+
     #[test]
     fn max_pooling_in_lanes_gives_the_maxima_of_the_one_value_at_a_time_loop() {
-        // Few distinct values, so windows tie; negatives, zeros of both signs and NaN among them.
-        let choices = [-1.5, -0.0, 0.0, 0.25, 0.25, 2.0, f32::NAN, -3.0];
+        // Few distinct values, so windows tie; negatives, zeros of both signs and NaN among
+        // them. Small integers into conv2, so its sums are exact (the same with and without
+        // FMA) and tie too.
         let mut c1 = Box::new([[[0f32; C1_WIDE]; C1_SIDE]; C1_MAPS]);
-        let mut state = 12345u32;
-        for v in c1.as_flattened_mut().as_flattened_mut() {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            *v = choices[(state >> 29) as usize];
-        }
-        let canonical = |s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>| {
-            s2.as_flattened().as_flattened().iter().map(|x| if x.is_nan() { f32::NAN.to_bits() } else { x.to_bits() }).collect::<Vec<u32>>()
+        draw(c1.as_flattened_mut().as_flattened_mut(), &[-1.5, -0.0, 0.0, 0.25, 0.25, 2.0, f32::NAN, -3.0], 1);
+        let mut s2 = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
+        draw(s2.as_flattened_mut().as_flattened_mut(), &[0.0, 1.0, 2.0, 1.0, 0.0, 3.0], 2);
+        s2[2][7][3] = f32::NAN; // the C3 positions (3..=7, 0..=3) read it, in every map
+        let mut w = Weights::zeroed();
+        let [_, _, conv2, bias, ..] = w.arrays_mut();
+        draw(conv2, &[-1.0, 0.0, 1.0], 3);
+        draw(bias, &[-2.0, 0.0, 1.0], 4);
+        let check = |lanes: &str, [s2, s4]: [[Vec<u32>; 2]; 2]| {
+            assert!(s2[0] == s2[1], "{lanes}: S2 is not the loop's maxima");
+            assert!(s4[0] == s4[1], "{lanes}: S4 is not the loop's maxima");
         };
-        let expected = canonical(&subsample(Arch::Modern, &c1));
-        let mut got = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
-        max_pool_c1::<Portable>(&c1, &mut got);
-        assert!(canonical(&got) == expected, "portable lanes: not the loop's maxima");
+        check("portable lanes", pooled_both_ways::<Portable>(&w, &c1, &s2));
         #[cfg(target_arch = "x86_64")]
         {
+            type Pooled = [[Vec<u32>; 2]; 2];
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn in_avx2(c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &mut Maps<C1_MAPS, S2_SIDE, S2_SIDE>) {
-                max_pool_c1::<avx2::Avx2>(c1, s2)
+            unsafe fn in_avx2(w: &Weights, c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Pooled {
+                pooled_both_ways::<avx2::Avx2>(w, c1, s2)
             }
             #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn in_avx512(c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &mut Maps<C1_MAPS, S2_SIDE, S2_SIDE>) {
-                max_pool_c1::<avx512::Avx512>(c1, s2)
+            unsafe fn in_avx512(w: &Weights, c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Pooled {
+                pooled_both_ways::<avx512::Avx512>(w, c1, s2)
             }
             if has_avx2() {
                 // SAFETY: the CPU has AVX2 and FMA.
-                unsafe { in_avx2(&c1, &mut got) };
-                assert!(canonical(&got) == expected, "AVX2: not the loop's maxima");
+                check("AVX2", unsafe { in_avx2(&w, &c1, &s2) });
             }
             if has_avx512() {
                 // SAFETY: the CPU has AVX-512.
-                unsafe { in_avx512(&c1, &mut got) };
-                assert!(canonical(&got) == expected, "AVX-512: not the loop's maxima");
+                check("AVX-512", unsafe { in_avx512(&w, &c1, &s2) });
             }
         }
     }
