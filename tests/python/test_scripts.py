@@ -68,3 +68,14 @@ def test_a_script_started_by_a_python3_without_the_venv_runs_in_the_venv(script)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
     r = run([ROOT / "scripts" / script, "--help"], env={**env, "PATH": path}, timeout=120)
     assert "usage:" in r.stdout, r.stdout
+
+
+def test_the_gpu_pack_holds_what_its_scripts_import():
+    """scripts/pack-gpu copies a few scripts for a machine with its own torch and no .venv: each
+    must start there (a module they import left out of the pack stops them at the first line)."""
+    if not (ROOT / "target" / "release" / "lenet5").exists():
+        pytest.skip("no target/release/lenet5 to pack: run scripts/setup")
+    run([ROOT / "scripts" / "pack-gpu"], env={**os.environ, "LENET5_SKIP_BUILD": "1"})
+    for script in ("crosscheck", "bench"):
+        r = run([sys.executable, ROOT / ".gpu" / "scripts" / script, "--help"], timeout=120)
+        assert "usage:" in r.stdout, r.stdout
