@@ -511,12 +511,7 @@ fn conv2_backward<L: Lanes>(
     let mut padded = [[[0f32; S2_SIDE + LANES + 2]; S2_SIDE]; C1_MAPS]; // rows 24 wide
     for (y, row) in by_position.iter().enumerate() {
         for (x, d) in row.iter().enumerate() {
-            let mut nonzero = [(0, 0f32); C3_MAPS];
-            let mut n = 0;
-            for (o, &v) in d.iter().enumerate() {
-                nonzero[n] = (o, v);
-                n += usize::from(v != 0.0);
-            }
+            let (nonzero, n) = nonzero(d);
             if n == 0 {
                 continue;
             }
