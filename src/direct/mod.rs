@@ -556,7 +556,7 @@ fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE], maps: &mut Ma
             for ky in 0..KERNEL {
                 let input = &image[y + ky];
                 for kx in 0..KERNEL {
-                    let xs: [L; MOST] = std::array::from_fn(|j| L::load(&input[(kx + j * L::WIDTH).min(IMAGE_WIDE - L::WIDTH)..]));
+                    let xs: [L; MOST] = std::array::from_fn(|j| if j < vectors { L::load(&input[kx + j * L::WIDTH..]) } else { L::splat(0.0) });
                     for (g, a) in acc.iter_mut().enumerate() {
                         let k = L::splat(w.conv1[c0 + g][ky][kx]);
                         for (a, &x) in a[..vectors].iter_mut().zip(&xs) {
