@@ -183,8 +183,8 @@ impl DirectNet {
         self.share_with::<avx2::Avx2, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
     }
 
-    /// `share_with` with the forward pass in AVX-512, as `run_avx512` (the same bits as in
-    /// AVX2), and the backward pass in AVX2.
+    /// `share_with` in AVX-512, the same bits as in AVX2: the forward pass as `run_avx512`,
+    /// conv2's backward pass sixteen wide, conv1's eight wide (AVX2).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn share_avx512(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
@@ -193,11 +193,11 @@ impl DirectNet {
 
     /// The share in micro-batches: each image's convolutional stages forwards, the linear
     /// layers for all of them forwards and backwards, then each image's convolutional stages
-    /// backwards; the forward pass in `Forward` lanes, the backward pass in `Backward` lanes
-    /// (eight wide: its layouts are cut in eight-float halves).
+    /// backwards; in `L` lanes (eight or sixteen wide) but for conv1's backward pass, in
+    /// `Eight` lanes: its kernel rows are padded to eight floats and lie a row apart.
     #[inline(always)]
-    fn share_with<Forward: Lanes, Backward: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
-        const { assert!(Backward::WIDTH == LANES, "the backward layouts are cut in eight-float halves") };
+    fn share_with<L: Lanes, Eight: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+        const { assert!(Eight::WIDTH == LANES && (L::WIDTH == LANES || L::WIDTH == 2 * LANES), "lanes eight or sixteen wide") };
         let Scratch { sums, kept, rows } = scratch;
         for array in sums.arrays_mut() {
             array.fill(0.0);
@@ -206,11 +206,11 @@ impl DirectNet {
         for ((pixels, labels), logits) in pixels.chunks(MICRO * PIXELS).zip(labels.chunks(MICRO)).zip(logits.chunks_mut(MICRO * CLASSES)) {
             let kept = &mut kept[..labels.len()];
             for ((kept, input), flat) in kept.iter_mut().zip(pixels.chunks_exact(PIXELS)).zip(&mut rows.flat) {
-                self.convolutions_forward::<Forward>(input, kept, flat);
+                self.convolutions_forward::<L>(input, kept, flat);
             }
             loss += self.linear_layers(rows, labels, scale, logits, sums);
             for (kept, d_flat) in kept.iter().zip(&rows.d_flat) {
-                self.convolutions_backward::<Backward>(by_output, kept, d_flat, sums);
+                self.convolutions_backward::<L, Eight>(by_output, kept, d_flat, sums);
             }
         }
         loss
@@ -267,14 +267,14 @@ impl DirectNet {
     /// S4 to C1 of one image backwards from S4's gradient `d_flat` (PyTorch's flatten order),
     /// adding conv2's and conv1's weight and bias gradients into `g`.
     #[inline(always)]
-    fn convolutions_backward<L: Lanes>(&self, by_output: &Conv2ByOutput, kept: &Kept, d_flat: &[f32; FLAT], g: &mut Weights) {
+    fn convolutions_backward<L: Lanes, Eight: Lanes>(&self, by_output: &Conv2ByOutput, kept: &Kept, d_flat: &[f32; FLAT], g: &mut Weights) {
         let arch = self.config.arch;
         let d4: &Maps<C3_MAPS, S4_SIDE, S4_SIDE> = d_flat.as_chunks::<S4_SIDE>().0.as_chunks::<S4_SIDE>().0.try_into().expect("16 x 5 x 5 values");
         let d3: Maps<C3_MAPS, C3_SIDE, C3_SIDE> = subsample_backward(arch, &kept.c3, &kept.s4, d4);
         let d2 = conv2_backward::<L>(by_output, &kept.s2, &d3, g);
         match arch {
-            Arch::Modern => conv1_backward_routed::<L>(&kept.image, &kept.c1, &kept.s2, &d2, g),
-            Arch::Classic => conv1_backward::<L>(&kept.image, &subsample_backward(arch, &kept.c1, &kept.s2, &d2), g),
+            Arch::Modern => conv1_backward_routed::<Eight>(&kept.image, &kept.c1, &kept.s2, &d2, g),
+            Arch::Classic => conv1_backward::<Eight>(&kept.image, &subsample_backward(arch, &kept.c1, &kept.s2, &d2), g),
         }
     }
 }
@@ -466,7 +466,7 @@ fn conv2_backward<L: Lanes>(
     d3: &Maps<C3_MAPS, C3_SIDE, C3_SIDE>,
     g: &mut Weights,
 ) -> Maps<C1_MAPS, S2_SIDE, S2_SIDE> {
-    // The gradient by position, its 16 maps in two lane vectors: (10, 10, 16).
+    // The gradient by position, its 16 maps in `parts` lane vectors: (10, 10, 16).
     let mut by_position = [[[0f32; C3_MAPS]; C3_SIDE]; C3_SIDE];
     for (o, map) in d3.iter().enumerate() {
         for (y, row) in map.iter().enumerate() {
@@ -475,59 +475,68 @@ fn conv2_backward<L: Lanes>(
             }
         }
     }
-    let halves = |at: &[f32]| [L::load(at), L::load(&at[LANES..])];
-    let mut bias = halves(&g.conv2_bias);
+    // 16 values in lane vectors: two eight wide, or the first of `[L; 2]` sixteen wide.
+    let parts = C3_MAPS / L::WIDTH;
+    let load_maps = |at: &[f32]| -> [L; 2] { std::array::from_fn(|h| L::load(&at[(h % parts) * L::WIDTH..])) };
+    let store_maps = |v: [L; 2], at: &mut [f32]| (0..parts).for_each(|h| v[h].store(&mut at[h * L::WIDTH..]));
+    let mut bias = load_maps(&g.conv2_bias);
     for d in by_position.as_flattened() {
-        let d = halves(d);
-        bias = [bias[0].add(d[0]), bias[1].add(d[1])];
+        let d = load_maps(d);
+        (0..parts).for_each(|h| bias[h] = bias[h].add(d[h]));
     }
-    bias[0].store(&mut g.conv2_bias);
-    bias[1].store(&mut g.conv2_bias[LANES..]);
+    store_maps(bias, &mut g.conv2_bias);
     // Weights: g[i][ky][kx][o] += sum over positions of S2[i][y + ky][x + kx] d3[o][y][x],
-    // the five kx of one (i, ky) in ten running sums.
+    // the five kx of one (i, ky) in five or ten running sums.
     for (map, g_kernel) in s2.iter().zip(g.conv2.iter_mut()) {
         for (ky, g_row) in g_kernel.iter_mut().enumerate() {
-            let mut acc: [[L; 2]; KERNEL] = std::array::from_fn(|kx| halves(&g_row[kx]));
+            let mut acc: [[L; 2]; KERNEL] = std::array::from_fn(|kx| load_maps(&g_row[kx]));
             for (y, d_row) in by_position.iter().enumerate() {
                 let input = &map[y + ky];
                 for (x, d) in d_row.iter().enumerate() {
-                    let d = halves(d);
+                    let d = load_maps(d);
                     for (kx, acc) in acc.iter_mut().enumerate() {
                         let s = L::splat(input[x + kx]);
-                        *acc = [acc[0].mul_add(s, d[0]), acc[1].mul_add(s, d[1])];
+                        (0..parts).for_each(|h| acc[h] = acc[h].mul_add(s, d[h]));
                     }
                 }
             }
             for (g, acc) in g_row.iter_mut().zip(acc) {
-                acc[0].store(g);
-                acc[1].store(&mut g[LANES..]);
+                store_maps(acc, g);
             }
         }
     }
     // S2's gradient: each C3 position adds its gradient times conv2's 6 x 5 x 5 weights into
     // the S2 window it read, d2[i][y + ky][x + kx] += d3[o][y][x] w[o][i][ky][kx], one row
-    // of five kx (in a lane vector, three zero weights past them) at a time. Maps whose
+    // of five kx (in eight lanes, three zero weights past them) at a time. Maps whose
     // gradient is 0 there are skipped: with max-pooling, at least three positions in four.
     let mut padded = [[[0f32; S2_SIDE + LANES + 2]; S2_SIDE]; C1_MAPS]; // rows 24 wide
+    let rows_per_vector = L::WIDTH / LANES; // kernel rows side by side in a lane vector
+    let vectors = S2_GROUP * KERNEL / rows_per_vector;
     for (y, row) in by_position.iter().enumerate() {
         for (x, d) in row.iter().enumerate() {
             let (nonzero, n) = nonzero(d);
             if n == 0 {
                 continue;
             }
-            // Two input maps' ten kernel rows at a time in ten running sums, each map's gradient
-            // broadcast once for all ten.
+            // Two input maps' ten kernel rows at a time in ten (or five) running sums, each
+            // map's gradient broadcast once for all of them.
             for (i0, maps) in padded.chunks_exact_mut(S2_GROUP).enumerate().map(|(g, maps)| (g * S2_GROUP, maps)) {
                 let mut acc = [L::splat(0.0); S2_GROUP * KERNEL];
                 for &(o, v) in &nonzero[..n] {
                     let v = L::splat(v);
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        *acc = acc.mul_add(v, L::load(&by_output[o][i0 + r / KERNEL][r % KERNEL]));
+                    let weights = by_output[o][i0..i0 + S2_GROUP].as_flattened().as_flattened();
+                    for (j, acc) in acc[..vectors].iter_mut().enumerate() {
+                        *acc = acc.mul_add(v, L::load(&weights[j * L::WIDTH..]));
                     }
                 }
-                for (r, acc) in acc.into_iter().enumerate() {
-                    let at = &mut maps[r / KERNEL][y + r % KERNEL][x..];
-                    L::load(at).add(acc).store(at);
+                for (j, acc) in acc[..vectors].iter().enumerate() {
+                    let mut lanes = [0f32; 2 * LANES];
+                    acc.store(&mut lanes);
+                    for (k, lanes) in lanes[..L::WIDTH].chunks_exact(LANES).enumerate() {
+                        let r = j * rows_per_vector + k;
+                        let at = &mut maps[r / KERNEL][y + r % KERNEL][x..x + LANES];
+                        at.iter_mut().zip(lanes).for_each(|(t, v)| *t += v);
+                    }
                 }
             }
         }
@@ -697,7 +706,7 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn a_step_with_the_forward_pass_in_avx512_gives_the_avx2_steps_bits() {
+    fn a_step_in_avx512_gives_the_avx2_steps_bits() {
         if !has_avx512() {
             eprintln!("skipped: this CPU has no AVX-512, so training runs the AVX2 loops that the other tests check");
             return;

@@ -322,8 +322,8 @@ fn floats(t: &Tensor) -> &[f32] {
 }
 
 /// Whether the CPU has AVX-512 (its foundation set, with AVX2 and FMA): the forward pass,
-/// in inference and in training, uses it; the training's backward pass stays in AVX2 (its
-/// layouts are cut in eight-float halves).
+/// in inference and in training, and conv2's backward pass use it; conv1's backward pass
+/// stays in AVX2 (its kernel rows are padded to eight floats).
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
