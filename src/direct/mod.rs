@@ -349,7 +349,7 @@ fn has_avx2() -> bool {
 /// The instructions the direct engine runs on this CPU, for `lenet5 info`.
 pub fn instruction_set() -> &'static str {
     if has_avx512() {
-        "AVX-512 (forward pass), AVX2 and FMA (training's backward pass)"
+        "AVX-512 (forward pass, conv2's backward pass), AVX2 and FMA (conv1's backward pass)"
     } else if has_avx2() {
         "AVX2 and FMA"
     } else {
