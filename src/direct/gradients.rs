@@ -475,9 +475,9 @@ fn conv2_backward<L: Lanes>(
             }
         }
     }
-    // 16 values in lane vectors: two eight wide, or the first of `[L; 2]` sixteen wide.
+    // 16 values in lane vectors: two eight wide, or one sixteen wide (the second left zero).
     let parts = C3_MAPS / L::WIDTH;
-    let load_maps = |at: &[f32]| -> [L; 2] { std::array::from_fn(|h| L::load(&at[(h % parts) * L::WIDTH..])) };
+    let load_maps = |at: &[f32]| -> [L; 2] { std::array::from_fn(|h| if h < parts { L::load(&at[h * L::WIDTH..]) } else { L::splat(0.0) }) };
     let store_maps = |v: [L; 2], at: &mut [f32]| (0..parts).for_each(|h| v[h].store(&mut at[h * L::WIDTH..]));
     let mut bias = load_maps(&g.conv2_bias);
     for d in by_position.as_flattened() {
