@@ -48,7 +48,7 @@ struct Scratch {
 }
 
 /// One image's convolutional stages as the backward pass reads them: the padded input, C1
-/// and C3 as [`subsample_keeping`] leaves them, S2 and S4.
+/// and C3 as [`subsample`] leaves them, S2 and S4.
 struct Kept {
     image: [[f32; IMAGE_WIDE]; SIDE],
     c1: Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
@@ -228,10 +228,10 @@ impl DirectNet {
         conv1::<L>(w, &kept.image, &mut kept.c1); // (6, 28, 32), before the activation
         match arch {
             Arch::Modern => max_pool_c1::<L>(&kept.c1, &mut kept.s2),
-            Arch::Classic => subsample_keeping(arch, &mut kept.c1, &mut kept.s2),
+            Arch::Classic => subsample(arch, &mut kept.c1, &mut kept.s2),
         }
         conv2::<L>(w, &kept.s2, &mut kept.c3); // (16, 10, 10)
-        subsample_keeping(arch, &mut kept.c3, &mut kept.s4);
+        subsample(arch, &mut kept.c3, &mut kept.s4);
         flat.copy_from_slice(kept.s4.as_flattened().as_flattened());
     }
 
@@ -355,28 +355,8 @@ fn loss_gradient(head: Head, z: &[f32; CLASSES_WIDE], label: usize, scale: f32) 
     (loss, d)
 }
 
-/// S2 and S4 as [`subsample`] computes them, into `out`, leaving in `maps` what their
-/// backward pass reads: the pre-activations (modern: the window's maximum is where the
-/// gradient goes) or the tanh'd values (classic: tanh's derivative is `1 - tanh^2`).
-#[inline(always)]
-fn subsample_keeping<const C: usize, const N: usize, const W: usize, const S: usize>(arch: Arch, maps: &mut Maps<C, N, W>, out: &mut Maps<C, S, S>) {
-    if arch == Arch::Classic {
-        for row in maps.iter_mut().flatten() {
-            row[..2 * S].iter_mut().for_each(|v| *v = v.tanh());
-        }
-    }
-    for (o, m) in out.iter_mut().zip(maps.iter()) {
-        for (y, row) in o.iter_mut().enumerate() {
-            let (top, bottom) = (&m[2 * y], &m[2 * y + 1]);
-            for (x, v) in row.iter_mut().enumerate() {
-                *v = pool(arch, [top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]]);
-            }
-        }
-    }
-}
-
 /// The gradient with respect to the pre-activations of C1 or C3, from that of the subsampled
-/// maps `d` (`kept` and `pooled` as [`subsample_keeping`] left them; columns past `2 S` get 0).
+/// maps `d` (`kept` and `pooled` as [`subsample`] left them; columns past `2 S` get 0).
 /// Modern: ReLU passes the gradient where the pooled value is above 0, and max-pooling sends
 /// it to the first window position holding the maximum (PyTorch's choice on ties). Classic:
 /// each position gets a quarter of it, times tanh's derivative.
