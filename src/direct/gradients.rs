@@ -457,7 +457,7 @@ fn conv2_backward<L: Lanes>(
     }
     // 16 values in lane vectors: two eight wide, or one sixteen wide (the second left zero).
     let parts = C3_MAPS / L::WIDTH;
-    let load_maps = |at: &[f32]| -> [L; 2] { std::array::from_fn(|h| if h < parts { L::load(&at[h * L::WIDTH..]) } else { L::splat(0.0) }) };
+    let load_maps = |at: &[f32]| -> [L; 2] { array_of(|h| if h < parts { L::load(&at[h * L::WIDTH..]) } else { L::splat(0.0) }) };
     let store_maps = |v: [L; 2], at: &mut [f32]| (0..parts).for_each(|h| v[h].store(&mut at[h * L::WIDTH..]));
     let mut bias = load_maps(&g.conv2_bias);
     for d in by_position.as_flattened() {
@@ -469,7 +469,7 @@ fn conv2_backward<L: Lanes>(
     // the five kx of one (i, ky) in five or ten running sums.
     for (map, g_kernel) in s2.iter().zip(g.conv2.iter_mut()) {
         for (ky, g_row) in g_kernel.iter_mut().enumerate() {
-            let mut acc: [[L; 2]; KERNEL] = std::array::from_fn(|kx| load_maps(&g_row[kx]));
+            let mut acc: [[L; 2]; KERNEL] = array_of(|kx| load_maps(&g_row[kx]));
             for (y, d_row) in by_position.iter().enumerate() {
                 let input = &map[y + ky];
                 for (x, d) in d_row.iter().enumerate() {
@@ -592,7 +592,7 @@ fn conv1_backward<L: Lanes>(image: &[[f32; IMAGE_WIDE]; SIDE], d1: &Maps<C1_MAPS
             for y in 0..C1_SIDE {
                 let input = &image[y + ky];
                 for j in 0..CHUNKS {
-                    let xs: [L; KERNEL] = std::array::from_fn(|kx| L::load(&input[kx + j * LANES..]));
+                    let xs: [L; KERNEL] = array_of(|kx| L::load(&input[kx + j * LANES..]));
                     for (g, acc) in acc.iter_mut().enumerate() {
                         let d = L::load(&d1[o0 + g][y][j * LANES..]);
                         for (a, &x) in acc.iter_mut().zip(&xs) {

@@ -378,6 +378,19 @@ trait Lanes: Copy {
     fn deinterleave(a: Self, b: Self) -> (Self, Self);
 }
 
+/// `[f(0), .., f(N - 1)]`, as `std::array::from_fn` builds it, but always inlined: inside the
+/// `target_feature` functions `from_fn` was left out of line, where every [`Lanes::load`] in
+/// `f` became a call (a tenth of the classic variant's training step).
+#[inline(always)]
+fn array_of<T: Copy, const N: usize>(mut f: impl FnMut(usize) -> T) -> [T; N] {
+    const { assert!(N > 0) };
+    let mut out = [f(0); N];
+    for (i, v) in out.iter_mut().enumerate().skip(1) {
+        *v = f(i);
+    }
+    out
+}
+
 #[derive(Clone, Copy)]
 struct Portable([f32; LANES]);
 
