@@ -1194,8 +1194,8 @@ mod tests {
         let names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
         assert_eq!(names[..5], ["values/data.pkl", "values/.format_version", "values/.storage_alignment", "values/byteorder", "values/data/0"]);
         assert_eq!(names[names.len() - 2..], ["values/version", "values/.data/serialization_id"]);
-        for i in 0..zip.len() {
-            assert_eq!(zip.by_index(i).unwrap().data_start().unwrap() % 64, 0, "{}", names[i]);
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(zip.by_index(i).unwrap().data_start().unwrap() % 64, 0, "{name}");
         }
         // The same value makes the same file.
         let again = dir.join("again").join("values.pt");

@@ -489,9 +489,9 @@ impl Trainer<'_> {
                 state.epoch_seen += b;
                 state.step += 1;
                 state.batch += 1;
-                let at_checkpoint = self.checkpoint_every.is_some_and(|n| state.step % n == 0);
+                let at_checkpoint = self.checkpoint_every.is_some_and(|n| state.step.is_multiple_of(n));
                 let stopping = observer.should_stop();
-                if state.batch % 20 == 0 || state.batch == batches.len() || at_checkpoint || stopping {
+                if state.batch.is_multiple_of(20) || state.batch == batches.len() || at_checkpoint || stopping {
                     sync(&mut state, &loss_sum, &correct, lr)?;
                     report(observer, &state);
                 }

@@ -28,7 +28,7 @@ pub struct Step {
 /// each thread's gradient sums and buffers are kept from batch to batch.
 pub struct DirectTraining {
     net: DirectNet,
-    scratch: Vec<Box<Scratch>>,
+    scratch: Vec<Scratch>,
 }
 
 /// How one thread computes a share of the batch: `DirectNet::share_with` in some lanes.
@@ -70,7 +70,7 @@ struct Rows {
 }
 
 impl Scratch {
-    fn new() -> Box<Scratch> {
+    fn new() -> Scratch {
         let kept = (0..MICRO)
             .map(|_| Kept {
                 image: [[0.0; IMAGE_WIDE]; SIDE],
@@ -90,7 +90,7 @@ impl Scratch {
             d6: [[0.0; F6_WIDE]; MICRO],
             d_out: [[0.0; CLASSES_WIDE]; MICRO],
         });
-        Box::new(Scratch { sums: Weights::zeroed(), kept, rows })
+        Scratch { sums: Weights::zeroed(), kept, rows }
     }
 }
 

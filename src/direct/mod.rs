@@ -221,7 +221,7 @@ impl DirectNet {
     /// on up to `self.threads` threads.
     pub fn run(&self, pixels: &[f32], logits: &mut [f32]) {
         let images = pixels.len() / PIXELS;
-        assert!(pixels.len() % PIXELS == 0 && logits.len() == images * CLASSES, "32x32 pixels and 10 logits per image");
+        assert!(pixels.len().is_multiple_of(PIXELS) && logits.len() == images * CLASSES, "32x32 pixels and 10 logits per image");
         let per_share = images.div_ceil(self.shares(images));
         let shares = pixels.chunks(per_share * PIXELS).zip(logits.chunks_mut(per_share * CLASSES));
         self.on_threads(shares, |(inputs, outputs)| self.run_here(inputs, outputs));
@@ -756,10 +756,10 @@ const DENSE_VECTORS: usize = 4;
 fn dense<L: Lanes, const I: usize, const O: usize>(w: &[[f32; O]; I], bias: &[f32; O], x: &[f32; I]) -> [f32; O] {
     let (nonzero, n) = nonzero(x);
     // An odd count takes the next entry along, whose value is 0.0: I is even, so there is one.
-    const { assert!(I % 2 == 0) };
+    const { assert!(I.is_multiple_of(2)) };
     let pairs = nonzero[..n.next_multiple_of(2)].chunks_exact(2);
     let mut out = [0f32; O];
-    const { assert!(O % LANES == 0 && O % 16 == 0) };
+    const { assert!(O.is_multiple_of(LANES) && O.is_multiple_of(16)) };
     for j in (0..O).step_by(DENSE_VECTORS * L::WIDTH) {
         let vectors = ((O - j) / L::WIDTH).min(DENSE_VECTORS);
         let mut acc = [[L::splat(0.0); DENSE_VECTORS]; 2];
