@@ -195,6 +195,8 @@ fn bad_command_lines_get_one_clear_line() {
     assert!(lr.contains("--lr"), "{lr}");
     let model = fails(&["eval", "--model", "/nonexistent/model.pt"]);
     assert!(model.contains("/nonexistent/model.pt: cannot open"), "{model}");
+    let arch = fails(&["bench", "--what", "eval", "--arch", "classic"]);
+    assert!(arch.contains("--arch is for train and time-to-99"), "{arch}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lenet5::data::{self, Splits};
-use lenet5::model::{LeNet5, ModelConfig};
+use lenet5::model::{Arch, LeNet5, ModelConfig};
 use lenet5::optim::Optimizer;
 use lenet5::train::{self, EpochMetrics, Observer, Outcome, TrainConfig, TrainState, Trainer};
 use lenet5::weights::{self, Classifier, Engine, LoadOptions};
@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// time-to-99: the run's seed [default: the recipe's 1].
     #[arg(long)]
     pub seed: Option<i64>,
+    /// train and time-to-99: the variant trained [default: modern].
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
     /// Timed training steps, passes over the test set, or calls [default: 200, 5, 2000].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -95,6 +98,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.what == Measure::TimeTo99 || (args.epochs.is_none() && args.lr.is_none() && args.seed.is_none()),
         "--epochs, --lr and --seed change the recipe of time-to-99 only"
     );
+    ensure!(
+        matches!(args.what, Measure::Train | Measure::TimeTo99) || args.arch.is_none(),
+        "--arch is for train and time-to-99; eval and latency take the variant from --model"
+    );
     let batch = args.batch_size.unwrap_or(batch);
     let steps = args.steps.unwrap_or(steps);
     let warmup = args.warmup.unwrap_or(warmup);
@@ -134,14 +141,15 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Both splits on `device`, and a freshly initialised model (`--seed`, else 1) of the default recipe.
+/// Both splits on `device`, and a freshly initialised model (`--seed`, else 1; `--arch`) of the
+/// default recipe.
 fn setup_training(args: &BenchArgs, device: Device) -> Result<(TrainConfig, Splits, VarStore, LeNet5)> {
     let recipe = TrainConfig::DEFAULT;
     let data = data::load(args.data.dataset, args.data.data.as_deref())?;
     let data = data.to_device(device);
     tch::manual_seed(args.seed.unwrap_or(recipe.seed));
     let vs = VarStore::new(device);
-    let net = LeNet5::new(&vs.root(), ModelConfig::DEFAULT);
+    let net = LeNet5::new(&vs.root(), ModelConfig { arch: args.arch.unwrap_or(ModelConfig::DEFAULT.arch), ..ModelConfig::DEFAULT });
     Ok((recipe, data, vs, net))
 }
 
@@ -203,7 +211,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
     Ok(json!({
         "batch_size": batch, "steps": steps, "warmup": warmup, "seconds": seconds,
         "images_per_s": (steps as f64 * batch as f64) / seconds,
-        "recipe": config,
+        "arch": lenet5::flag_name(&net.config.arch), "recipe": config,
     }))
 }
 
@@ -339,7 +347,7 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     Ok(json!({
         "target": args.target, "reached": observer.reached.is_some(),
         "seconds": row.seconds, "epochs": row.epoch, "test_accuracy": row.test_accuracy,
-        "batch_size": config.batch_size, "recipe": config, "history": history,
+        "batch_size": config.batch_size, "arch": lenet5::flag_name(&net.config.arch), "recipe": config, "history": history,
     }))
 }
 

@@ -10,7 +10,7 @@ EXPECTED_ROWS = [
     ("train64", "images_per_s"), ("train256", "images_per_s"), ("eval", "images_per_s"), ("eval_direct", "images_per_s"),
     ("latency", "median_us"), ("latency", "p99_us"), ("latency_direct", "median_us"), ("latency_direct", "p99_us"),
     ("latency_script", "median_us"), ("latency_script", "p99_us"),
-    ("train64_direct", "images_per_s"), ("train256_direct", "images_per_s"),
+    ("train64_direct", "images_per_s"), ("train256_direct", "images_per_s"), ("train256_direct_classic", "images_per_s"),
     ("train256", "peak_rss_mib"), ("train256_direct", "peak_rss_mib"), ("eval", "peak_rss_mib"), ("latency", "peak_rss_mib"),
     ("startup_version", "ms"), ("startup_info", "ms"),
 ]
@@ -37,8 +37,13 @@ def test_quick_bench_measures_every_row_on_both_sides(binary, mnist_dir, tmp_pat
         assert [r["engine"] for r in result["runs"][key]["rust"]] == ["direct"], key
     for key in ("eval", "latency"):
         assert [r["engine"] for r in result["runs"][key]["rust"]] == ["libtorch"], key
-    for key, engine in (("train64", "libtorch"), ("train256", "libtorch"), ("train64_direct", "direct"), ("train256_direct", "direct")):
+    for key, engine in (("train64", "libtorch"), ("train256", "libtorch"), ("train64_direct", "direct"), ("train256_direct", "direct"),
+                        ("train256_direct_classic", "direct")):
         assert [r["recipe"]["engine"] for r in result["runs"][key]["rust"]] == [engine], key
+    # Both sides trained the same variant.
+    for key, arch in (("train256", "modern"), ("train256_direct", "modern"), ("train256_direct_classic", "classic")):
+        runs = result["runs"][key]
+        assert [r["arch"] for r in runs["rust"] + runs["pytorch"]] == [arch, arch], key
     stages = {s["stage"]: s for s in result["stages_median_us"]}
     assert list(stages) == ["C1", "S2", "C3", "S4", "F5", "F6", "output", "sum"]
     assert all(s["rust"] > 0 and s["pytorch"] > 0 for s in stages.values())
