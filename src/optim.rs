@@ -506,10 +506,13 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("--beta1 1"));
     }
 
+    /// A run's end: its parameters, and its optimizer's state by name.
+    type RunEnd = (Vec<Tensor>, Vec<(String, Tensor)>);
+
     /// Two optimizers over equal copies of LeNet-5's parameters, the second flattened after
     /// `flatten_after` steps (its state then continues flat), stepped with the same gradients:
     /// the parameters as shallow clones taken before the optimizer was built, and its state.
-    fn per_parameter_and_flat(config: OptimizerConfig, flatten_after: usize, steps: usize) -> [(Vec<Tensor>, Vec<(String, Tensor)>); 2] {
+    fn per_parameter_and_flat(config: OptimizerConfig, flatten_after: usize, steps: usize) -> [RunEnd; 2] {
         tch::manual_seed(3);
         let shapes: [&[i64]; 10] = [&[6, 1, 5, 5], &[6], &[16, 6, 5, 5], &[16], &[120, 400], &[120], &[84, 120], &[84], &[10, 84], &[10]];
         let start: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect();

@@ -369,6 +369,7 @@ pub enum Engine {
 }
 
 /// A model ready to run: our LeNet-5 with loaded weights, or a TorchScript module as-is.
+#[expect(clippy::large_enum_variant, reason = "one per process, moved rarely: a box would buy nothing")]
 pub enum Classifier {
     /// `direct` is set when the direct engine runs the forward pass instead of `net`.
     Native { vs: VarStore, net: LeNet5, card: Option<ModelCard>, direct: Option<DirectNet> },
