@@ -6,8 +6,10 @@ scripts/setup builds and installs the binding into the venv (maturin); these tes
 skip, without it: it is part of the product.
 """
 
-import _thread
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -161,26 +163,51 @@ def test_train_on_the_callers_tensors_reports_progress(test_set, tmp_path):
     assert lenet5.evaluate(model, images=images[2000:3000], labels=labels[2000:3000])["accuracy"] == history[1]["test_accuracy"]
 
 
-def test_an_interrupted_training_raises_keyboardinterrupt_and_resumes_bit_identically(mnist_dir, tmp_path):
+def _press_ctrl_c_as_a_terminal_does():
+    """Stops a training as Ctrl-C or the notebook's stop button does: a real SIGINT sent to the
+    process while the main thread is inside the Rust loop (its callback returns first, so the
+    signal lands between steps). Returns the progress callback; the callback does not return
+    again until the signal is out, so it always lands before the run ends however loaded the
+    machine is."""
+    pressed, sent = threading.Event(), threading.Event()
+
+    def press():
+        pressed.wait()
+        time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.set()
+
+    threading.Thread(target=press, daemon=True).start()
+
+    def callback(event, value):
+        if pressed.is_set():
+            assert sent.wait(10), "the SIGINT was never sent"
+        elif event == "progress" and value["seen"] >= 1280:
+            pressed.set()
+
+    return callback
+
+
+def _raise_in_the_callback():
+    """A KeyboardInterrupt raised inside the progress callback: where Python delivers a Ctrl-C
+    that arrives while the callback runs."""
+
+    def callback(event, value):
+        if event == "progress" and value["seen"] >= 1280:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("interrupt", [_press_ctrl_c_as_a_terminal_does, _raise_in_the_callback])
+def test_an_interrupted_training_raises_keyboardinterrupt_and_resumes_bit_identically(mnist_dir, tmp_path, interrupt):
+    # Stopped in mid-epoch 1 (step 20 of 63); the resumed run must be the uninterrupted one.
     recipe = dict(epochs=2, limit_train=4000, batch_size=64, seed=2, data=mnist_dir, threads=2, device="cpu", progress=False)
     whole, _ = lenet5.train(**recipe, out=tmp_path / "whole")
 
     out = tmp_path / "stopped"
-    pressed = threading.Event()
-
-    def stop_soon(event, value):
-        # The notebook's stop button, pressed from another thread in mid-epoch 1 while the
-        # main thread is inside the Rust training loop. Waiting for that thread makes the
-        # press land before training goes on: on a loaded machine it once came only after
-        # the last step.
-        if event == "progress" and value["seen"] >= 1280 and not pressed.is_set():
-            pressed.set()
-            press = threading.Thread(target=_thread.interrupt_main)
-            press.start()
-            press.join()
-
     with pytest.raises(KeyboardInterrupt, match="resume with lenet5.train"):
-        lenet5.train(**{**recipe, "progress": stop_soon}, out=out)
+        lenet5.train(**{**recipe, "progress": interrupt()}, out=out)
     assert (out / "checkpoint.safetensors").is_file()
     assert not (out / "lenet5.safetensors").exists()  # stopped before the end
 
