@@ -199,9 +199,9 @@ def _raise_in_the_callback():
     return callback
 
 
-@pytest.mark.parametrize("interrupt", [_press_ctrl_c_as_a_terminal_does, _raise_in_the_callback])
+@pytest.mark.parametrize("interrupt", [_press_ctrl_c_as_a_terminal_does, _raise_in_the_callback], ids=["sigint", "raised-in-callback"])
 def test_an_interrupted_training_raises_keyboardinterrupt_and_resumes_bit_identically(mnist_dir, tmp_path, interrupt):
-    # Stopped in mid-epoch 1 (step 20 of 63); the resumed run must be the uninterrupted one.
+    # Stopped in mid-epoch 1 (of 63 steps, after step 20); the resumed run must be the uninterrupted one.
     recipe = dict(epochs=2, limit_train=4000, batch_size=64, seed=2, data=mnist_dir, threads=2, device="cpu", progress=False)
     whole, _ = lenet5.train(**recipe, out=tmp_path / "whole")
 
