@@ -224,9 +224,9 @@ impl TestImages {
 
 /// The page's files, embedded: path, content type, content.
 const ASSETS: [(&str, &str, &str); 3] = [
-    ("/", "text/html; charset=utf-8", include_str!("serve/index.html")),
-    ("/app.js", "text/javascript; charset=utf-8", include_str!("serve/app.js")),
-    ("/style.css", "text/css; charset=utf-8", include_str!("serve/style.css")),
+    ("/", "text/html; charset=utf-8", include_str!("index.html")),
+    ("/app.js", "text/javascript; charset=utf-8", include_str!("app.js")),
+    ("/style.css", "text/css; charset=utf-8", include_str!("style.css")),
 ];
 
 /// Every route of the page and the API, with the body-size limit and the timeout as layers.
