@@ -1,6 +1,6 @@
 //! Link-time glue for libtorch: an rpath so binaries and tests run without LD_LIBRARY_PATH,
 //! libtorch linked unconditionally so its CUDA half is loaded on GPU machines, and the small
-//! C++ file of ATen calls that tch does not bind (src/aten_ops.cpp).
+//! C++ file of ATen calls that tch does not bind (src/training/aten_ops.cpp).
 
 fn main() {
     // torch-sys (`links = "tch"`) tells its direct dependents where libtorch's libraries are.
@@ -22,14 +22,14 @@ fn main() {
         let include = std::path::Path::new(&lib).join("../include");
         cc::Build::new()
             .cpp(true)
-            .file("src/aten_ops.cpp")
+            .file("src/training/aten_ops.cpp")
             .include(&include)
             .flag("-std=c++17")
             .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
             .flag("-DGLOG_USE_GLOG_EXPORT")
             .warnings(false)
             .compile("lenet5_aten_ops");
-        println!("cargo:rerun-if-changed=src/aten_ops.cpp");
+        println!("cargo:rerun-if-changed=src/training/aten_ops.cpp");
     }
     // Nothing in our code references libtorch_cuda's symbols, so with --as-needed the linker
     // would drop it and `Cuda::is_available()` would be false even on a GPU machine

@@ -4,15 +4,17 @@
 use anyhow::{bail, Result};
 use tch::{Cuda, Device};
 
+use crate::setting;
+
 /// Parses a `--device` value, refusing CUDA devices that libtorch cannot see.
 pub fn parse(spec: &str) -> Result<Device> {
     let gpus = Cuda::device_count();
     let cuda = |index: usize| -> Result<Device> {
         if gpus == 0 {
-            bail!("--device {spec}: CUDA was asked for but libtorch sees no CUDA device (use --device cpu)");
+            bail!(setting::invalid("device", spec, "CUDA was asked for but libtorch sees no CUDA device (use cpu)"));
         }
         if index as i64 >= gpus {
-            bail!("--device {spec}: there is no CUDA device {index}; libtorch sees {gpus}");
+            bail!(setting::invalid("device", spec, format!("there is no CUDA device {index}; libtorch sees {gpus}")));
         }
         Ok(Device::Cuda(index))
     };
@@ -22,7 +24,7 @@ pub fn parse(spec: &str) -> Result<Device> {
         "cuda" => cuda(0),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(index)) => cuda(index),
-            _ => bail!("--device {spec}: unknown device; expected auto, cpu, cuda or cuda:N"),
+            _ => bail!(setting::invalid("device", spec, "unknown device; expected auto, cpu, cuda or cuda:N")),
         },
     }
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use lenet5::conv::{self, Explain, Matrix};
+use lenet5::explain::conv::{self, Explain, Matrix};
 use support::*;
 
 /// The window expansions a teacher writes on the board for the classic example.

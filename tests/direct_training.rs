@@ -8,10 +8,10 @@ mod support;
 
 use lenet5::data::{self, DatasetKind, Splits};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
-use lenet5::optim::{OptimizerConfig, OptimizerKind};
-use lenet5::schedule::ScheduleKind;
-use lenet5::train::{NoCheckpoints, Outcome, TrainConfig, TrainState, Trainer};
-use lenet5::weights::Engine;
+use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
+use lenet5::training::schedule::ScheduleKind;
+use lenet5::training::{no_checkpoints, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
+use lenet5::inference::Engine;
 use support::*;
 use tch::nn::VarStore;
 use tch::Device;
@@ -52,7 +52,7 @@ fn train(splits: &Splits, model: ModelConfig, config: &TrainConfig) -> (f64, Vec
         checkpoint_every: None,
     };
     let mut opt = trainer.optimizer(&net, &vs).unwrap();
-    let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, splits, TrainState::default(), &mut NoCheckpoints).unwrap() else {
+    let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap() else {
         panic!("nothing asked the run to stop")
     };
     let mut weights: Vec<(String, Vec<f32>)> =

@@ -6,8 +6,8 @@
 
 use lenet5::data::parse_idx;
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
-use lenet5::torch_pickle::Value;
-use lenet5::weights::{self, LoadOptions};
+use lenet5::formats::torch_pickle::Value;
+use lenet5::inference::{LoadOptions, Model};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -95,7 +95,7 @@ fn samples() -> &'static Vec<(&'static str, Vec<u8>)> {
             (Value::Str("betas".into()), Value::Tuple(vec![Value::Float(0.9), Value::Float(0.999)])),
             (Value::Str("state".into()), Value::Dict(vec![(Value::Int(0), Value::Tensor(Tensor::from(3.0f32)))])),
         ]);
-        lenet5::torch_pickle::write(&dir.join("checkpoint.pt"), &checkpoint).unwrap();
+        lenet5::formats::torch_pickle::write(&dir.join("checkpoint.pt"), &checkpoint).unwrap();
         ["m.safetensors", "m.ot", "m.pt", "checkpoint.pt"]
             .into_iter()
             .map(|f| (f, std::fs::read(dir.join(f)).unwrap()))
@@ -114,7 +114,7 @@ fn scratch() -> PathBuf {
 fn load_bytes(bytes: &[u8], case: usize) -> Result<(), TestCaseError> {
     let path = scratch().join(format!("case-{case}.bin"));
     std::fs::write(&path, bytes).unwrap();
-    let result = weights::load(&path, &LoadOptions::default(), Device::Cpu);
+    let result = Model::load(&path, &LoadOptions::default(), Device::Cpu);
     if let Err(e) = &result {
         prop_assert!(format!("{e:#}").contains(path.to_str().unwrap()) || format!("{e:#}").contains("TorchScript"), "{e:#}");
     }
@@ -209,8 +209,8 @@ proptest! {
     fn preprocessing_any_grayscale_image_yields_a_valid_digit_or_a_clean_error(
         (w, h, pixels) in (1u32..48, 1u32..48).prop_flat_map(|(w, h)| (Just(w), Just(h), prop::collection::vec(0.0f32..=1.0, (w * h) as usize)))
     ) {
-        let gray = lenet5::handwriting::Gray { width: w, height: h, pixels };
-        match lenet5::handwriting::prepare(&gray, "img") {
+        let gray = lenet5::data::handwriting::Gray { width: w, height: h, pixels };
+        match lenet5::data::handwriting::prepare(&gray, "img") {
             Ok(p) => {
                 prop_assert_eq!(p.digit.len(), 28 * 28);
                 prop_assert!(p.digit.iter().all(|v| (0.0..=1.0).contains(v)), "pixels outside 0..=1");
@@ -223,7 +223,7 @@ proptest! {
     fn image_files_survive_mutation(case in 0usize..1 << 20, bytes in mutate(sample_png())) {
         let path = scratch().join(format!("img-{case}.png"));
         std::fs::write(&path, &bytes).unwrap();
-        if let Err(e) = lenet5::handwriting::load(&path) {
+        if let Err(e) = lenet5::data::handwriting::load(&path) {
             prop_assert!(format!("{e:#}").contains(path.to_str().unwrap()), "{e:#}");
         }
         let _ = std::fs::remove_file(&path);

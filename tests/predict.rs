@@ -22,7 +22,7 @@ fn digit(pixels: &[u8]) -> GrayImage {
 /// The model's own accuracy on the first `n` test images, as tensors (no files involved).
 fn model_accuracy(model: &Path, n: usize) -> f64 {
     tch::set_num_threads(1);
-    let classifier = lenet5::weights::load(model, &Default::default(), tch::Device::Cpu).unwrap();
+    let classifier = lenet5::inference::Model::load(model, &Default::default(), tch::Device::Cpu).unwrap();
     let norm = classifier.card().map(|c| c.input.normalization).unwrap_or(lenet5::data::DatasetKind::Mnist.normalization());
     let test = lenet5::data::load_split(Path::new("data/mnist"), "t10k", norm).unwrap().take(n as i64);
     let logits = tch::no_grad(|| classifier.forward(&test.images)).unwrap();

@@ -112,7 +112,7 @@ fn sigkill_at_any_moment_leaves_a_loadable_run_that_resumes_exactly() {
         child.kill().unwrap(); // SIGKILL
         let _ = child.wait();
         // Whatever the moment, the checkpoint and the metrics in the folder are whole.
-        let (meta, saved) = lenet5::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
+        let (meta, saved) = lenet5::training::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
         assert_eq!(saved.weights.len(), 10);
         // AdamW's step, exp_avg and exp_avg_sq for each of the 10 parameters.
         assert_eq!(saved.optimizer.len(), 30, "{:?}", saved.optimizer.iter().map(|(k, _)| k).collect::<Vec<_>>());
@@ -137,7 +137,7 @@ fn a_diverging_run_stops_with_step_and_rate_and_keeps_the_last_good_checkpoint()
     assert!(stderr.contains("(learning rate ") && stderr.contains("try a lower --lr"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     if out.join("checkpoint.safetensors").exists() {
-        let (_, saved) = lenet5::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
+        let (_, saved) = lenet5::training::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
         for (name, t) in saved.weights.into_iter().chain(saved.optimizer) {
             assert!(t.isfinite().all().int64_value(&[]) == 1, "checkpoint holds non-finite {name}");
         }

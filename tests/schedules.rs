@@ -1,8 +1,8 @@
 //! Every learning rate and momentum of every schedule, step by step, against PyTorch's own
 //! lr_scheduler classes run in the project's venv: equal to the last bit (tolerance 0).
 
-use lenet5::optim::Hyper;
-use lenet5::schedule::{Schedule, ScheduleKind};
+use lenet5::training::optim::Hyper;
+use lenet5::training::schedule::{Schedule, ScheduleKind};
 use std::process::Command;
 
 struct Case {
@@ -47,7 +47,7 @@ fn torch_sequences(cases: &[Case]) -> Vec<Vec<[u64; 2]>> {
         .iter()
         .map(|c| {
             serde_json::json!({
-                "schedule": lenet5::flag_name(&c.schedule), "optimizer": c.optimizer, "lr": c.lr, "gamma": c.gamma,
+                "schedule": c.schedule.as_str(), "optimizer": c.optimizer, "lr": c.lr, "gamma": c.gamma,
                 "cycle": c.cycle_momentum, "steps_per_epoch": c.steps_per_epoch, "epochs": c.epochs,
             })
         })

@@ -3,7 +3,7 @@
 
 mod support;
 
-use lenet5::torch_pickle::read_state_dict;
+use lenet5::formats::torch_pickle::read_state_dict;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -138,7 +138,7 @@ fn a_lenet5_state_dict_from_pytorch_loads_into_the_rust_model() {
     want.sort();
     assert_eq!(got, want);
     let fc1 = tensors.iter().find(|(k, _)| k == "fc1.weight").unwrap().1.copy();
-    lenet5::weights::load_state_dict(&mut vs, tensors, &[], "lenet5.pt").unwrap();
+    lenet5::formats::weights::load_state_dict(&mut vs, tensors, &[], "lenet5.pt").unwrap();
     assert!(vs.variables()["fc1.weight"].equal(&fc1));
 }
 

@@ -6,7 +6,7 @@
 
 mod support;
 
-use lenet5::torch_pickle::{self, Value};
+use lenet5::formats::torch_pickle::{self, Value};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

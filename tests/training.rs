@@ -4,10 +4,11 @@
 
 use lenet5::data::{self, DatasetKind};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
-use lenet5::schedule::ScheduleKind;
-use lenet5::optim::{OptimizerConfig, OptimizerKind};
-use lenet5::weights::Engine;
-use lenet5::train::{evaluate, NoCheckpoints, Outcome, TrainConfig, TrainState, Trainer};
+use lenet5::training::schedule::ScheduleKind;
+use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
+use lenet5::inference::evaluate::evaluate;
+use lenet5::inference::Engine;
+use lenet5::training::{no_checkpoints, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
 
@@ -44,7 +45,7 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         let config = recipe();
         let trainer = Trainer { config: &config, head, background: DatasetKind::Mnist.normalization().background(), batch_order: None, checkpoint_every: None };
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
-        let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut NoCheckpoints).unwrap() else { panic!("nothing asked the run to stop") };
+        let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap() else { panic!("nothing asked the run to stop") };
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > bar, "{arch:?}/{head:?}: {after} after 3 epochs of 5,000 images");
         assert_eq!(history.len(), 3);
@@ -58,10 +59,7 @@ struct StopAt {
     asked: usize,
 }
 
-impl lenet5::train::Observer for StopAt {
-    fn checkpoint(&mut self, _: &TrainState, _: &lenet5::optim::Optimizer) -> anyhow::Result<()> {
-        Ok(())
-    }
+impl lenet5::training::Watcher for StopAt {
     fn should_stop(&mut self) -> bool {
         self.asked += 1;
         self.asked == self.step
@@ -79,7 +77,7 @@ fn a_stop_at_an_epochs_last_batch_takes_effect_after_the_epoch_and_one_inside_it
         let trainer = Trainer { config: &config, head: Head::Softmax, background: 0.0, batch_order: None, checkpoint_every: None };
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
         let mut observer = StopAt { step: stop_at, asked: 0 };
-        let Outcome::Stopped(state) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut observer).unwrap() else {
+        let Outcome::Stopped(state) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut observer, &mut no_checkpoints).unwrap() else {
             panic!("a stop was asked for at step {stop_at}")
         };
         assert_eq!((state.step, state.epoch, state.batch, state.history.len()), (stop_at, epoch, batch, epochs_done));

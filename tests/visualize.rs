@@ -4,8 +4,8 @@
 mod support;
 
 use image::RgbImage;
-use lenet5::visualize::{FILTER_ZOOM, INPUT_ZOOM, STAGE_PICTURES};
-use lenet5::weights::Classifier;
+use lenet5::explain::visualize::{FILTER_ZOOM, INPUT_ZOOM, STAGE_PICTURES};
+use lenet5::inference::Model;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -53,15 +53,15 @@ fn assert_tiles(png: &RgbImage, origins: &[(u32, u32)], maps: &[Vec<f32>], cols:
 }
 
 /// This test's own view of the model: weights, test set, and the index of the first 3.
-fn own_forward_pass(model: &Path) -> (Classifier, lenet5::data::Dataset, i64, HashMap<String, Tensor>) {
+fn own_forward_pass(model: &Path) -> (Model, lenet5::data::Dataset, i64, HashMap<String, Tensor>) {
     tch::set_num_threads(1);
-    let classifier = lenet5::weights::load(model, &Default::default(), Device::Cpu).unwrap();
+    let classifier = Model::load(model, &Default::default(), Device::Cpu).unwrap();
     let norm = classifier.card().expect("a model card").input.normalization;
     let test = lenet5::data::load_split(Path::new("data/mnist"), "t10k", norm).unwrap();
     let labels = Vec::<i64>::try_from(&test.labels).unwrap();
     let index = labels.iter().position(|&l| l == 3).unwrap() as i64;
     let mut stages = HashMap::new();
-    let Classifier::Native { net, .. } = &classifier else { panic!("a safetensors model is native") };
+    let (_, net) = classifier.lenet5().expect("a safetensors model is native");
     let _logits = tch::no_grad(|| net.forward_observed(&test.images.narrow(0, index, 1), &mut |name, t| {
         stages.insert(name.to_string(), t.copy());
     }));
@@ -72,7 +72,7 @@ fn own_forward_pass(model: &Path) -> (Classifier, lenet5::data::Dataset, i64, Ha
 fn the_pictures_hold_the_activations_the_model_computes() {
     let (out, printed) = pictures();
     let (classifier, _test, index, stages) = own_forward_pass(&model());
-    let Classifier::Native { vs, net, .. } = &classifier else { unreachable!() };
+    let (vs, net) = classifier.lenet5().expect("a safetensors model is native");
 
     let predicted = stages["output"].argmax(-1, false).int64_value(&[0]);
     assert!(printed.starts_with(&format!("test image #{index}: predicted {predicted} (")), "{printed}");
@@ -97,20 +97,20 @@ fn the_pictures_hold_the_activations_the_model_computes() {
         assert_eq!(png.height(), 36 + rows * (h * zoom + 20) + (rows - 1) * 12 + 12, "{file} height");
         assert!(png.width() >= 24 + columns as u32 * w * zoom + (columns as u32 - 1) * 12, "{file} width {}", png.width());
         // Where the tiles are comes from the library; what they show is checked against our numbers.
-        let layout = lenet5::visualize::stage_picture(stage, a, net.config).unwrap();
+        let layout = lenet5::explain::visualize::stage_picture(stage, a, net.config).unwrap();
         assert_eq!(png.dimensions(), layout.image.dimensions(), "{file}");
         let maps: Vec<Vec<f32>> = values(a).chunks((h * w) as usize).map(<[f32]>::to_vec).collect();
         assert_tiles(&png, &layout.tile_origins, &maps, w, zoom, false, file);
     }
 
     let input = image::open(out.join("input.png")).unwrap().to_rgb8();
-    let layout = lenet5::visualize::input_picture(&stages["input"], "t").unwrap();
+    let layout = lenet5::explain::visualize::input_picture(&stages["input"], "t").unwrap();
     assert_tiles(&input, &layout.tile_origins, &[values(&stages["input"])], 32, INPUT_ZOOM, false, "input.png");
     assert!(input.width() >= 32 * INPUT_ZOOM && input.height() == 36 + 32 * INPUT_ZOOM + 20 + 12);
 
     let filters = image::open(out.join("conv1-filters.png")).unwrap().to_rgb8();
     let vars = vs.variables();
-    let layout = lenet5::visualize::filters_picture(&vars["conv1.weight"], &vars["conv1.bias"]).unwrap();
+    let layout = lenet5::explain::visualize::filters_picture(&vars["conv1.weight"], &vars["conv1.bias"]).unwrap();
     let maps: Vec<Vec<f32>> = values(&vars["conv1.weight"]).chunks(25).map(<[f32]>::to_vec).collect();
     assert_eq!(maps.len(), 6);
     assert_tiles(&filters, &layout.tile_origins, &maps, 5, FILTER_ZOOM, true, "conv1-filters.png");
@@ -124,16 +124,16 @@ fn the_confusion_matrix_and_the_mistakes_match_evaluation() {
     let model = model();
     let (classifier, test, _, _) = own_forward_pass(&model);
     let forward = |xs: &Tensor| classifier.forward(xs);
-    let m = lenet5::train::evaluate(&forward, classifier.head(), &test, 1000).unwrap();
+    let m = lenet5::inference::evaluate::evaluate(&forward, classifier.head(), &test, 1000).unwrap();
 
     // Every cell of the heat map has the colour of its share of the true class.
     let heat = image::open(out.join("confusion.png")).unwrap().to_rgb8();
-    let (cell, left, top) = (lenet5::pictures::HEAT_CELL, lenet5::pictures::HEAT_LEFT, lenet5::pictures::HEAT_TOP);
+    let (cell, left, top) = (lenet5::explain::pictures::HEAT_CELL, lenet5::explain::pictures::HEAT_LEFT, lenet5::explain::pictures::HEAT_TOP);
     assert!(heat.width() >= left + 10 * cell && heat.height() >= top + 10 * cell);
     for (i, row) in m.confusion.iter().enumerate() {
         let total = row.iter().sum::<i64>() as f64;
         for (j, &count) in row.iter().enumerate() {
-            let colour = lenet5::pictures::heat_colour(count as f64 / total);
+            let colour = lenet5::explain::pictures::heat_colour(count as f64 / total);
             let p = heat.get_pixel(left + j as u32 * cell + 3, top + i as u32 * cell + 3).0;
             assert_eq!(p, [colour.0, colour.1, colour.2], "cell ({i},{j}) holding {count} of {total}");
         }
@@ -171,9 +171,9 @@ fn torchscript_is_refused_and_your_own_image_can_be_followed() {
     let printed = ok(&["visualize", "--model", s(&model), "--image", s(&file), "--out", s(&dir), "--threads", "1"]);
     assert!(printed.starts_with(&format!("{}: predicted 7 (", s(&file))), "{printed}");
     // input.png shows what `predict` feeds the network for that file.
-    let prepared = lenet5::handwriting::load(&file).unwrap();
+    let prepared = lenet5::data::handwriting::load(&file).unwrap();
     let input = image::open(dir.join("input.png")).unwrap().to_rgb8();
     let seen = prepared.tensor(lenet5::data::DatasetKind::Mnist.normalization()); // (1, 1, 32, 32)
-    let layout = lenet5::visualize::input_picture(&seen, "t").unwrap();
+    let layout = lenet5::explain::visualize::input_picture(&seen, "t").unwrap();
     assert_tiles(&input, &layout.tile_origins, &[values(&seen)], 32, INPUT_ZOOM, false, "input.png of seven.png");
 }

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use lenet5::card::ModelCard;
-use lenet5::checkpoint::CheckpointMeta;
-use lenet5::conv as walkthrough;
 use lenet5::data::{self, Dataset, DatasetKind, Splits};
+use lenet5::explain::conv as walkthrough;
+use lenet5::inference::evaluate::evaluate as evaluate_model;
+use lenet5::inference::{Engine, LoadOptions, Model};
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, STAGES};
-use lenet5::run::{self, RunEnd, RunPlan, Start, Watcher, CHECKPOINT_FILE};
-use lenet5::train::{EpochMetrics, EpochProgress, TrainConfig};
-use lenet5::weights::{self, Classifier, Engine, LoadOptions};
+use lenet5::training::checkpoint::CheckpointMeta;
+use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
+use lenet5::training::{EpochMetrics, EpochProgress, TrainConfig, Watcher};
 
 /// The library's error as the fitting Python exception, with the CLI's message.
 fn py_err(e: anyhow::Error) -> PyErr {
@@ -41,6 +41,15 @@ impl<T, E: Into<anyhow::Error>> OrPyErr<T> for Result<T, E> {
     fn py(self) -> PyResult<T> {
         self.map_err(|e| py_err(e.into()))
     }
+}
+
+/// What loading or training noticed ("weights from its 'model' entry"), as Python warnings.
+fn warn_notes(py: Python<'_>, notes: &[String]) -> PyResult<()> {
+    let warnings = py.import("warnings")?;
+    for note in notes {
+        warnings.call_method1("warn", (note.as_str(), py.get_type::<pyo3::exceptions::PyUserWarning>(), 2))?;
+    }
+    Ok(())
 }
 
 /// A serde value (a card, a recipe, metrics) as the Python object `json.loads` makes of it.
@@ -108,28 +117,22 @@ fn check_batch(x: &Tensor, device: Device) -> PyResult<()> {
 /// LeNet-5 in Rust: callable on a `[N, 1, 32, 32]` float tensor, returning logits `[N, 10]`.
 #[pyclass(name = "LeNet5", module = "lenet5", unsendable)]
 struct PyLeNet5 {
-    model: Classifier,
+    model: Model,
 }
 
 impl PyLeNet5 {
-    fn model(&self) -> &Classifier {
+    fn model(&self) -> &Model {
         &self.model
     }
 
-    fn native(&self) -> PyResult<(&VarStore, &LeNet5, Option<&ModelCard>)> {
-        match self.model() {
-            Classifier::Native { vs, net, card, .. } => Ok((vs, net, card.as_ref())),
-            Classifier::Script { .. } => {
-                Err(PyTypeError::new_err("a TorchScript module: it runs as it is, but has no LeNet-5 weights to give or take"))
-            }
-        }
+    fn native(&self) -> PyResult<(&VarStore, &LeNet5)> {
+        self.model
+            .lenet5()
+            .ok_or_else(|| PyTypeError::new_err("a TorchScript module: it runs as it is, but has no LeNet-5 weights to give or take"))
     }
 
     fn device(&self) -> Device {
-        match self.model() {
-            Classifier::Native { vs, .. } => vs.device(),
-            Classifier::Script { .. } => Device::Cpu,
-        }
+        self.model.device()
     }
 
     /// Switches the engine (again after a weight change: the direct engine keeps its own copy).
@@ -137,7 +140,7 @@ impl PyLeNet5 {
     /// notebook's torch, whose thread count stays what its user set.
     fn set_engine(&mut self, engine: Engine) -> PyResult<()> {
         let threads = tch::get_num_threads();
-        let switched = self.model.set_engine(engine, Path::new("this model"));
+        let switched = self.model.set_engine(engine);
         tch::set_num_threads(threads);
         switched.map_err(|e| PyValueError::new_err(format!("{e:#}")))
     }
@@ -160,7 +163,7 @@ impl PyLeNet5 {
         }
         let vs = VarStore::new(Device::Cpu);
         let net = LeNet5::new(&vs.root(), config);
-        let mut model = PyLeNet5 { model: Classifier::Native { vs, net, card: None, direct: None } };
+        let mut model = PyLeNet5 { model: Model::native(vs, net, None) };
         model.set_engine(engine)?;
         Ok(model)
     }
@@ -181,7 +184,7 @@ impl PyLeNet5 {
     /// tensors; `input` is `x` itself.
     fn activations<'py>(&self, py: Python<'py>, x: Dense) -> PyResult<Bound<'py, PyDict>> {
         check_batch(&x, self.device())?;
-        let (_, net, _) = self.native()?;
+        let (_, net) = self.native()?;
         let mut stages = vec![];
         let _ = tch::no_grad(|| net.forward_observed(&x, &mut |name, t| stages.push((name.to_string(), t.shallow_clone()))));
         let out = PyDict::new(py);
@@ -196,7 +199,7 @@ impl PyLeNet5 {
     /// The weights by PyTorch's names, in `model.parameters()` order. Like PyTorch's
     /// `state_dict()`, the tensors share memory with the model.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (_, net, _) = self.native()?;
+        let (_, net) = self.native()?;
         let out = PyDict::new(py);
         for (name, t) in net.parameters() {
             out.set_item(name, PyTensor(t.detach()))?;
@@ -216,25 +219,24 @@ impl PyLeNet5 {
             })?;
             tensors.push((name, t.0.to_device(Device::Cpu)));
         }
-        let engine = self.model().engine();
-        match &mut self.model {
-            Classifier::Native { vs, .. } => weights::load_state_dict(vs, tensors, &[], "state_dict").py()?,
-            Classifier::Script { .. } => return Err(PyTypeError::new_err("a TorchScript module takes no state_dict")),
+        if self.model.lenet5().is_none() {
+            return Err(PyTypeError::new_err("a TorchScript module takes no state_dict"));
         }
-        self.set_engine(engine)
+        // The direct engine's copy of the weights follows inside; it sizes its threads from
+        // libtorch's, which stay the notebook's.
+        let threads = tch::get_num_threads();
+        let loaded = self.model.load_state_dict(tensors, &[], "state_dict");
+        tch::set_num_threads(threads);
+        loaded.py()
     }
 
     /// Moves the model to `device` ("cpu", "cuda", "cuda:N") and returns it, as nn.Module.to.
     fn to<'py>(mut slf: PyRefMut<'py, Self>, device: &str) -> PyResult<PyRefMut<'py, Self>> {
         let device = lenet5::device::parse(device).py()?;
-        let engine = slf.model().engine();
-        if engine == Engine::Direct && device != Device::Cpu {
+        if slf.model().engine() == Engine::Direct && device != Device::Cpu {
             return Err(PyValueError::new_err("the direct engine runs on the CPU: load the model with engine='libtorch' to use a GPU"));
         }
-        match &mut slf.model {
-            Classifier::Native { vs, .. } => vs.set_device(device),
-            Classifier::Script { module, .. } => module.to(device, Kind::Float, false),
-        }
+        slf.model.to_device(device).py()?;
         Ok(slf)
     }
 
@@ -242,27 +244,28 @@ impl PyLeNet5 {
     /// PREFIX.check.safetensors and PREFIX.json (the card); returns their paths.
     #[pyo3(signature = (prefix, data = None))]
     fn save(&self, prefix: PathBuf, data: Option<PathBuf>) -> PyResult<Vec<PathBuf>> {
-        let (vs, net, card) = self.native()?;
-        let card = lenet5::export::export_loaded(vs, net, card, DatasetKind::Mnist, data.as_deref(), &prefix, false).py()?;
+        self.native()?;
+        let invocation = vec![format!("LeNet5.save({:?})", prefix.display().to_string())];
+        let card = lenet5::formats::export::export_loaded(&self.model, DatasetKind::Mnist, data.as_deref(), &prefix, false, invocation).py()?;
         let mut files: Vec<PathBuf> = card.files.values().map(|e| prefix.with_file_name(&e.name)).collect();
-        files.push(lenet5::export::with_suffix(&prefix, ".json"));
+        files.push(lenet5::formats::export::with_suffix(&prefix, ".json"));
         Ok(files)
     }
 
     /// "libtorch" or "direct": what runs the forward pass.
     #[getter]
     fn engine(&self) -> String {
-        lenet5::flag_name(&self.model().engine())
+        self.model().engine().to_string()
     }
 
     #[getter]
     fn arch(&self) -> PyResult<String> {
-        Ok(lenet5::flag_name(&self.native()?.1.config.arch))
+        Ok(self.native()?.1.config.arch.to_string())
     }
 
     #[getter]
     fn head(&self) -> String {
-        lenet5::flag_name(&self.model().head())
+        self.model().head().to_string()
     }
 
     /// The model card (JSON text parsed into a dict), or None.
@@ -272,15 +275,15 @@ impl PyLeNet5 {
     }
 
     fn __repr__(&self) -> String {
-        match self.model() {
-            Classifier::Native { vs, net, .. } => format!(
+        match self.model().lenet5() {
+            Some((vs, net)) => format!(
                 "LeNet5(arch={:?}, head={:?}, engine={:?}, device={:?})",
-                lenet5::flag_name(&net.config.arch),
-                lenet5::flag_name(&net.config.head),
-                lenet5::flag_name(&self.model().engine()),
+                net.config.arch.as_str(),
+                net.config.head.as_str(),
+                self.model().engine().as_str(),
                 vs.device()
             ),
-            Classifier::Script { .. } => format!("LeNet5(TorchScript, head={:?})", self.head()),
+            None => format!("LeNet5(TorchScript, head={:?})", self.head()),
         }
     }
 }
@@ -289,16 +292,16 @@ impl PyLeNet5 {
 /// checkpoint dict, whole pickled module, TorchScript, tch `.ot`), recognised by content.
 #[pyfunction]
 #[pyo3(signature = (path, arch = None, head = None, engine = "libtorch", device = "cpu"))]
-fn load(path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, device: &str) -> PyResult<PyLeNet5> {
+fn load(py: Python<'_>, path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, device: &str) -> PyResult<PyLeNet5> {
     let options = LoadOptions {
         arch: arch.map(|a| parse::<Arch>("arch", a, "'modern', 'classic'")).transpose()?,
         head: head.map(|h| parse::<Head>("head", h, "'softmax', 'sigmoid'")).transpose()?,
         key_maps: vec![],
     };
     let engine = parse::<Engine>("engine", engine, "'libtorch', 'direct'")?;
-    let path = if path.is_dir() { path.join(format!("{}.safetensors", lenet5::run::MODEL_NAME)) } else { path };
     let device = lenet5::device::parse(device).py()?;
-    let mut model = PyLeNet5 { model: weights::load(&path, &options, device).py()? };
+    let mut model = PyLeNet5 { model: Model::load(&path, &options, device).py()? };
+    warn_notes(py, model.model.notes())?;
     model.set_engine(engine)?;
     Ok(model)
 }
@@ -360,7 +363,7 @@ fn evaluate<'py>(
     let test = dataset(images, labels, kind, data.as_deref(), model.device())?;
     let classifier = model.model();
     let forward = |xs: &Tensor| classifier.forward(xs);
-    let m = lenet5::train::evaluate(&forward, classifier.head(), &test, batch_size).py()?;
+    let m = evaluate_model(&forward, classifier.head(), &test, batch_size).py()?;
     let confusion: Vec<i64> = m.confusion.iter().flatten().copied().collect();
     let out = PyDict::new(py);
     out.set_item("loss", m.loss)?;
@@ -423,6 +426,8 @@ fn kind_of(default: &serde_json::Value) -> &'static str {
 /// steps: both need the interpreter, taken for a moment from the training thread.
 struct NotebookWatcher {
     progress: Option<PyObject>,
+    /// Notes of the run, shown as warnings once it has returned.
+    notes: Vec<String>,
     /// The exception to raise once the run has stopped: the KeyboardInterrupt, or whatever
     /// the progress callback raised.
     raised: Option<PyErr>,
@@ -451,6 +456,10 @@ impl Watcher for NotebookWatcher {
         self.call("epoch", &serde_json::json!({ "metrics": metrics, "epochs": epochs, "line": metrics.line(epochs) }));
     }
 
+    fn note(&mut self, note: &str) {
+        self.notes.push(note.to_string());
+    }
+
     fn should_stop(&mut self) -> bool {
         if self.raised.is_none() {
             self.raised = Python::with_gil(|py| py.check_signals().err());
@@ -465,7 +474,7 @@ impl Watcher for NotebookWatcher {
 #[pyo3(signature = (
     recipe_overrides = None, *, arch = "modern", head = "softmax", dataset = "mnist", data = None,
     images = None, labels = None, test_images = None, test_labels = None, out = None, resume = None,
-    init = None, checkpoint_every = None, device = "auto", threads = None, progress = None,
+    init = None, checkpoint_every = None, device = "auto", threads = None, progress = None, invocation = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn train<'py>(
@@ -486,6 +495,7 @@ fn train<'py>(
     device: &str,
     threads: Option<i32>,
     progress: Option<PyObject>,
+    invocation: Option<String>,
 ) -> PyResult<(PyLeNet5, Bound<'py, PyAny>)> {
     let device = lenet5::device::parse(device).py()?;
     if let Some(n) = threads {
@@ -494,7 +504,7 @@ fn train<'py>(
         }
         tch::set_num_threads(n);
     }
-    let plan = match &resume {
+    let mut plan = match &resume {
         Some(path) => {
             if recipe_overrides.is_some_and(|d| !d.is_empty()) || init.is_some() {
                 return Err(PyValueError::new_err("resume= continues a run with its saved recipe; it takes no recipe arguments or init="));
@@ -521,13 +531,15 @@ fn train<'py>(
             ))
         }
     };
-    let mut watcher = NotebookWatcher { progress, raised: None };
+    plan.invocation = invocation.into_iter().collect();
+    let mut watcher = NotebookWatcher { progress, notes: vec![], raised: None };
     let end = py.allow_threads(|| run::train(plan, device, splits, &mut watcher)).py()?;
+    warn_notes(py, &watcher.notes)?;
     match end {
         RunEnd::Finished(trained) => {
             let history = to_python(py, &trained.history)?;
             let trained = *trained;
-            let model = PyLeNet5 { model: Classifier::Native { vs: trained.vs, net: trained.net, card: Some(trained.card), direct: None } };
+            let model = PyLeNet5 { model: Model::native(trained.vs, trained.net, Some(trained.card)) };
             match watcher.raised {
                 Some(e) => Err(e),
                 None => Ok((model, history)),
@@ -588,7 +600,7 @@ fn conv<'py>(
         Some(v) => matrix(v, "filter")?,
         None => walkthrough::parse_compact(walkthrough::CLASSIC_FILTER),
     };
-    walkthrough::check_shapes(&input, &filter, stride, padding).map_err(|e| PyValueError::new_err(format!("{e:#}").replace("--", "")))?;
+    walkthrough::check_shapes(&input, &filter, stride, padding).py()?;
     let windows = walkthrough::windows(&input, &filter, stride, padding);
     let ow = walkthrough::output_size(input[0].len(), filter[0].len(), stride, padding);
     let out = PyDict::new(py);

@@ -13,9 +13,9 @@ use tch::{Device, Kind, Tensor};
 
 use lenet5::data::{self, Splits};
 use lenet5::model::{Arch, LeNet5, ModelConfig};
-use lenet5::optim::Optimizer;
-use lenet5::train::{self, EpochMetrics, Observer, Outcome, TrainConfig, TrainState, Trainer};
-use lenet5::weights::{self, Classifier, Engine, LoadOptions};
+use lenet5::inference::evaluate::evaluate;
+use lenet5::inference::{Engine, LoadOptions, Model};
+use lenet5::training::{no_checkpoints, EpochMetrics, Outcome, TrainConfig, TrainState, Trainer, Watcher};
 
 use super::{DataArgs, RuntimeArgs};
 
@@ -54,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub seed: Option<i64>,
     /// train and time-to-99: the variant trained [default: modern].
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = super::named::<Arch>(Arch::NAMES))]
     pub arch: Option<Arch>,
     /// Timed training steps, passes over the test set, or calls [default: 200, 5, 2000].
     #[arg(long)]
@@ -75,7 +75,7 @@ pub struct BenchArgs {
     pub runtime: RuntimeArgs,
     /// What runs the forward pass of eval and latency, and the training steps of train and
     /// time-to-99.
-    #[arg(long, value_enum, default_value = "libtorch")]
+    #[arg(long, value_parser = super::named::<Engine>(Engine::NAMES), default_value = "libtorch")]
     pub engine: Engine,
     /// Print the JSON object on one line (for scripts/bench) instead of indented.
     #[arg(long)]
@@ -113,7 +113,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Measure::Latency | Measure::LatencyScript => latency(args, device, batch, steps, warmup)?,
         Measure::TimeTo99 => time_to_target(args, device)?,
     };
-    out["what"] = json!(lenet5::flag_name(&args.what));
+    out["what"] = json!(args.what.to_possible_value().map(|v| v.get_name().to_string()));
     out["side"] = json!("rust");
     out["device"] = json!(lenet5::device::name(device));
     out["threads"] = json!(threads);
@@ -164,11 +164,7 @@ struct StepClock {
     seconds: f64,
 }
 
-impl Observer for StepClock {
-    fn checkpoint(&mut self, _: &TrainState, _: &Optimizer) -> Result<()> {
-        Ok(())
-    }
-
+impl Watcher for StepClock {
     fn should_stop(&mut self) -> bool {
         self.taken += 1;
         if self.taken == self.warmup {
@@ -203,7 +199,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
     let mut clock =
         StepClock { warmup, steps, device, taken: 0, started: None, seconds: 0.0 };
     let mut opt = trainer.optimizer(&net, &vs)?;
-    match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut clock)? {
+    match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut clock, &mut no_checkpoints)? {
         Outcome::Stopped(_) => {}
         Outcome::Finished(_) => bail!("the run ended before {} steps", warmup + steps),
     }
@@ -211,15 +207,15 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
     Ok(json!({
         "batch_size": batch, "steps": steps, "warmup": warmup, "seconds": seconds,
         "images_per_s": (steps as f64 * batch as f64) / seconds,
-        "arch": lenet5::flag_name(&net.config.arch), "recipe": config,
+        "arch": net.config.arch.as_str(), "recipe": config,
     }))
 }
 
-fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Classifier)> {
+fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Model)> {
     let default = if args.what == Measure::LatencyScript { "models/mnist/lenet5.pt" } else { "models/mnist/lenet5.safetensors" };
     let path = args.model.clone().unwrap_or_else(|| PathBuf::from(default));
-    let classifier = weights::load(&path, &LoadOptions::default(), device)?.with_engine(args.engine, &path)?;
-    if args.what == Measure::LatencyScript && !matches!(classifier, Classifier::Script { .. }) {
+    let classifier = Model::load(&path, &LoadOptions::default(), device)?.with_engine(args.engine)?;
+    if args.what == Measure::LatencyScript && classifier.lenet5().is_some() {
         bail!("{}: latency-script needs a TorchScript module (lenet5 export writes NAME.pt)", path.display());
     }
     Ok((path, classifier))
@@ -230,19 +226,19 @@ fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, 
     let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?.to_device(device);
     let forward = |xs: &Tensor| classifier.forward(xs);
     for _ in 0..warmup {
-        train::evaluate(&forward, classifier.head(), &test, batch)?;
+        evaluate(&forward, classifier.head(), &test, batch)?;
     }
     sync(device);
     let started = Instant::now();
     let mut metrics = None;
     for _ in 0..passes {
         // evaluate reads its counts back to the CPU, so each pass has finished when it returns.
-        metrics = Some(train::evaluate(&forward, classifier.head(), &test, batch)?);
+        metrics = Some(evaluate(&forward, classifier.head(), &test, batch)?);
     }
     let seconds = started.elapsed().as_secs_f64();
     let accuracy = metrics.context("no pass was timed")?.accuracy();
     Ok(json!({
-        "model": path, "engine": lenet5::flag_name(&classifier.engine()), "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
+        "model": path, "engine": classifier.engine().as_str(), "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
         "images_per_s": (passes as f64 * test.len() as f64) / seconds, "accuracy": accuracy,
     }))
 }
@@ -266,10 +262,10 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
         Ok(())
     })?;
     let mut out = json!({
-        "model": path, "engine": lenet5::flag_name(&classifier.engine()), "batch_size": batch, "calls": calls, "warmup": warmup,
+        "model": path, "engine": classifier.engine().as_str(), "batch_size": batch, "calls": calls, "warmup": warmup,
         "median_us": quantile(&mut micros, 0.5), "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
     });
-    if let Classifier::Native { net, direct: None, .. } = &classifier {
+    if let (Some((_, net)), Engine::Libtorch) = (classifier.lenet5(), classifier.engine()) {
         out["stages_median_us"] = stage_medians(net, &inputs, calls, device);
     }
     Ok(out)
@@ -311,12 +307,11 @@ struct StopAtAccuracy {
     reached: Option<EpochMetrics>,
 }
 
-impl Observer for StopAtAccuracy {
-    fn checkpoint(&mut self, state: &TrainState, _: &Optimizer) -> Result<()> {
-        if self.reached.is_none() {
-            self.reached = state.history.last().filter(|row| row.test_accuracy >= self.target).cloned();
+impl Watcher for StopAtAccuracy {
+    fn epoch_done(&mut self, metrics: &EpochMetrics, _epochs: usize) {
+        if self.reached.is_none() && metrics.test_accuracy >= self.target {
+            self.reached = Some(metrics.clone());
         }
-        Ok(())
     }
 
     fn should_stop(&mut self) -> bool {
@@ -338,7 +333,7 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
         Trainer { config: &config, head: net.config.head, background: norm.background(), batch_order: None, checkpoint_every: None };
     let mut observer = StopAtAccuracy { target: args.target, reached: None };
     let mut opt = trainer.optimizer(&net, &vs)?;
-    let history = match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut observer)? {
+    let history = match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut observer, &mut no_checkpoints)? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => state.history,
     };
@@ -347,7 +342,7 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     Ok(json!({
         "target": args.target, "reached": observer.reached.is_some(),
         "seconds": row.seconds, "epochs": row.epoch, "test_accuracy": row.test_accuracy,
-        "batch_size": config.batch_size, "arch": lenet5::flag_name(&net.config.arch), "recipe": config, "history": history,
+        "batch_size": config.batch_size, "arch": net.config.arch.as_str(), "recipe": config, "history": history,
     }))
 }
 

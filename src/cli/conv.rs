@@ -1,10 +1,10 @@
-//! `lenet5 conv`: the walkthrough of [`lenet5::conv`] on the classic example, your matrices or
+//! `lenet5 conv`: the walkthrough of [`lenet5::explain::conv`] on the classic example, your matrices or
 //! a named filter on a real digit.
 
 use anyhow::{ensure, Context, Result};
 use std::path::PathBuf;
 
-use lenet5::conv::{mnist_digit, naive_conv2d, parse_compact, picture, read_matrix, walkthrough, Explain, Preset, CLASSIC_FILTER, CLASSIC_INPUT};
+use lenet5::explain::conv::{mnist_digit, naive_conv2d, parse_compact, picture, read_matrix, walkthrough, Explain, Preset, CLASSIC_FILTER, CLASSIC_INPUT};
 
 #[derive(clap::Args, Debug)]
 pub struct ConvArgs {
@@ -22,10 +22,10 @@ pub struct ConvArgs {
     #[arg(long, default_value_t = 0)]
     pub padding: usize,
     /// Which windows to write out term by term.
-    #[arg(long, value_enum, default_value = "first")]
+    #[arg(long, value_parser = super::named::<Explain>(Explain::NAMES), default_value = "first")]
     pub explain: Explain,
     /// Apply a named filter to a real MNIST test digit (pixels scaled to 0-9 so each prints as one digit).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = super::named::<Preset>(Preset::NAMES))]
     pub preset: Option<Preset>,
     /// Test-set index of the digit for --preset [default: the first 3].
     #[arg(long, requires = "preset")]
@@ -44,7 +44,7 @@ pub fn run(args: &ConvArgs) -> Result<()> {
     let (input, filter, input_name, png) = match args.preset {
         Some(preset) => {
             let (digit, index, label) = mnist_digit(args.data.as_deref(), args.index)?;
-            let png = args.png.clone().unwrap_or_else(|| PathBuf::from(format!("conv-{}.png", preset.name())));
+            let png = args.png.clone().unwrap_or_else(|| PathBuf::from(format!("conv-{}.png", preset)));
             (digit, preset.filter(), format!(": MNIST test image #{index}, a {label}, pixels scaled to 0-9"), Some(png))
         }
         None => {
@@ -63,7 +63,7 @@ pub fn run(args: &ConvArgs) -> Result<()> {
     if let Some(png) = png {
         let output = naive_conv2d(&input, &filter, args.stride, args.padding);
         let title = match args.preset {
-            Some(p) => format!("{} filter on an MNIST digit, stride {}, padding {}", p.name(), args.stride, args.padding),
+            Some(p) => format!("{} filter on an MNIST digit, stride {}, padding {}", p, args.stride, args.padding),
             None => format!("convolution, stride {}, padding {}", args.stride, args.padding),
         };
         picture(&input, &filter, &output, &title)?.save(&png)?;

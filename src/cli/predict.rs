@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::Tensor;
 
-use lenet5::handwriting::{self, Prepared};
-use lenet5::predict::predict;
-use lenet5::weights::{self, Engine};
+use lenet5::data::handwriting::{self, Prepared};
+use lenet5::inference::predict::predict;
+use lenet5::inference::{card_path, Engine};
 
 use super::{ModelArgs, RuntimeArgs};
 
@@ -24,7 +24,7 @@ pub struct PredictArgs {
     #[command(flatten)]
     pub runtime: RuntimeArgs,
     /// What runs the forward pass.
-    #[arg(long, value_enum, default_value = "libtorch")]
+    #[arg(long, value_parser = super::named::<Engine>(Engine::NAMES), default_value = "libtorch")]
     pub engine: Engine,
     /// Print one JSON object instead of a line per image.
     #[arg(long)]
@@ -51,14 +51,14 @@ fn preprocessed_names(images: &[PathBuf]) -> Vec<String> {
 
 pub fn run(args: &PredictArgs) -> Result<()> {
     let device = args.runtime.apply()?;
-    let classifier = args.model.load(device)?.with_engine(args.engine, &args.model.model)?;
+    let classifier = args.model.load(device)?.with_engine(args.engine)?;
     // A TorchScript file carries no card; the card written beside it by `export` still says
     // how its inputs were normalised.
     let card = match classifier.card() {
         Some(c) => Some(c.clone()),
         None => {
-            let path = weights::card_path(&args.model.model);
-            if path.is_file() { Some(lenet5::card::ModelCard::read(&path)?) } else { None }
+            let path = card_path(classifier.path().context("a loaded model has its file")?);
+            if path.is_file() { Some(lenet5::formats::card::ModelCard::read(&path)?) } else { None }
         }
     };
     let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(lenet5::data::DatasetKind::Mnist);
@@ -111,7 +111,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         }
     }
     if args.json {
-        println!("{}", json!({ "model": args.model.model, "engine": lenet5::flag_name(&classifier.engine()), "predictions": json_rows }));
+        println!("{}", json!({ "model": args.model.model, "engine": classifier.engine().as_str(), "predictions": json_rows }));
     }
     if failures > 0 {
         bail!("{failures} of {} images could not be read", args.images.len());

@@ -1,12 +1,12 @@
 //! Training progress on a terminal: a bar with loss, accuracy, images/s and ETA, or a plain
 //! line at each quarter of an epoch when stderr is not a terminal, so logs stay readable.
-//! The training loop only reports ([`lenet5::run::Watcher::progress`]); this shows it.
+//! The training loop only reports ([`lenet5::training::run::Watcher::progress`]); this shows it.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Instant;
 
-use lenet5::train::EpochProgress;
+use lenet5::training::EpochProgress;
 
 pub struct TerminalProgress {
     tty: bool,

@@ -1,18 +1,18 @@
 //! `lenet5 train`: the recipe's flags (their defaults are [`TrainConfig::DEFAULT`]), turned
-//! into a [`RunPlan`] for [`lenet5::run::train`], with progress on the terminal and a clean
+//! into a [`RunPlan`] for [`lenet5::training::run::train`], with progress on the terminal and a clean
 //! stop at Ctrl-C or SIGTERM.
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
-use lenet5::checkpoint::CheckpointMeta;
+use lenet5::training::checkpoint::CheckpointMeta;
 use lenet5::model::{Arch, Head, ModelConfig};
-use lenet5::optim::{Implementation, OptimizerConfig, OptimizerKind};
-use lenet5::run::{self, RunEnd, RunPlan, Start, Watcher, CHECKPOINT_FILE};
-use lenet5::schedule::ScheduleKind;
-use lenet5::train::{EpochMetrics, EpochProgress, TrainConfig};
-use lenet5::weights::Engine;
+use lenet5::training::optim::{Implementation, OptimizerConfig, OptimizerKind};
+use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
+use lenet5::training::schedule::ScheduleKind;
+use lenet5::training::{EpochMetrics, EpochProgress, TrainConfig, Watcher};
+use lenet5::inference::Engine;
 
 use super::interrupt::{Interrupted, StopRequest};
 use super::progress::TerminalProgress;
@@ -33,11 +33,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::DEFAULT.optimizer.lr)]
     pub lr: f64,
     /// The optimizer, as torch.optim's class of that name.
-    #[arg(long, value_enum, default_value_t = TrainConfig::DEFAULT.optimizer.kind)]
+    #[arg(long, value_parser = super::named::<OptimizerKind>(OptimizerKind::NAMES), default_value_t = TrainConfig::DEFAULT.optimizer.kind)]
     pub optimizer: OptimizerKind,
     /// torch: torch.optim's algorithms op for op (bit-identical to PyTorch, state
     /// checkpointed); libtorch: tch's C++ optimizers (another op order, state not saved).
-    #[arg(long, value_enum, default_value_t = TrainConfig::DEFAULT.optimizer.implementation)]
+    #[arg(long, value_parser = super::named::<Implementation>(Implementation::NAMES), default_value_t = TrainConfig::DEFAULT.optimizer.implementation)]
     pub optimizer_impl: Implementation,
     /// SGD momentum.
     #[arg(long, default_value_t = TrainConfig::DEFAULT.optimizer.momentum)]
@@ -64,7 +64,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::DEFAULT.optimizer.weight_decay)]
     pub weight_decay: f64,
     /// Learning-rate schedule, as torch.optim.lr_scheduler's class (see README: Schedules).
-    #[arg(long, value_enum, default_value_t = TrainConfig::DEFAULT.schedule)]
+    #[arg(long, value_parser = super::named::<ScheduleKind>(ScheduleKind::NAMES), default_value_t = TrainConfig::DEFAULT.schedule)]
     pub schedule: ScheduleKind,
     /// Learning-rate factor per epoch for --schedule step.
     #[arg(long, default_value_t = TrainConfig::DEFAULT.gamma)]
@@ -78,11 +78,11 @@ pub struct TrainArgs {
     pub shift: i64,
     /// What computes the gradients: libtorch's autograd (bit-identical to PyTorch) or the
     /// direct engine's own loops (CPU only; the same recipe, different rounding; faster).
-    #[arg(long, value_enum, default_value = "libtorch")]
+    #[arg(long, value_parser = super::named::<Engine>(Engine::NAMES), default_value = "libtorch")]
     pub engine: Engine,
-    #[arg(long, value_enum, default_value_t = ModelConfig::DEFAULT.arch)]
+    #[arg(long, value_parser = super::named::<Arch>(Arch::NAMES), default_value_t = ModelConfig::DEFAULT.arch)]
     pub arch: Arch,
-    #[arg(long, value_enum, default_value_t = ModelConfig::DEFAULT.head)]
+    #[arg(long, value_parser = super::named::<Head>(Head::NAMES), default_value_t = ModelConfig::DEFAULT.head)]
     pub head: Head,
     #[command(flatten)]
     pub data: DataArgs,
@@ -172,6 +172,10 @@ impl Watcher for TerminalWatcher {
     fn should_stop(&mut self) -> bool {
         self.stop.requested().is_some()
     }
+
+    fn note(&mut self, note: &str) {
+        eprintln!("note: {note}");
+    }
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -190,6 +194,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
     };
     plan.batch_order = args.batch_order.clone();
+    plan.invocation = std::env::args().collect();
     eprintln!("{}", plan.describe(device));
     let mut watcher = TerminalWatcher { progress: TerminalProgress::default(), stop: StopRequest::install()? };
     match run::train(plan, device, None, &mut watcher)? {

@@ -5,7 +5,7 @@ use clap::Args;
 use std::path::PathBuf;
 
 use lenet5::model::STAGES;
-use lenet5::visualize::{self, VisualizeConfig};
+use lenet5::explain::visualize::{self, VisualizeConfig};
 
 use super::{DataArgs, ModelArgs, RuntimeArgs};
 
@@ -33,9 +33,6 @@ pub struct VisualizeArgs {
 
 pub fn run(args: &VisualizeArgs) -> Result<()> {
     let config = VisualizeConfig {
-        model: args.model.model.clone(),
-        load: args.model.options(),
-        device: args.runtime.apply()?,
         dataset: args.data.dataset,
         data: args.data.data.clone(),
         index: args.index,
@@ -43,7 +40,8 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
         out: args.out.clone(),
         mistakes: args.mistakes,
     };
-    let report = visualize::write(&config)?;
+    let model = args.model.load(args.runtime.apply()?)?;
+    let report = visualize::write(&model, &config)?;
     println!("{}", report.verdict);
     for w in &report.written {
         println!("{}  {}", w.path.display(), w.what);

@@ -20,7 +20,7 @@ pub struct Step {
     /// The head's mean loss over the batch, a float scalar.
     pub loss: Tensor,
     /// d loss / d parameter, every parameter flattened and concatenated in PyTorch's order
-    /// ([`crate::model::parameter_names`]): what [`crate::optim::Optimizer::step_flat`] takes.
+    /// ([`crate::model::parameter_names`]): what [`crate::training::optim::Optimizer::step_flat`] takes.
     pub gradient: Tensor,
 }
 
@@ -98,7 +98,7 @@ impl DirectTraining {
     /// The engine for the LeNet-5 in `vs` (on the CPU), splitting batches across up to
     /// `threads` threads.
     pub fn new(vs: &VarStore, config: ModelConfig, threads: usize) -> Result<DirectTraining> {
-        ensure!(vs.device() == Device::Cpu, "--engine direct trains on the CPU; the model is on {:?}: use --device cpu", vs.device());
+        crate::check_setting!(vs.device() == Device::Cpu, "device", format!("{:?}", vs.device()), "the direct engine trains on the CPU");
         Ok(DirectTraining { net: DirectNet::new(vs, config, threads)?, scratch: vec![] })
     }
 

@@ -25,12 +25,12 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use tower_http::timeout::TimeoutLayer;
 
-use crate::conv::{self, Matrix, Preset};
+use crate::explain::conv::{self, Matrix, Preset};
 use crate::data::{self, DatasetKind, Normalization};
 use crate::direct::DirectNet;
-use crate::handwriting::{self, Gray, Prepared};
+use crate::data::handwriting::{self, Gray, Prepared};
 use crate::model::{Head, LeNet5, INPUT_SIZE};
-use crate::weights::{self, Classifier, Engine, LoadOptions};
+use crate::inference::{Engine, LoadOptions, Model, NativeParts};
 
 /// Largest request body: a phone photo fits, a canvas drawing is a few KB. Larger gets 413.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -150,17 +150,17 @@ impl App {
     /// Loads the model (direct engine), its card and, if it can be read, the test set with
     /// the model's prediction for every image.
     pub fn load(config: &ServeConfig) -> Result<App> {
-        let classifier = weights::load(&config.model, &config.load, Device::Cpu)?.with_engine(Engine::Direct, &config.model)?;
+        let classifier = Model::load(&config.model, &config.load, Device::Cpu)?.with_engine(Engine::Direct)?;
         let card = classifier.card().cloned();
         let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(config.dataset);
         let norm = card.as_ref().map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
         let classes = card.as_ref().map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
         let test = TestImages::load(&classifier, dataset, config.data.as_deref(), norm).map_err(|e| format!("{e:#}"));
-        let Classifier::Native { vs, net, direct: Some(direct), .. } = classifier else {
+        let Some(NativeParts { vs, net, direct: Some(direct) }) = classifier.into_parts() else {
             anyhow::bail!("{}: serve runs LeNet-5 weights in the direct engine", config.model.display());
         };
         // A model without a card is described by the card `export` would write for it.
-        let card = card.unwrap_or_else(|| crate::card::ModelCard::new(net.config, dataset, crate::model::parameter_count(&vs), None));
+        let card = card.unwrap_or_else(|| crate::formats::card::ModelCard::new(net.config, dataset, crate::model::parameter_count(&vs), None, vec![]));
         let variables = vs.variables();
         let variable = |name: &str| -> Result<(Vec<i64>, Vec<f32>)> {
             let t = variables.get(name).with_context(|| format!("the model has no {name}"))?.detach();
@@ -185,14 +185,14 @@ impl App {
     fn analyse(&self, padded: &[f32], stages: bool) -> Result<Map<String, Value>> {
         let xs = handwriting::input_tensor(padded, self.norm); // (1, 1, 32, 32)
         let logits = self.direct.forward(&xs)?; // (1, 10)
-        let prediction = crate::predict::from_logits(self.head, &logits)?.into_iter().next().context("one prediction for one image")?;
+        let prediction = crate::inference::predict::from_logits(self.head, &logits)?.into_iter().next().context("one prediction for one image")?;
         let mut out = prediction.to_json(&self.classes);
         out.insert("engine".into(), json!("direct"));
         out.insert("seen".into(), json!(padded));
         if stages {
             let activations = {
                 let torch = self.torch.lock().map_err(|_| anyhow::anyhow!("an earlier request failed while computing the stages"))?;
-                crate::visualize::stages(&torch.net, &xs)
+                torch.net.stages(&xs)
             };
             let named: Vec<Value> = activations.iter().map(|(name, t)| stage_json(name, t)).collect::<Result<_>>()?;
             out.insert("stages".into(), Value::Array(named));
@@ -206,9 +206,9 @@ impl App {
 }
 
 impl TestImages {
-    fn load(classifier: &Classifier, dataset: DatasetKind, dir: Option<&std::path::Path>, norm: Normalization) -> Result<TestImages> {
+    fn load(classifier: &Model, dataset: DatasetKind, dir: Option<&std::path::Path>, norm: Normalization) -> Result<TestImages> {
         let raw = data::load_test(dataset, dir, Normalization { mean: 0.0, std: 1.0 })?; // pixels in 0..=1
-        let predicted = crate::visualize::predictions(classifier, &data::normalize(&raw.images, norm))?;
+        let predicted = classifier.predicted_classes(&data::normalize(&raw.images, norm))?;
         Ok(TestImages {
             pixels: Vec::<f32>::try_from(raw.images.flatten(0, -1)).context("reading the test images")?,
             labels: Vec::<i64>::try_from(&raw.labels).context("reading the test labels")?,
@@ -427,8 +427,8 @@ async fn conv_matrices(body: Result<Bytes, BytesRejection>) -> Result<Json<Value
             let filter = match (r.filter, r.preset) {
                 (Some(f), None) => f,
                 (None, Some(name)) => {
-                    let preset = <Preset as clap::ValueEnum>::from_str(&name, true).map_err(|_| {
-                        let names: Vec<String> = <Preset as clap::ValueEnum>::value_variants().iter().map(crate::flag_name).collect();
+                    let preset = name.parse::<Preset>().map_err(|_| {
+                        let names = Preset::NAMES;
                         anyhow::anyhow!("preset {name:?}: not one of {}", names.join(", "))
                     })?;
                     preset.filter()

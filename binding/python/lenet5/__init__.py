@@ -68,6 +68,13 @@ def train(
 
     `history` is a list of dicts, one per epoch (`pandas.DataFrame(history)` reads it).
     """
+    given = dict(
+        data=data, images=images, labels=labels, test_images=test_images, test_labels=test_labels,
+        arch=arch, head=head, dataset=dataset, out=out, resume=resume, init=init,
+        checkpoint_every=checkpoint_every, device=device, threads=threads,
+    )
+    defaults = dict(arch="modern", head="softmax", dataset="mnist", device="auto")
+    invocation = _call_repr("lenet5.train", {**{k: v for k, v in given.items() if not (k in defaults and v == defaults[k])}, **recipe})
     display = _Progress() if progress is True else (progress or None)
     try:
         return _train(
@@ -87,10 +94,24 @@ def train(
             device=device,
             threads=threads,
             progress=display,
+            invocation=invocation,
         )
     finally:
         if isinstance(display, _Progress):
             display.close()
+
+
+def _call_repr(name, kwargs):
+    """`lenet5.train(epochs=1, images=<tensor [N, 1, 32, 32]>)`: the call as the model card
+    records it, leaving out arguments at their defaults (None, or `defaults`' values)."""
+
+    def show(v):
+        if isinstance(v, torch.Tensor):
+            return f"<tensor {list(v.shape)}>"
+        return repr(str(v)) if hasattr(v, "__fspath__") else repr(v)
+
+    args = ", ".join(f"{k}={show(v)}" for k, v in kwargs.items() if v is not None)
+    return f"{name}({args})"
 
 
 def _in_notebook():

@@ -1,7 +1,8 @@
 """Type stubs of the compiled module (binding/src/lib.rs); `lenet5/__init__.py` re-exports it."""
 
 import os
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -106,5 +107,7 @@ def train(
     device: str = "auto",
     threads: int | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    invocation: str | None = None,
 ) -> tuple[LeNet5, list[dict[str, Any]]]:
-    """The native training call behind `lenet5.train` (which adds the progress display)."""
+    """The native training call behind `lenet5.train` (which adds the progress display and
+    the `invocation` the model card records)."""

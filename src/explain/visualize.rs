@@ -1,17 +1,15 @@
 //! `lenet5 visualize`: what a trained LeNet-5 does to one image, stage by stage, and how it does
 //! overall (training curves, confusion matrix, its mistakes), as PNG files in one folder.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{self, Dataset, DatasetKind};
-use crate::model::{Arch, LeNet5, ModelConfig, NUM_CLASSES};
-use crate::pictures::{self, Picture, Series, Shading, Tile};
-use crate::weights::{Classifier, LoadOptions};
+use crate::data::{self, DatasetKind};
+use crate::model::{Arch, ModelConfig, NUM_CLASSES};
+use crate::explain::pictures::{self, Picture, Series, Shading, Tile};
+use crate::inference::Model;
 
-/// The class whose first test image is followed by default: the "3" of the LeNet-5 walkthroughs.
-pub const DEFAULT_CLASS: i64 = 3;
 
 /// The feature-map pictures: stage, file, tiles per row, pixels per value.
 pub const STAGE_PICTURES: [(&str, &str, usize, u32); 4] =
@@ -23,13 +21,10 @@ pub const FILTER_ZOOM: u32 = 16;
 const MISTAKE_ZOOM: u32 = 3;
 const MISTAKE_COLUMNS: usize = 9;
 
-/// What `visualize` draws and where: the model file and how to read it, the test data, the
-/// image to follow (a test index or a file) and the output folder.
+/// What `visualize` draws and where: the test data, the image to follow (a test index or a
+/// file) and the output folder.
 #[derive(Debug, Clone)]
 pub struct VisualizeConfig {
-    pub model: PathBuf,
-    pub load: LoadOptions,
-    pub device: Device,
     pub dataset: DatasetKind,
     pub data: Option<PathBuf>,
     pub index: Option<i64>,
@@ -50,33 +45,9 @@ pub struct Report {
     pub missing_metrics: Option<PathBuf>,
 }
 
-/// `index` checked against the test set, or the first image of [`DEFAULT_CLASS`].
-pub fn pick_index(test: &Dataset, index: Option<i64>) -> Result<i64> {
-    match index {
-        Some(i) => {
-            ensure!((0..test.len()).contains(&i), "--index {i}: the test set has images 0 to {}", test.len() - 1);
-            Ok(i)
-        }
-        None => {
-            let hits = test.labels.eq(DEFAULT_CLASS).nonzero(); // (K, 1)
-            ensure!(hits.size()[0] > 0, "the test set holds no image of class {DEFAULT_CLASS}; choose one with --index");
-            Ok(hits.int64_value(&[0, 0]))
-        }
-    }
-}
-
 /// A tensor's values as `f32`s on the CPU.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).context("reading a tensor")
-}
-
-/// Every stage of the forward pass for one image `(1, 1, 32, 32)`, by name, on the CPU.
-pub fn stages(net: &LeNet5, image: &Tensor) -> Vec<(String, Tensor)> {
-    let mut out = Vec::new();
-    tch::no_grad(|| {
-        let _logits = net.forward_observed(image, &mut |name, t| out.push((name.to_string(), t.detach().to_device(Device::Cpu))));
-    });
-    out
 }
 
 fn activation_name(config: ModelConfig) -> (&'static str, &'static str) {
@@ -147,26 +118,13 @@ pub fn input_picture(image: &Tensor, title: &str) -> Result<Picture> {
 }
 
 /// Loss and accuracy per epoch, train and test.
-pub fn curves_picture(history: &[crate::train::EpochMetrics], title: &str) -> Result<Picture> {
-    let series = |name, f: &dyn Fn(&crate::train::EpochMetrics) -> f64| Series { name, points: history.iter().map(|m| (m.epoch as f64, f(m))).collect() };
+pub fn curves_picture(history: &[crate::training::EpochMetrics], title: &str) -> Result<Picture> {
+    let series = |name, f: &dyn Fn(&crate::training::EpochMetrics) -> f64| Series { name, points: history.iter().map(|m| (m.epoch as f64, f(m))).collect() };
     pictures::curves(
         title,
         &[series("train", &|m| m.train_loss), series("test", &|m| m.test_loss)],
         &[series("train", &|m| 100.0 * m.train_accuracy), series("test", &|m| 100.0 * m.test_accuracy)],
     )
-}
-
-/// The predicted class of every test image, in batches, without gradients.
-pub fn predictions(classifier: &Classifier, images: &Tensor) -> Result<Vec<i64>> {
-    let mut out = Vec::with_capacity(images.size()[0] as usize);
-    tch::no_grad(|| -> Result<()> {
-        for batch in images.split(1000, 0) {
-            let logits = classifier.forward(&batch)?; // (B, 10)
-            out.extend(Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?);
-        }
-        Ok(())
-    })?;
-    Ok(out)
 }
 
 /// Short class labels for axes: the names when they are short, else the class numbers.
@@ -180,23 +138,18 @@ pub struct Written {
     pub what: String,
 }
 
-/// Draws every picture of `c.model` into `c.out`.
-pub fn write(c: &VisualizeConfig) -> Result<Report> {
-    let device = c.device;
-    let classifier = crate::weights::load(&c.model, &c.load, device)?;
-    let Classifier::Native { vs, net, card, .. } = &classifier else {
-        bail!(
-            "{}: a TorchScript module keeps its layers inside a compiled graph, so its feature maps cannot be read; \
-             give visualize the weights instead (the .safetensors file beside it)",
-            c.model.display()
-        );
-    };
-    let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(c.dataset);
-    let norm = card.as_ref().map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
-    let classes = card.as_ref().map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
+/// Draws every picture of `model` into `c.out`.
+pub fn write(model: &Model, c: &VisualizeConfig) -> Result<Report> {
+    let device = model.device();
+    let (vs, net) =
+        model.require_lenet5("its feature maps cannot be read; give visualize the weights instead (the .safetensors file beside it)")?;
+    let card = model.card();
+    let dataset = card.map(|c| c.dataset).unwrap_or(c.dataset);
+    let norm = card.map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
+    let classes = card.map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
     let test = data::load_test(dataset, c.data.as_deref(), norm)?.to_device(device);
     let out = &c.out;
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| crate::setting::invalid("out", out.display(), format!("cannot create the folder ({e})")))?;
     let mut written = Vec::new();
     let mut save = |picture: Picture, file: &str, what: String| -> Result<()> {
         let path = out.join(file);
@@ -208,16 +161,16 @@ pub fn write(c: &VisualizeConfig) -> Result<Report> {
     // One image through the network.
     let (image, source, truth) = match &c.image {
         Some(path) => {
-            let prepared = crate::handwriting::load(path)?;
+            let prepared = crate::data::handwriting::load(path)?;
             (prepared.tensor(norm).to_device(device), path.display().to_string(), None)
         }
         None => {
-            let i = pick_index(&test, c.index)?;
+            let i = super::pick_index(&test, c.index)?;
             let label = test.labels.int64_value(&[i]);
             (test.images.narrow(0, i, 1), format!("test image #{i}"), Some(label))
         }
     };
-    let stages = stages(net, &image);
+    let stages = net.stages(&image);
     let stage = |name: &str| stages.iter().find(|(n, _)| n == name).map(|(_, t)| t).context("a stage the model always reports");
     let truth_text = truth.map(|t| format!(", label {}", classes[t as usize])).unwrap_or_default();
     save(input_picture(stage("input")?, &format!("Input: {source}{truth_text}"))?, "input.png", format!("the 32x32 input ({source}{truth_text})"))?;
@@ -238,9 +191,9 @@ pub fn write(c: &VisualizeConfig) -> Result<Report> {
     crate::atomic::write_with(&activations, |tmp| Tensor::write_safetensors(&named, tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display())))?;
 
     // The run that made the model: its metrics file sits beside the weights.
-    let metrics = c.model.parent().unwrap_or(Path::new(".")).join(crate::run::METRICS_FILE);
+    let metrics = model.path().and_then(Path::parent).unwrap_or(Path::new(".")).join(crate::training::run::METRICS_FILE);
     let skipped_curves = if metrics.is_file() {
-        let history = crate::run::read_metrics(&metrics)?;
+        let history = crate::training::run::read_metrics(&metrics)?;
         save(curves_picture(&history, &format!("Training: {} epoch{}, from {}", history.len(), if history.len() == 1 { "" } else { "s" }, metrics.display()))?, "curves.png", format!("loss and accuracy per epoch, from {}", metrics.display()))?;
         None
     } else {
@@ -248,7 +201,7 @@ pub fn write(c: &VisualizeConfig) -> Result<Report> {
     };
 
     // The whole test set: confusion matrix and mistakes.
-    let predicted = predictions(&classifier, &test.images)?;
+    let predicted = model.predicted_classes(&test.images)?;
     let labels = Vec::<i64>::try_from(test.labels.to_device(Device::Cpu))?;
     let mut confusion = vec![vec![0i64; NUM_CLASSES as usize]; NUM_CLASSES as usize];
     for (&t, &p) in labels.iter().zip(&predicted) {

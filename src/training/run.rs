@@ -10,13 +10,14 @@ use std::time::Instant;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::card::{CardMetrics, ModelCard};
-use crate::checkpoint::{self, CheckpointMeta, Saved};
+use crate::formats::card::{CardMetrics, ModelCard};
+use crate::training::checkpoint::{self, CheckpointMeta, Saved};
 use crate::data::{self, Splits};
 use crate::model::{parameter_count, LeNet5};
-use crate::optim::{Implementation, Optimizer};
-use crate::train::{self, EpochMetrics, EpochProgress, Metrics, Observer, Outcome, TrainState, Trainer};
-use crate::weights;
+use crate::training::optim::{Implementation, Optimizer};
+use crate::inference::evaluate::{evaluate, Metrics};
+use crate::training::{EpochMetrics, Outcome, TrainState, Trainer, Watcher};
+use crate::formats::weights;
 
 /// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
 pub const MODEL_NAME: &str = "lenet5";
@@ -27,10 +28,10 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create(dir: &Path) -> Result<RunDir> {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("--out {}: cannot create the folder ({e})", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!(crate::setting::invalid("out", dir.display(), format!("cannot create the folder ({e})"))))?;
         // Fail now, not after an hour of training, if the folder cannot be written.
         crate::atomic::write(&dir.join(".writable"), b"")
-            .map_err(|e| anyhow::anyhow!("--out {}: the folder is not writable ({e:#})", dir.display()))?;
+            .map_err(|e| anyhow::anyhow!(crate::setting::invalid("out", dir.display(), format!("the folder is not writable ({e:#})"))))?;
         let _ = std::fs::remove_file(dir.join(".writable")); // its absence changes nothing
         Ok(RunDir { dir: dir.to_path_buf() })
     }
@@ -82,18 +83,6 @@ pub fn checkpoint_file(path: &Path) -> PathBuf {
     if path.is_dir() { path.join(CHECKPOINT_FILE) } else { path.to_path_buf() }
 }
 
-/// What the caller of [`train`] sees and steers while it trains: the CLI shows a terminal bar
-/// and listens for signals, the Python binding updates a notebook bar and checks for
-/// KeyboardInterrupt.
-pub trait Watcher {
-    fn progress(&mut self, _progress: &EpochProgress) {}
-    fn epoch_done(&mut self, _metrics: &EpochMetrics, _epochs: usize) {}
-    /// Asked after every step; true stops the run with a checkpoint.
-    fn should_stop(&mut self) -> bool {
-        false
-    }
-}
-
 /// Where a run's weights start.
 pub enum Start {
     /// A fresh initialisation from the recipe's seed.
@@ -112,11 +101,13 @@ pub struct RunPlan {
     /// (parity checks).
     pub batch_order: Option<PathBuf>,
     pub out: PathBuf,
+    /// How the shell was asked for this run (the CLI's argv, the Python call), for the card.
+    pub invocation: Vec<String>,
 }
 
 /// `runs/DATASET-ARCH-HEAD`, the folder of a run not told otherwise.
 fn default_out(meta: &CheckpointMeta) -> PathBuf {
-    let (d, a, h) = (crate::flag_name(&meta.dataset), crate::flag_name(&meta.model.arch), crate::flag_name(&meta.model.head));
+    let (d, a, h) = (meta.dataset.as_str(), meta.model.arch.as_str(), meta.model.head.as_str());
     PathBuf::from(format!("runs/{d}-{a}-{h}"))
 }
 
@@ -124,10 +115,10 @@ impl RunPlan {
     /// A new run of `meta`'s recipe, in `out` (default `runs/DATASET-ARCH-HEAD`).
     pub fn new(meta: CheckpointMeta, start: Start, out: Option<PathBuf>) -> Result<RunPlan> {
         meta.config.validate()?;
-        ensure!(meta.checkpoint_every != Some(0), "--checkpoint-every 0: must be at least 1");
-        ensure!(matches!(start, Start::Fresh | Start::Init(_)), "a new run starts fresh or from --init weights");
+        crate::check_setting!(meta.checkpoint_every != Some(0), "checkpoint_every", 0, "must be at least 1");
+        ensure!(matches!(start, Start::Fresh | Start::Init(_)), "a new run starts fresh or from init weights");
         let out = out.unwrap_or_else(|| default_out(&meta));
-        Ok(RunPlan { meta, start, batch_order: None, out })
+        Ok(RunPlan { meta, start, batch_order: None, out, invocation: vec![] })
     }
 
     /// Continues the run saved at `path`: a run folder, its checkpoint.safetensors, or a
@@ -135,7 +126,7 @@ impl RunPlan {
     pub fn resume(path: &Path, out: Option<PathBuf>) -> Result<RunPlan> {
         // A PyTorch checkpoint is a torch.save zip; ours is safetensors (in a run folder).
         let (meta, saved, folder) = if path.is_file() && weights::detect(path)? == weights::Format::TorchSave {
-            let (meta, saved) = crate::torch_checkpoint::read(path)?;
+            let (meta, saved) = crate::formats::torch_checkpoint::read(path)?;
             (meta, saved, None)
         } else {
             let file = checkpoint_file(path);
@@ -143,7 +134,7 @@ impl RunPlan {
             (meta, saved, Some(file.parent().map(Path::to_path_buf).unwrap_or_default()))
         };
         let out = folder.or(out).unwrap_or_else(|| default_out(&meta));
-        Ok(RunPlan { meta, start: Start::Resume { source: path.to_path_buf(), saved }, batch_order: None, out })
+        Ok(RunPlan { meta, start: Start::Resume { source: path.to_path_buf(), saved }, batch_order: None, out, invocation: vec![] })
     }
 
     /// The line a run starts with: what trains, on what, how.
@@ -153,14 +144,14 @@ impl RunPlan {
         let mut line = format!(
             "{} LeNet-5 ({}, {}) on {} with {} on {}: {epochs} epochs, batch {}, lr {}, {} schedule, {} threads",
             if matches!(self.start, Start::Resume { .. }) { "resuming" } else { "training" },
-            crate::flag_name(&m.model.arch),
-            crate::flag_name(&m.model.head),
-            crate::flag_name(&m.dataset),
-            crate::flag_name(&c.optimizer.kind),
+            m.model.arch.as_str(),
+            m.model.head.as_str(),
+            m.dataset.as_str(),
+            c.optimizer.kind.as_str(),
             crate::device::name(device),
             c.batch_size,
             c.optimizer.lr,
-            crate::flag_name(&c.schedule),
+            c.schedule.as_str(),
             tch::get_num_threads()
         );
         if matches!(self.start, Start::Resume { .. }) {
@@ -195,7 +186,7 @@ pub enum RunEnd {
 /// Trains `plan` on `device`, on `data` or else the plan's data set read from disk, keeping
 /// its folder current, and exports the model into it when the run finishes.
 pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut dyn Watcher) -> Result<RunEnd> {
-    let RunPlan { meta, start, batch_order, out } = plan;
+    let RunPlan { meta, start, batch_order, out, invocation } = plan;
     let config = &meta.config;
     let run = RunDir::create(&out)?;
     let started = Instant::now();
@@ -223,7 +214,8 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
     match start {
         Start::Fresh => {}
         Start::Init(path) => {
-            let tensors = weights::read_tensors(&path, weights::detect(&path)?)?;
+            let (tensors, notes) = weights::read_tensors(&path, weights::detect(&path)?)?;
+            notes.iter().for_each(|n| watcher.note(n));
             weights::load_state_dict(&mut vs, tensors, &[], &path.display().to_string())?;
         }
         Start::Resume { source, saved } => {
@@ -232,18 +224,25 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
             optimizer.load_state_tensors(saved.optimizer, &name)?;
         }
     }
-    let mut observer = RunObserver { run: &run, vs: &vs, meta: meta.clone(), watcher };
+    // Keeps the folder current: a checkpoint and the metrics history at every checkpoint.
+    let mut saved_meta = meta.clone();
+    saved_meta.provenance.command_line = invocation.clone();
+    let mut save = |state: &TrainState, optimizer: &Optimizer| -> Result<()> {
+        saved_meta.state = state.clone();
+        checkpoint::save(&run.dir.join(CHECKPOINT_FILE), &vs, optimizer, &saved_meta)?;
+        run.write_metrics(&state.history)
+    };
     // Gradients on, whatever the caller's thread had: a notebook's `with torch.no_grad():`
     // reaches this libtorch too.
-    let outcome = tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), &mut observer));
+    let outcome = tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), watcher, &mut save));
     let history = match outcome? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => return Ok(RunEnd::Stopped { state, dir: run.dir }),
     };
     let last = history.last().context("training ran no epoch")?;
     let forward = |xs: &Tensor| -> Result<Tensor> { Ok(net.forward(xs)) };
-    let test = train::evaluate(&forward, meta.model.head, &data.test, config.test_batch_size)?;
-    let mut card = ModelCard::new(meta.model, meta.dataset, parameter_count(&vs), Some(config.seed));
+    let test = evaluate(&forward, meta.model.head, &data.test, config.test_batch_size)?;
+    let mut card = ModelCard::new(meta.model, meta.dataset, parameter_count(&vs), Some(config.seed), invocation);
     card.metrics = Some(CardMetrics { test_accuracy: test.accuracy(), test_loss: test.loss, test_correct: test.correct, test_total: test.total });
     let wall_seconds = started.elapsed().as_secs_f64();
     card.training = Some(serde_json::json!({
@@ -254,11 +253,11 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
         "wall_seconds": wall_seconds,
         "epochs_run": history.len(),
         "resumed": resumed,
-        "data": meta.data_dir.as_ref().map_or_else(|| crate::flag_name(&meta.dataset), |d| d.display().to_string()),
+        "data": meta.data_dir.as_ref().map_or_else(|| meta.dataset.to_string(), |d| d.display().to_string()),
     }));
     let prefix = run.model_prefix();
-    let check_inputs = data.test.images.narrow(0, 0, crate::export::CHECK_BATCH.min(data.test.len()));
-    let card = crate::export::export(&vs, &net, &card, &prefix, &check_inputs, false)?;
+    let check_inputs = data.test.images.narrow(0, 0, crate::formats::export::CHECK_BATCH.min(data.test.len()));
+    let card = crate::formats::export::export(&vs, &net, &card, &prefix, &check_inputs, false)?;
     Ok(RunEnd::Finished(Box::new(Trained { vs, net, card, history, test, prefix, wall_seconds })))
 }
 
@@ -278,35 +277,6 @@ fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {
     let (lo, hi) = (order.min().int64_value(&[]), order.max().int64_value(&[]));
     ensure!(lo >= 0 && hi < train_len, "{}: indices {lo}..={hi} outside the {train_len} training images", path.display());
     Ok(order)
-}
-
-/// Keeps a run folder current while training: a checkpoint and the metrics history at
-/// every checkpoint; progress and stop requests go to and from the watcher.
-struct RunObserver<'a> {
-    run: &'a RunDir,
-    vs: &'a VarStore,
-    meta: CheckpointMeta,
-    watcher: &'a mut dyn Watcher,
-}
-
-impl Observer for RunObserver<'_> {
-    fn checkpoint(&mut self, state: &TrainState, optimizer: &Optimizer) -> Result<()> {
-        self.meta.state = state.clone();
-        checkpoint::save(&self.run.dir.join(CHECKPOINT_FILE), self.vs, optimizer, &self.meta)?;
-        self.run.write_metrics(&state.history)
-    }
-
-    fn progress(&mut self, progress: &EpochProgress) {
-        self.watcher.progress(progress);
-    }
-
-    fn epoch_done(&mut self, metrics: &EpochMetrics, epochs: usize) {
-        self.watcher.epoch_done(metrics, epochs);
-    }
-
-    fn should_stop(&mut self) -> bool {
-        self.watcher.should_stop()
-    }
 }
 
 #[cfg(test)]

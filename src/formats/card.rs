@@ -52,6 +52,7 @@ pub struct Provenance {
     pub lenet5_version: String,
     pub tch_version: String,
     pub libtorch_version: String,
+    /// The invocation its shell handed in: the CLI's argv, or the Python call as one string.
     pub command_line: Vec<String>,
     /// Seconds since the Unix epoch when the card was written.
     pub created_unix: u64,
@@ -65,13 +66,13 @@ pub struct FileEntry {
 }
 
 impl Provenance {
-    /// This process: versions, command line and time.
-    pub fn here(seed: Option<i64>) -> Provenance {
+    /// This build's versions and the time, for a card written on `invocation`.
+    pub fn here(seed: Option<i64>, invocation: Vec<String>) -> Provenance {
         Provenance {
             lenet5_version: env!("CARGO_PKG_VERSION").to_string(),
             tch_version: crate::TCH_VERSION.to_string(),
             libtorch_version: crate::LIBTORCH_VERSION.to_string(),
-            command_line: std::env::args().collect(),
+            command_line: invocation,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -82,7 +83,7 @@ impl Provenance {
 }
 
 impl ModelCard {
-    pub fn new(model: ModelConfig, dataset: DatasetKind, parameters: i64, seed: Option<i64>) -> ModelCard {
+    pub fn new(model: ModelConfig, dataset: DatasetKind, parameters: i64, seed: Option<i64>, invocation: Vec<String>) -> ModelCard {
         ModelCard {
             format: "lenet5-model".into(),
             format_version: CARD_VERSION,
@@ -93,7 +94,7 @@ impl ModelCard {
             parameters,
             metrics: None,
             training: None,
-            provenance: Provenance::here(seed),
+            provenance: Provenance::here(seed, invocation),
             files: Default::default(),
         }
     }

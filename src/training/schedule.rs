@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 
-use crate::optim::Hyper;
+use crate::training::optim::Hyper;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// The learning rate never changes (no scheduler).
@@ -22,6 +22,8 @@ pub enum ScheduleKind {
     /// Adam's beta1) from 0.95 down to 0.85 and back, unless momentum cycling is off.
     Onecycle,
 }
+
+crate::named_values!(ScheduleKind { Constant => "constant", Step => "step", Cosine => "cosine", Onecycle => "onecycle" });
 
 /// OneCycleLR's defaults (torch_checkpoint.rs writes them into its state dict).
 pub const PCT_START: f64 = 0.3;

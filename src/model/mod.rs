@@ -1,9 +1,12 @@
 //! LeNet-5 (LeCun et al. 1998) as a tch `nn` module, with PyTorch-identical parameter names.
 //! The Python twin is `LeNet5` in `scripts/lenet5_ref.py`; both must keep the same names.
 
+mod table;
+pub use table::{layer_table, LayerRow};
+
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 /// Side of the square input image: MNIST's 28x28 zero-padded by 2, as in the 1998 paper.
 pub const INPUT_SIZE: i64 = 32;
@@ -11,7 +14,7 @@ pub const INPUT_SIZE: i64 = 32;
 pub const NUM_CLASSES: i64 = 10;
 
 /// Which flavour of LeNet-5: the activation and the subsampling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// ReLU and 2x2 max-pooling: what most notebooks mean by LeNet-5 today.
@@ -21,7 +24,7 @@ pub enum Arch {
 }
 
 /// How the ten output units are read: a softmax over classes or one sigmoid per class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Head {
     /// Cross-entropy on the logits (PyTorch's `nn.CrossEntropyLoss`).
@@ -30,17 +33,8 @@ pub enum Head {
     Sigmoid,
 }
 
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::flag_name(self))
-    }
-}
-
-impl std::fmt::Display for Head {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::flag_name(self))
-    }
-}
+crate::named_values!(Arch { Modern => "modern", Classic => "classic" });
+crate::named_values!(Head { Softmax => "softmax", Sigmoid => "sigmoid" });
 
 impl Head {
     /// Mean loss of a batch of logits `(B, 10)` against integer labels `(B,)`.
@@ -193,6 +187,16 @@ impl LeNet5 {
         let logits = f6.apply(&self.fc3); // (B, 10)
         observe("output", &logits);
         logits
+    }
+
+    /// Every stage named in [`STAGES`] of the forward pass of `xs`, without gradients,
+    /// detached and on the CPU.
+    pub fn stages(&self, xs: &Tensor) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        tch::no_grad(|| {
+            let _logits = self.forward_observed(xs, &mut |name, t| out.push((name.to_string(), t.detach().to_device(Device::Cpu))));
+        });
+        out
     }
 }
 

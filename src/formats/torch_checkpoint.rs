@@ -8,12 +8,12 @@ use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-use crate::checkpoint::{CheckpointMeta, Saved};
+use crate::training::checkpoint::{CheckpointMeta, Saved};
 use crate::model::{parameter_names, ModelConfig};
-use crate::optim::{Hyper, OptimizerKind, STATE_FIELDS};
-use crate::schedule::{onecycle_lrs, ScheduleKind, ScheduleState, BASE_MOMENTUM, MAX_MOMENTUM, PCT_START};
-use crate::torch_pickle::Value;
-use crate::train::{TrainConfig, TrainState};
+use crate::training::optim::{Hyper, OptimizerKind, STATE_FIELDS};
+use crate::training::schedule::{onecycle_lrs, ScheduleKind, ScheduleState, BASE_MOMENTUM, MAX_MOMENTUM, PCT_START};
+use crate::formats::torch_pickle::Value;
+use crate::training::{TrainConfig, TrainState};
 
 fn str(s: &str) -> Value {
     Value::Str(s.to_string())
@@ -212,7 +212,7 @@ pub fn to_torch(meta: &CheckpointMeta, saved: &Saved) -> Result<Value> {
 
 /// Writes a run's checkpoint as a PyTorch training checkpoint at `path` (atomically).
 pub fn write(path: &Path, meta: &CheckpointMeta, saved: &Saved) -> Result<()> {
-    crate::torch_pickle::write(path, &to_torch(meta, saved)?)
+    crate::formats::torch_pickle::write(path, &to_torch(meta, saved)?)
 }
 
 fn entry<'a>(value: &'a Value, key: &str, source: &str) -> Result<&'a Value> {
@@ -230,7 +230,7 @@ fn int(value: &Value, key: &str, source: &str) -> Result<i64> {
 /// the same layout) into what `train --resume` continues from.
 pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     let source = path.display().to_string();
-    let value = crate::torch_pickle::read(path)?;
+    let value = crate::formats::torch_pickle::read(path)?;
     ensure!(value.as_dict().is_some(), "{source}: holds {}, not a training checkpoint dict", value.type_name());
     let recipe = entry(&value, "recipe", &source).map_err(|e| {
         e.context("lenet5 continues a run with its recipe (epochs, batch_size, seed, ...): save it as scripts/train_reference does")
@@ -273,8 +273,8 @@ pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     ensure!(
         kind == config.optimizer.kind,
         "{source}: the optimizer's state is {}'s, the recipe says {}",
-        crate::flag_name(&kind),
-        crate::flag_name(&config.optimizer.kind)
+        kind.as_str(),
+        config.optimizer.kind.as_str()
     );
     let momentum = if adam {
         let betas = group.get("betas").and_then(Value::as_list).unwrap_or_default();

@@ -1,6 +1,8 @@
 //! MNIST-style data: the IDX file format (plain or gzip'd), checked strictly, and the data set
 //! as one normalised `(N, 1, 32, 32)` tensor. Python's twin: `load_idx` in `scripts/lenet5_ref.py`.
 
+pub mod handwriting;
+
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -21,12 +23,14 @@ const IMAGES_MAGIC: u32 = 0x0000_0803; // unsigned bytes, 3 dimensions
 const LABELS_MAGIC: u32 = 0x0000_0801; // unsigned bytes, 1 dimension
 
 /// The data sets this program knows, with the statistics used to normalise them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     Mnist,
     FashionMnist,
 }
+
+crate::named_values!(DatasetKind { Mnist => "mnist", FashionMnist => "fashion-mnist" });
 
 impl DatasetKind {
     /// Mean and standard deviation of the training pixels scaled to [0, 1].

@@ -11,7 +11,9 @@ use tch::nn::{self, OptimizerConfig as _};
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+use crate::check_setting;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     Sgd,
@@ -20,7 +22,7 @@ pub enum OptimizerKind {
 }
 
 /// Which code runs the optimizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Implementation {
     /// torch.optim's algorithms, op for op (this module): bit-identical to PyTorch, state saved.
@@ -30,6 +32,9 @@ pub enum Implementation {
     /// `mul_`+`add_`, not `lerp_`), state kept in C++ where it cannot be saved, fixed momentum.
     Libtorch,
 }
+
+crate::named_values!(OptimizerKind { Sgd => "sgd", Adam => "adam", Adamw => "adamw" });
+crate::named_values!(Implementation { Torch => "torch", Libtorch => "libtorch" });
 
 /// An optimizer's settings, with torch.optim's names and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -90,26 +95,29 @@ impl OptimizerConfig {
         }
     }
 
-    /// The checks torch.optim makes in its constructors, with the flag names of `lenet5 train`.
+    /// The checks torch.optim makes in its constructors, naming the setting at fault.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {}: must be a positive number", self.lr);
-        ensure!((0.0..1.0).contains(&self.momentum), "--momentum {}: must be in [0, 1)", self.momentum);
-        ensure!((0.0..=1.0).contains(&self.dampening), "--dampening {}: must be in [0, 1]", self.dampening);
-        ensure!(
+        check_setting!(self.lr > 0.0 && self.lr.is_finite(), "lr", self.lr, "must be a positive number");
+        check_setting!((0.0..1.0).contains(&self.momentum), "momentum", self.momentum, "must be in [0, 1)");
+        check_setting!((0.0..=1.0).contains(&self.dampening), "dampening", self.dampening, "must be in [0, 1]");
+        check_setting!(
             !self.nesterov || (self.momentum > 0.0 && self.dampening == 0.0),
-            "--nesterov needs a momentum above 0 and no dampening (as torch.optim.SGD)"
+            "nesterov",
+            self.nesterov,
+            "needs a momentum above 0 and no dampening (as torch.optim.SGD)"
         );
-        for (flag, b) in [("--beta1", self.betas.0), ("--beta2", self.betas.1)] {
-            ensure!((0.0..1.0).contains(&b), "{flag} {b}: must be in [0, 1)");
+        for (i, b) in [self.betas.0, self.betas.1].into_iter().enumerate() {
+            check_setting!((0.0..1.0).contains(&b), "betas", format!("{:?}", self.betas), "beta{} = {b} must be in [0, 1)", i + 1);
         }
-        ensure!(self.eps >= 0.0, "--eps {}: must not be negative", self.eps);
-        ensure!(self.weight_decay >= 0.0, "--weight-decay {}: must not be negative", self.weight_decay);
-        ensure!(
+        check_setting!(self.eps >= 0.0, "eps", self.eps, "must not be negative");
+        check_setting!(self.weight_decay >= 0.0, "weight_decay", self.weight_decay, "must not be negative");
+        check_setting!(
             self.kind == OptimizerKind::Sgd || !(self.nesterov || self.dampening != 0.0),
-            "--nesterov and --dampening are SGD's; --optimizer is {}",
-            crate::flag_name(&self.kind)
+            "optimizer",
+            self.kind,
+            "takes no nesterov or dampening, which are SGD's"
         );
-        ensure!(self.kind != OptimizerKind::Sgd || !self.amsgrad, "--amsgrad is Adam's and AdamW's, not SGD's");
+        check_setting!(self.kind != OptimizerKind::Sgd || !self.amsgrad, "amsgrad", self.amsgrad, "is Adam's and AdamW's, not SGD's");
         Ok(())
     }
 }
@@ -180,7 +188,7 @@ impl Optimizer {
                 let c = config;
                 ensure!(
                     c.betas == default_betas() && c.eps == default_eps() && !c.amsgrad,
-                    "--optimizer-impl libtorch: tch's Adam takes no --beta1/--beta2/--eps/--amsgrad"
+                    "{}", crate::setting::invalid("optimizer_impl", "libtorch", "tch's Adam takes no betas, eps or amsgrad other than the defaults")
                 );
                 Engine::Libtorch(match c.kind {
                     OptimizerKind::Sgd => nn::sgd(c.momentum, c.dampening, c.weight_decay, c.nesterov).build(vs, c.lr)?,
@@ -202,7 +210,7 @@ impl Optimizer {
             Engine::Libtorch(opt) => {
                 ensure!(
                     self.hyper.momentum == self.config.momentum_like(),
-                    "libtorch's optimizers cannot change their momentum mid-run: use --optimizer-impl torch or --no-cycle-momentum"
+                    "{}", crate::setting::invalid("optimizer_impl", "libtorch", "libtorch's optimizers cannot change their momentum mid-run; use optimizer_impl = torch, or turn cycle_momentum off")
                 );
                 opt.set_lr(self.hyper.lr);
                 opt.backward_step(loss);
@@ -241,7 +249,7 @@ impl Optimizer {
                 self.step_flat(Tensor::f_cat(&grads.iter().map(|g| g.view(-1)).collect::<Vec<_>>(), 0)?)
             }
             Engine::Libtorch(_) => {
-                anyhow::bail!("libtorch's optimizers step on the gradients autograd left; --engine direct needs --optimizer-impl torch")
+                anyhow::bail!(crate::setting::invalid("optimizer_impl", "libtorch", "libtorch's optimizers step on the gradients autograd left; the direct engine needs optimizer_impl = torch"))
             }
         }
     }
@@ -499,11 +507,11 @@ mod tests {
     }
 
     #[test]
-    fn bad_settings_are_refused_with_the_flag() {
+    fn bad_settings_are_refused_naming_the_setting() {
         let c = OptimizerConfig { nesterov: true, ..OptimizerConfig::new(OptimizerKind::Sgd, 0.1) };
-        assert!(c.validate().unwrap_err().to_string().contains("--nesterov"));
+        assert!(c.validate().unwrap_err().to_string().contains("nesterov = true"));
         let c = OptimizerConfig { kind: OptimizerKind::Adam, nesterov: false, betas: (1.0, 0.999), ..c };
-        assert!(c.validate().unwrap_err().to_string().contains("--beta1 1"));
+        assert!(c.validate().unwrap_err().to_string().contains("beta1 = 1 must be"));
     }
 
     /// A run's end: its parameters, and its optimizer's state by name.

@@ -2,17 +2,14 @@
 //! dict, a checkpoint, a pickled module or TorchScript), and state dicts checked whole before
 //! anything is copied.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use tch::nn::{Module, VarStore};
-use tch::{CModule, Device, Kind, Tensor};
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
 
-use crate::card::ModelCard;
-use crate::direct::DirectNet;
-use crate::model::{Head, LeNet5, ModelConfig};
-use crate::torch_pickle::{self, ModelPickle, Value};
+use crate::formats::torch_pickle::{self, ModelPickle, Value};
 
 /// What a model file turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,16 +124,17 @@ pub fn rename(key: &str, maps: &[KeyMap]) -> String {
 }
 
 /// Reads the named tensors of a state-dict-like file onto the CPU, names in PyTorch form
-/// (DataParallel's `module.` prefix dropped). Notes on stderr say where they were found.
-pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>> {
+/// (DataParallel's `module.` prefix dropped), with notes saying where they were found.
+pub fn read_tensors(path: &Path, format: Format) -> Result<(Vec<(String, Tensor)>, Vec<String>)> {
     let name = path.display();
+    let mut notes = Vec::new();
     let tensors = match format {
         Format::Safetensors => Tensor::read_safetensors(path),
         // libtorch's unpickler cannot read state_dict()'s OrderedDict; ours names its errors.
-        Format::TorchSave => Ok(torch_save_tensors(path)?),
+        Format::TorchSave => Ok(torch_save_tensors(path, &mut notes)?),
         Format::TorchExport => {
-            let tensors = export_weights(path).map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
-            eprintln!("note: {name}: a torch.export archive; its weights are read, its graph is not run");
+            let tensors = super::torch_export::read_weights(path).map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
+            notes.push(format!("{name}: a torch.export archive; its weights are read, its graph is not run"));
             Ok(tensors)
         }
         Format::TchArchive => Tensor::load_multi_with_device(path, Device::Cpu),
@@ -148,10 +146,10 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<Vec<(String, Tensor)>
     // DataParallel and DistributedDataParallel keep the model as their `module`.
     let prefix = "module.";
     if !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with(prefix)) {
-        eprintln!("note: {name}: every key starts with '{prefix}' (DataParallel); reading them without it");
-        return Ok(tensors.into_iter().map(|(k, t)| (k[prefix.len()..].to_string(), t)).collect());
+        notes.push(format!("{name}: every key starts with '{prefix}' (DataParallel); reading them without it"));
+        return Ok((tensors.into_iter().map(|(k, t)| (k[prefix.len()..].to_string(), t)).collect(), notes));
     }
-    Ok(tensors)
+    Ok((tensors, notes))
 }
 
 /// Where notebooks keep the model's weights in a checkpoint dict, most specific first
@@ -160,13 +158,13 @@ const CHECKPOINT_KEYS: [&str; 4] = ["model_state_dict", "state_dict", "model", "
 
 /// The weights in a torch.save file, read as data (nothing in it runs): a state dict, a
 /// checkpoint dict holding one under a [`CHECKPOINT_KEYS`] entry, or a whole pickled module.
-fn torch_save_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+fn torch_save_tensors(path: &Path, notes: &mut Vec<String>) -> Result<Vec<(String, Tensor)>> {
     let name = path.display();
     let ModelPickle { value, modules } = torch_pickle::read_model(path)?;
     let value = match value.into_state_dict() {
         Ok(tensors) => {
             if let Some(class) = modules.first() {
-                eprintln!("note: {name}: a whole pickled {class}; its parameters and buffers read as data, nothing in it run");
+                notes.push(format!("{name}: a whole pickled {class}; its parameters and buffers read as data, nothing in it run"));
             }
             return Ok(tensors);
         }
@@ -177,7 +175,7 @@ fn torch_save_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     };
     for key in CHECKPOINT_KEYS {
         let Some(i) = items.iter().position(|(k, v)| k.as_str() == Some(key) && v.as_state_dict().is_some()) else { continue };
-        eprintln!("note: {name}: weights from its '{key}' entry");
+        notes.push(format!("{name}: weights from its '{key}' entry"));
         return items.swap_remove(i).1.into_state_dict().map_err(|v| anyhow::anyhow!("{name}: '{key}' holds {}", v.type_name()));
     }
     let keys: Vec<String> = items.iter().take(12).map(|(k, _)| k.key_repr()).collect();
@@ -189,91 +187,11 @@ fn torch_save_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     )
 }
 
-/// `torch.export.save` keeps the program's state dict in `data/weights/`: one raw storage per
-/// file, and each tensor's dtype, size, stride and offset in `<model>_weights_config.json`
-/// (torch/export/pt2_archive/_package.py; the schema is torch._export.serde.schema.PayloadMeta).
-#[derive(serde::Deserialize)]
-struct WeightsConfig {
-    config: BTreeMap<String, PayloadMeta>,
-}
-
-#[derive(serde::Deserialize)]
-struct PayloadMeta {
-    path_name: String,
-    use_pickle: bool,
-    tensor_meta: TensorMeta,
-}
-
-#[derive(serde::Deserialize)]
-struct TensorMeta {
-    dtype: i64,
-    sizes: Vec<SymInt>,
-    strides: Vec<SymInt>,
-    storage_offset: SymInt,
-}
-
-/// An int of the export schema; a symbolic one (`as_expr`) has no place among weights.
-#[derive(serde::Deserialize)]
-struct SymInt {
-    as_int: i64,
-}
-
-/// torch._export.serde.schema.ScalarType, for the dtypes weights have.
-fn export_dtype(code: i64) -> Result<Kind> {
-    Ok(match code {
-        1 => Kind::Uint8,
-        2 => Kind::Int8,
-        3 => Kind::Int16,
-        4 => Kind::Int,
-        5 => Kind::Int64,
-        6 => Kind::Half,
-        7 => Kind::Float,
-        8 => Kind::Double,
-        12 => Kind::Bool,
-        13 => Kind::BFloat16,
-        _ => bail!("a tensor of export dtype {code}, which this reader does not know"),
-    })
-}
-
-/// The weights of a `.pt2` archive of one model, each checked to lie inside its storage.
-fn export_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let mut zip = torch_pickle::open_zip(std::fs::File::open(path)?)?;
-    let configs: Vec<String> = zip
-        .file_names()
-        .filter_map(|n| n.ok())
-        .filter(|n| n.split_once('/').is_some_and(|(_, rest)| rest.starts_with("data/weights/") && rest.ends_with("_weights_config.json")))
-        .map(|n| n.into_owned())
-        .collect();
-    let [config] = &configs[..] else { bail!("{} weights configs inside, where one model has one", configs.len()) };
-    let folder = config.rsplit_once('/').map_or("", |(folder, _)| folder).to_string();
-    let json = torch_pickle::read_entry(&mut zip, config, 64 << 20)?;
-    let config: WeightsConfig = serde_json::from_slice(&json).with_context(|| format!("{config} is not what torch.export writes"))?;
-    let mut storages = torch_pickle::Storages::default();
-    let mut tensors = Vec::with_capacity(config.config.len());
-    for (name, meta) in config.config {
-        ensure!(!meta.use_pickle, "{name} is stored pickled (a tensor subclass)");
-        let kind = export_dtype(meta.tensor_meta.dtype)?;
-        let file = meta.path_name;
-        if !storages.contains(&file) {
-            let data = torch_pickle::read_entry(&mut zip, &format!("{folder}/{file}"), MAX_EXPORT_STORAGE)?;
-            storages.insert(&file, kind, &data)?;
-        }
-        let ints = |v: &[SymInt]| v.iter().map(|i| i.as_int).collect::<Vec<_>>();
-        let (size, stride) = (ints(&meta.tensor_meta.sizes), ints(&meta.tensor_meta.strides));
-        let tensor = storages.view(&file, &size, &stride, meta.tensor_meta.storage_offset.as_int)?;
-        ensure!(tensor.kind() == kind, "{name} is {kind:?} in storage {file} of {:?} items", tensor.kind());
-        tensors.push((name, tensor));
-    }
-    Ok(tensors)
-}
-
-/// A storage file of a `.pt2` archive larger than this is not LeNet-5's.
-const MAX_EXPORT_STORAGE: u64 = 1 << 30;
 
 /// libtorch errors carry a C++ backtrace (and TorchScript ones a script traceback) after
 /// the reason; users need only the reason: the `...Error: ` line if there is one, else the
 /// first line.
-fn first_line(s: &str) -> &str {
+pub fn first_line(s: &str) -> &str {
     let reason = s.lines().rev().find_map(|l| l.split_once("Error: ").map(|(_, r)| r.trim()));
     reason
         .filter(|r| !r.is_empty())
@@ -350,166 +268,10 @@ fn common_prefix_hint<'a>(mut keys: impl Iterator<Item = &'a String>) -> String 
     let first = keys.next().and_then(|k| k.split_once('.')).map(|(p, _)| p.to_string());
     match first {
         Some(p) if !p.starts_with("conv") && !p.starts_with("fc") && keys.all(|k| k.starts_with(&format!("{p}."))) => {
-            format!("\n(every key starts with '{p}.': try --key-map {p}=)")
+            format!("\n(every key starts with '{p}.': try the key map {p}=)")
         }
         _ => String::new(),
     }
-}
-
-/// What runs LeNet-5: the forward pass of a loaded model, or a training run's steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// libtorch: the same numbers as PyTorch, bit for bit.
-    #[default]
-    Libtorch,
-    /// Plain Rust loops on the CPU (`direct`): many times faster for single images and small
-    /// batches; logits within 1e-5 (relative) of libtorch's, and so are its gradients.
-    Direct,
-}
-
-/// A model ready to run: our LeNet-5 with loaded weights, or a TorchScript module as-is.
-#[expect(clippy::large_enum_variant, reason = "one per process, moved rarely: a box would buy nothing")]
-pub enum Classifier {
-    /// `direct` is set when the direct engine runs the forward pass instead of `net`.
-    Native { vs: VarStore, net: LeNet5, card: Option<ModelCard>, direct: Option<DirectNet> },
-    Script { module: CModule, head: Head },
-}
-
-impl Classifier {
-    /// Logits `(B, 10)` for a normalised batch.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Classifier::Native { direct: Some(direct), .. } => direct.forward(xs),
-            Classifier::Native { net, .. } => Ok(net.forward(xs)),
-            Classifier::Script { module, .. } => module
-                .forward_ts(&[xs])
-                .map_err(|e| anyhow::anyhow!("the TorchScript module failed: {}", first_line(&e.to_string()))),
-        }
-    }
-
-    pub fn head(&self) -> Head {
-        match self {
-            Classifier::Native { net, .. } => net.config.head,
-            Classifier::Script { head, .. } => *head,
-        }
-    }
-
-    /// The same model run by `engine`; the direct engine needs our LeNet-5 on the CPU.
-    pub fn with_engine(mut self, engine: Engine, path: &Path) -> Result<Classifier> {
-        self.set_engine(engine, path)?;
-        Ok(self)
-    }
-
-    /// Switches the engine in place (after a weight change too: the direct engine keeps its
-    /// own copy of the weights); on an error the model is left as it was.
-    pub fn set_engine(&mut self, engine: Engine, path: &Path) -> Result<()> {
-        match (self, engine) {
-            (Classifier::Native { direct, .. }, Engine::Libtorch) => *direct = None,
-            (Classifier::Script { .. }, Engine::Libtorch) => {}
-            (Classifier::Script { .. }, Engine::Direct) => {
-                bail!("{}: --engine direct runs LeNet-5 weights; a TorchScript module only runs in libtorch", path.display())
-            }
-            (Classifier::Native { vs, net, direct, .. }, Engine::Direct) => {
-                ensure!(vs.device() == Device::Cpu, "--engine direct runs on the CPU; add --device cpu");
-                // The direct engine takes libtorch's threads for itself. libtorch keeps one:
-                // its idle OpenMP workers spin for milliseconds after each parallel op, and
-                // would compete for the cores (measured: 44k instead of 72k images/s on 2).
-                let threads = match direct {
-                    Some(d) => d.threads(),
-                    None => tch::get_num_threads() as usize,
-                };
-                *direct = Some(DirectNet::new(vs, net.config, threads)?);
-                tch::set_num_threads(1);
-            }
-        }
-        Ok(())
-    }
-
-    /// The engine that runs the forward pass.
-    pub fn engine(&self) -> Engine {
-        match self {
-            Classifier::Native { direct: Some(_), .. } => Engine::Direct,
-            _ => Engine::Libtorch,
-        }
-    }
-
-    pub fn card(&self) -> Option<&ModelCard> {
-        match self {
-            Classifier::Native { card, .. } => card.as_ref(),
-            Classifier::Script { .. } => None,
-        }
-    }
-}
-
-/// The model card beside a weights file: `NAME.json` for `NAME.safetensors` (or any extension).
-pub fn card_path(weights: &Path) -> PathBuf {
-    weights.with_extension("json")
-}
-
-/// How to load a model file: overrides for what its card (if any) says.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    pub arch: Option<crate::model::Arch>,
-    pub head: Option<Head>,
-    pub key_maps: Vec<KeyMap>,
-}
-
-/// Loads any supported model file onto `device`.
-pub fn load(path: &Path, options: &LoadOptions, device: Device) -> Result<Classifier> {
-    let format = detect(path)?;
-    if format == Format::TorchScript {
-        let mut module = CModule::load_on_device(path, device).map_err(|e| {
-            anyhow::anyhow!("{}: cannot load the TorchScript module ({})", path.display(), first_line(&e.to_string()))
-        })?;
-        module.set_eval();
-        return Ok(Classifier::Script { module, head: options.head.unwrap_or(Head::Softmax) });
-    }
-    let card_file = card_path(path);
-    let card = if card_file.is_file() {
-        let card = ModelCard::read(&card_file)?;
-        check_card_matches(&card, &card_file, path)?;
-        Some(card)
-    } else {
-        None
-    };
-    let config = ModelConfig {
-        arch: options.arch.or(card.as_ref().map(|c| c.model.arch)).unwrap_or(crate::model::Arch::Modern),
-        head: options.head.or(card.as_ref().map(|c| c.model.head)).unwrap_or(Head::Softmax),
-    };
-    let mut vs = VarStore::new(device);
-    let net = LeNet5::new(&vs.root(), config);
-    let tensors = read_tensors(path, format)?;
-    load_state_dict(&mut vs, tensors, &options.key_maps, &path.display().to_string())?;
-    if card.is_none() && (options.arch.is_none() || options.head.is_none()) {
-        eprintln!(
-            "note: no model card {} beside {}; taking --arch {} --head {}",
-            card_file.display(),
-            path.display(),
-            config.arch,
-            config.head
-        );
-    }
-    Ok(Classifier::Native { vs, net, card, direct: None })
-}
-
-/// A card that names this weights file must carry its checksum: otherwise the card
-/// describes other weights (a stale copy, a file renamed over another).
-fn check_card_matches(card: &ModelCard, card_file: &Path, weights: &Path) -> Result<()> {
-    let name = weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if let Some(entry) = card.files.values().find(|e| e.name == name) {
-        let actual = crate::card::sha256_file(weights)?;
-        if actual != entry.sha256 {
-            bail!(
-                "{}: does not match {} (its SHA-256 is {}…, the card records {}…): the card describes other weights",
-                card_file.display(),
-                weights.display(),
-                &actual[..12],
-                &entry.sha256[..entry.sha256.len().min(12)]
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Writes the variables of `vs` as safetensors with their PyTorch names, atomically.
@@ -525,6 +287,7 @@ pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Head, LeNet5, ModelConfig};
 
     #[test]
     fn key_maps_rename_whole_components() {

@@ -16,9 +16,9 @@ pub struct Prediction {
 }
 
 /// Class probabilities of a batch of prepared images `(B, 1, 32, 32)`.
-pub fn predict(classifier: &crate::weights::Classifier, inputs: &Tensor) -> Result<Vec<Prediction>> {
-    let logits = tch::no_grad(|| classifier.forward(inputs))?;
-    from_logits(classifier.head(), &logits)
+pub fn predict(model: &super::Model, inputs: &Tensor) -> Result<Vec<Prediction>> {
+    let logits = tch::no_grad(|| model.forward(inputs))?;
+    from_logits(model.head(), &logits)
 }
 
 /// The predictions of a batch of logits `(B, 10)` read by `head`.

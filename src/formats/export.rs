@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use tch::nn::{Module, VarStore};
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::card::{sha256_file, FileEntry, ModelCard, Provenance};
+use crate::formats::card::{sha256_file, FileEntry, ModelCard, Provenance};
 use crate::data::DatasetKind;
 use crate::model::{parameter_count, LeNet5, INPUT_SIZE};
-use crate::weights::save_safetensors;
+use crate::formats::weights::save_safetensors;
+use crate::inference::Model;
 
 /// `DIR/NAME` + `.ext`, keeping any dots already in NAME.
 pub fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
@@ -29,21 +30,22 @@ fn cpu_copy(vs: &VarStore, net: &LeNet5) -> Result<(VarStore, LeNet5)> {
 }
 
 /// Exports a loaded model as `lenet5 export` does: its card (or a new one for `dataset`, the
-/// card's data set otherwise) with this run's provenance, checked on the first
+/// card's data set otherwise) with the provenance of `invocation`, checked on the first
 /// [`CHECK_BATCH`] test images from `data_dir` (the data set's default folder if None).
 pub fn export_loaded(
-    vs: &VarStore,
-    net: &LeNet5,
-    card: Option<&ModelCard>,
+    model: &Model,
     dataset: DatasetKind,
     data_dir: Option<&Path>,
     prefix: &Path,
     ot: bool,
+    invocation: Vec<String>,
 ) -> Result<ModelCard> {
+    let (vs, net) = model.require_lenet5("export needs weights (safetensors, state dict or .ot)")?;
+    let card = model.card();
     let dataset = card.map(|c| c.dataset).unwrap_or(dataset);
     let check_inputs = crate::data::load_test(dataset, data_dir, dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
-    let mut card = card.cloned().unwrap_or_else(|| ModelCard::new(net.config, dataset, parameter_count(vs), None));
-    card.provenance = Provenance { seed: card.provenance.seed, ..Provenance::here(None) };
+    let mut card = card.cloned().unwrap_or_else(|| ModelCard::new(net.config, dataset, parameter_count(vs), None, vec![]));
+    card.provenance = Provenance { seed: card.provenance.seed, ..Provenance::here(None, invocation) };
     card.files.clear();
     export(vs, net, &card, prefix, &check_inputs, ot)
 }

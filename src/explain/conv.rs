@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Context, Result};
 use std::io::Read;
 use tch::{Kind, Tensor};
 
-use crate::pictures::{self, Shading, Tile};
+use crate::explain::pictures::{self, Shading, Tile};
 
 /// A dense row-major matrix of small numbers.
 pub type Matrix = Vec<Vec<f64>>;
@@ -22,7 +22,7 @@ const MAX_TEXT_BYTES: u64 = 16 << 20;
 const LIST_LIMIT: usize = 100;
 
 /// How much of the arithmetic to write out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Explain {
     /// The first window in full, then the sum of every other window.
     First,
@@ -33,7 +33,7 @@ pub enum Explain {
 }
 
 /// Named 3x3 filters for `--preset`, applied to a real MNIST digit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
     /// Edge detection (Laplacian, 8 neighbours): flat areas give 0, outlines light up.
     Edge,
@@ -47,6 +47,9 @@ pub enum Preset {
     Blur,
 }
 
+crate::named_values!(Explain { First => "first", All => "all", None => "none" });
+crate::named_values!(Preset { Edge => "edge", SobelX => "sobel-x", SobelY => "sobel-y", Sharpen => "sharpen", Blur => "blur" });
+
 impl Preset {
     pub fn filter(self) -> Matrix {
         let m: &[[f64; 3]; 3] = match self {
@@ -57,10 +60,6 @@ impl Preset {
             Preset::Blur => &[[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]],
         };
         m.iter().map(|r| r.to_vec()).collect()
-    }
-
-    pub fn name(self) -> String {
-        clap::ValueEnum::to_possible_value(&self).map(|p| p.get_name().to_string()).unwrap_or_default()
     }
 }
 
@@ -149,7 +148,7 @@ pub fn output_size(n: usize, k: usize, stride: usize, padding: usize) -> usize {
 
 /// Checks that the filter fits the padded input and the stride is positive.
 pub fn check_shapes(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) -> Result<()> {
-    ensure!(stride > 0, "--stride 0: the stride must be at least 1");
+    crate::check_setting!(stride > 0, "stride", stride, "must be at least 1");
     let (n, m, k, l) = (input.len(), input[0].len(), filter.len(), filter[0].len());
     let (pn, pm) = (n + 2 * padding, m + 2 * padding);
     ensure!(
@@ -158,7 +157,7 @@ pub fn check_shapes(input: &Matrix, filter: &Matrix, stride: usize, padding: usi
          use a smaller filter or more --padding"
     );
     let (oh, ow) = (output_size(n, k, stride, padding), output_size(m, l, stride, padding));
-    ensure!(oh <= MAX_SIDE && ow <= MAX_SIDE, "the output would be {oh}x{ow}; at most {MAX_SIDE}x{MAX_SIDE} is allowed (lower --padding)");
+    ensure!(oh <= MAX_SIDE && ow <= MAX_SIDE, "{}", crate::setting::invalid("padding", padding, format!("the output would be {oh}x{ow}; at most {MAX_SIDE}x{MAX_SIDE} is allowed")));
     Ok(())
 }
 
@@ -302,7 +301,7 @@ pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usiz
                     s += &format!("  ({},{}) {} = {}\n", w.row, w.col, place(w), format_number(w.sum, 4));
                 }
             } else {
-                s += &format!("  ({} more windows: their sums are the output below; --explain all writes each out)\n", all.len() - 1);
+                s += &format!("  ({} more windows: their sums are the output below; explain = all writes each out)\n", all.len() - 1);
                 let strongest = all.iter().max_by(|a, b| a.sum.abs().total_cmp(&b.sum.abs())).unwrap_or(first);
                 s += &format!(
                     "the strongest response, window ({},{}), covers {}:\n  {}\n",
@@ -385,7 +384,7 @@ pub fn picture(input: &Matrix, filter: &Matrix, output: &Matrix, title: &str) ->
 /// An MNIST test digit as a 28x28 matrix of 0-9 (pixel / 255 * 9, rounded), with its label.
 pub fn mnist_digit(data: Option<&std::path::Path>, index: Option<i64>) -> Result<(Matrix, i64, i64)> {
     let test = crate::data::load_test(crate::data::DatasetKind::Mnist, data, crate::data::Normalization { mean: 0.0, std: 1.0 })?;
-    let index = crate::visualize::pick_index(&test, index)?;
+    let index = super::pick_index(&test, index)?;
     let pad = crate::data::PAD;
     let image = test.images.get(index).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28) in [0, 1]
     let values = Vec::<f32>::try_from((image * 9.0).round().flatten(0, -1).to_kind(Kind::Float)).context("reading the digit")?;

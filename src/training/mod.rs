@@ -1,5 +1,10 @@
-//! The training loop (one, for any module with a head) and evaluation, which returns
-//! metrics rather than printing them so the CLI, the tests and the benchmarks share it.
+//! Training LeNet-5 as torch.optim would: the loop (one, for either engine), its optimizers
+//! and schedules, checkpoints, and the run folder that ties them together.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod run;
+pub mod schedule;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -9,10 +14,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{Dataset, Splits};
 use crate::direct::DirectTraining;
-use crate::model::{Head, LeNet5, ModelConfig, NUM_CLASSES};
-use crate::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
-use crate::schedule::{Schedule, ScheduleKind, ScheduleState};
-use crate::weights::Engine;
+use crate::model::{Head, LeNet5, ModelConfig};
+use crate::training::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
+use crate::training::schedule::{Schedule, ScheduleKind, ScheduleState};
+use crate::check_setting;
+use crate::inference::evaluate::{evaluate, Metrics};
+use crate::inference::Engine;
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,20 +87,22 @@ impl TrainConfig {
         if batch_order || self.dry_run { 1 } else { self.epochs }
     }
 
-    /// Checks every setting before any work starts, naming the `lenet5 train` flag at fault.
+    /// Checks every setting before any work starts, naming the one at fault.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.epochs > 0, "--epochs {}: must be at least 1", self.epochs);
-        ensure!(self.batch_size > 0, "--batch-size {}: must be at least 1", self.batch_size);
-        ensure!(self.test_batch_size > 0, "--test-batch-size {}: must be at least 1", self.test_batch_size);
+        check_setting!(self.epochs > 0, "epochs", self.epochs, "must be at least 1");
+        check_setting!(self.batch_size > 0, "batch_size", self.batch_size, "must be at least 1");
+        check_setting!(self.test_batch_size > 0, "test_batch_size", self.test_batch_size, "must be at least 1");
         self.optimizer.validate()?;
-        ensure!(self.gamma > 0.0, "--gamma {}: must be positive", self.gamma);
-        ensure!(
+        check_setting!(self.gamma > 0.0, "gamma", self.gamma, "must be positive");
+        check_setting!(
             !(self.optimizer.implementation == Implementation::Libtorch && self.schedule == ScheduleKind::Onecycle && self.cycle_momentum),
-            "--optimizer-impl libtorch cannot cycle the momentum as --schedule onecycle does: add --no-cycle-momentum"
+            "optimizer_impl",
+            self.optimizer.implementation,
+            "cannot cycle the momentum as the onecycle schedule does; turn cycle_momentum off"
         );
-        ensure!((0..=4).contains(&self.shift), "--shift {}: must be between 0 and 4 pixels", self.shift);
+        check_setting!((0..=4).contains(&self.shift), "shift", self.shift, "must be between 0 and 4 pixels");
         if let Some(n) = self.limit_train {
-            ensure!(n > 0, "--limit-train {n}: must be at least 1");
+            check_setting!(n > 0, "limit_train", n, "must be at least 1");
         }
         Ok(())
     }
@@ -102,30 +111,6 @@ impl TrainConfig {
 /// Batches of a dry run, and the size of its test set.
 const DRY_RUN_BATCHES: usize = 5;
 const DRY_RUN_TEST: i64 = 1000;
-
-/// Loss, accuracy and the confusion matrix of a model on a data set.
-#[derive(Debug, Clone, Serialize)]
-pub struct Metrics {
-    pub loss: f64,
-    pub correct: i64,
-    pub total: i64,
-    /// `confusion[true][predicted]` counts.
-    pub confusion: Vec<Vec<i64>>,
-}
-
-impl Metrics {
-    pub fn accuracy(&self) -> f64 {
-        self.correct as f64 / self.total.max(1) as f64
-    }
-
-    pub fn per_class_accuracy(&self) -> Vec<f64> {
-        self.confusion
-            .iter()
-            .enumerate()
-            .map(|(c, row)| row[c] as f64 / row.iter().sum::<i64>().max(1) as f64)
-            .collect()
-    }
-}
 
 /// One row of the metrics history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -154,37 +139,6 @@ impl EpochMetrics {
             self.seconds
         )
     }
-}
-
-/// Evaluates `forward` (normalised images -> logits) on `data` in batches, without gradients.
-pub fn evaluate(
-    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
-    head: Head,
-    data: &Dataset,
-    batch_size: i64,
-) -> Result<Metrics> {
-    tch::no_grad(|| {
-        let device = data.images.device();
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-        let mut confusion = Tensor::zeros([NUM_CLASSES * NUM_CLASSES], (Kind::Int64, device));
-        let n = data.len();
-        for start in (0..n).step_by(batch_size as usize) {
-            let len = batch_size.min(n - start);
-            let xs = data.images.narrow(0, start, len);
-            let ys = data.labels.narrow(0, start, len);
-            let logits = forward(&xs)?;
-            if logits.size() != [len, NUM_CLASSES] {
-                bail!("the model returned shape {:?} for a batch of {len}; expected [{len}, {NUM_CLASSES}]", logits.size());
-            }
-            loss_sum += head.loss(&logits, &ys).to_kind(Kind::Double) * len as f64;
-            let pairs = &ys * NUM_CLASSES + logits.argmax(-1, false); // true * 10 + predicted
-            confusion += pairs.bincount::<Tensor>(None, NUM_CLASSES * NUM_CLASSES);
-        }
-        let confusion = Vec::<i64>::try_from(confusion.to_device(Device::Cpu))?;
-        let confusion: Vec<Vec<i64>> = confusion.chunks(NUM_CLASSES as usize).map(<[i64]>::to_vec).collect();
-        let correct = (0..NUM_CLASSES as usize).map(|c| confusion[c][c]).sum();
-        Ok(Metrics { loss: loss_sum.double_value(&[]) / n.max(1) as f64, correct, total: n, confusion })
-    })
 }
 
 /// Shifts each image of `xs` `(B, 1, H, W)` by its own random offset of up to `max` pixels
@@ -236,12 +190,10 @@ pub enum Outcome {
     Stopped(TrainState),
 }
 
-/// Hooks through which the caller watches and steers a run.
-pub trait Observer {
-    /// Called with the state after every `every` steps, at the end of each epoch (after
-    /// its evaluation) and before stopping. The model's weights and `optimizer`'s state are
-    /// those of `state`.
-    fn checkpoint(&mut self, state: &TrainState, optimizer: &Optimizer) -> Result<()>;
+/// What the caller sees and steers while a run trains: the CLI shows a terminal bar and
+/// listens for signals, the Python binding updates a notebook bar and checks for
+/// KeyboardInterrupt, the benchmarks clock steps.
+pub trait Watcher {
     /// Called at the start of each epoch, every 20 batches and at the epoch's last batch.
     fn progress(&mut self, _progress: &EpochProgress) {}
     /// Called with each finished epoch's metrics (of `epochs`), before its checkpoint.
@@ -250,7 +202,23 @@ pub trait Observer {
     fn should_stop(&mut self) -> bool {
         false
     }
+    /// Something the run noticed that the user may want to know, one line.
+    fn note(&mut self, _note: &str) {}
 }
+
+/// Where a run's checkpoints go: called with the state after every `checkpoint_every` steps,
+/// at the end of each epoch (after its evaluation) and before stopping. The model's weights
+/// and the optimizer's state are those of the state.
+pub type CheckpointSink<'a> = dyn FnMut(&TrainState, &Optimizer) -> Result<()> + 'a;
+
+/// A checkpoint sink that keeps nothing, for tests and benchmarks.
+pub fn no_checkpoints(_: &TrainState, _: &Optimizer) -> Result<()> {
+    Ok(())
+}
+
+/// A watcher that sees nothing and never stops the run.
+pub struct Unwatched;
+impl Watcher for Unwatched {}
 
 /// How far the epoch in progress has got: images seen of `total`, and the running means.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -261,14 +229,6 @@ pub struct EpochProgress {
     pub total: u64,
     pub loss: f64,
     pub accuracy: f64,
-}
-
-/// An observer that keeps nothing, for tests and benchmarks.
-pub struct NoCheckpoints;
-impl Observer for NoCheckpoints {
-    fn checkpoint(&mut self, _: &TrainState, _: &Optimizer) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// The random stream of epoch `epoch` (its shuffle: stream 1) and of step `step` (its
@@ -407,7 +367,8 @@ impl Trainer<'_> {
         opt: &mut Optimizer,
         data: &Splits,
         mut state: TrainState,
-        observer: &mut dyn Observer,
+        watcher: &mut dyn Watcher,
+        checkpoint: &mut CheckpointSink,
     ) -> Result<Outcome> {
         let c = self.config;
         let train = data.train.take(c.limit_train.unwrap_or(i64::MAX));
@@ -428,7 +389,7 @@ impl Trainer<'_> {
             Engine::Direct => {
                 ensure!(
                     opt.config().implementation == Implementation::Torch,
-                    "--engine direct steps with torch.optim's algorithms: use --optimizer-impl torch"
+                    "{}", crate::setting::invalid("optimizer_impl", "libtorch", "the direct engine steps with torch.optim's algorithms; use optimizer_impl = torch")
                 );
                 opt.flatten()?;
                 let config = ModelConfig { head: self.head, ..model.config };
@@ -443,12 +404,12 @@ impl Trainer<'_> {
             let started = Instant::now();
             let batches = self.batches(epoch, train.len(), vs.device());
             let images: u64 = batches.iter().map(|b| b.size()[0] as u64).sum();
-            let report = |observer: &mut dyn Observer, state: &TrainState| {
+            let report = |watcher: &mut dyn Watcher, state: &TrainState| {
                 let seen = state.epoch_seen.max(1) as f64;
                 let (loss, accuracy) = (state.epoch_loss_sum / seen, state.epoch_correct as f64 / seen);
-                observer.progress(&EpochProgress { epoch, epochs, seen: state.epoch_seen as u64, total: images, loss, accuracy });
+                watcher.progress(&EpochProgress { epoch, epochs, seen: state.epoch_seen as u64, total: images, loss, accuracy });
             };
-            report(observer, &state);
+            report(watcher, &state);
             let device = vs.device();
             let mut loss_sum = Tensor::from(state.epoch_loss_sum).to_device(device);
             let mut correct = Tensor::from(state.epoch_correct).to_device(device);
@@ -490,10 +451,10 @@ impl Trainer<'_> {
                 state.step += 1;
                 state.batch += 1;
                 let at_checkpoint = self.checkpoint_every.is_some_and(|n| state.step.is_multiple_of(n));
-                let stopping = observer.should_stop();
+                let stopping = watcher.should_stop();
                 if state.batch.is_multiple_of(20) || state.batch == batches.len() || at_checkpoint || stopping {
                     sync(&mut state, &loss_sum, &correct, lr)?;
-                    report(observer, &state);
+                    report(watcher, &state);
                 }
                 // A stop at an epoch's last batch waits for the epoch's end (its evaluation and
                 // per-epoch schedule step), so a stopped run is mid-epoch or between epochs, never
@@ -502,12 +463,12 @@ impl Trainer<'_> {
                 if stopping && !stop_after_epoch {
                     state.seconds += started.elapsed().as_secs_f64();
                     check_finite(vs, &state, lr)?;
-                    observer.checkpoint(&state, opt)?;
+                    checkpoint(&state, opt)?;
                     return Ok(Outcome::Stopped(state));
                 }
                 if at_checkpoint && state.batch < batches.len() {
                     check_finite(vs, &state, lr)?;
-                    observer.checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() }, opt)?;
+                    checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() }, opt)?;
                 }
             }
             sync(&mut state, &loss_sum, &correct, lr)?;
@@ -523,7 +484,7 @@ impl Trainer<'_> {
                 test_accuracy: test_metrics.accuracy(),
                 seconds: state.seconds,
             };
-            observer.epoch_done(&row, epochs);
+            watcher.epoch_done(&row, epochs);
             state.history.push(row);
             if !schedule.per_batch() {
                 schedule.step(&mut position); // after the epoch's evaluation, as PyTorch's MNIST example
@@ -538,7 +499,7 @@ impl Trainer<'_> {
                 ..Default::default()
             };
             check_finite(vs, &state, lr)?;
-            observer.checkpoint(&state, opt)?;
+            checkpoint(&state, opt)?;
             if stop_after_epoch && state.epoch <= epochs {
                 return Ok(Outcome::Stopped(state));
             }
@@ -550,6 +511,7 @@ impl Trainer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NUM_CLASSES;
 
     #[test]
     fn random_shift_moves_each_image_by_at_most_max_and_keeps_its_pixels() {

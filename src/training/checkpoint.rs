@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::card::Provenance;
+use crate::formats::card::Provenance;
 use crate::data::DatasetKind;
 use crate::model::ModelConfig;
-use crate::optim::Optimizer;
-use crate::train::{TrainConfig, TrainState};
+use crate::training::optim::Optimizer;
+use crate::training::{TrainConfig, TrainState};
 
 /// The name of the tensor holding the JSON metadata.
 const META_TENSOR: &str = "__lenet5_checkpoint__";
@@ -50,7 +50,8 @@ impl CheckpointMeta {
             model,
             dataset,
             data_dir,
-            provenance: Provenance::here(Some(config.seed)),
+            // The run fills in its invocation (see `run::train`).
+            provenance: Provenance::here(Some(config.seed), vec![]),
             config,
             checkpoint_every,
             state: TrainState::default(),
@@ -116,8 +117,8 @@ pub fn load(path: &Path) -> Result<(CheckpointMeta, Saved)> {
 
 #[cfg(test)]
 mod tests {
-    use crate::optim::Hyper;
-    use crate::schedule::ScheduleState;
+    use crate::training::optim::Hyper;
+    use crate::training::schedule::ScheduleState;
 
     /// OneCycleLR's last momentum of a 150-step run, which serde_json's default float parser
     /// reads back as 0.9499776216141752: the resumed run would go on with another beta1.
