@@ -47,7 +47,7 @@ pub fn report() -> String {
         format!("libtorch    {} (built against)", crate::LIBTORCH_VERSION),
         format!("threads     {} (intra-op)", tch::get_num_threads()),
         format!("mkldnn      {}", tch::utils::has_mkldnn()),
-        format!("direct      {} (--engine direct)", crate::direct::instruction_set()),
+        format!("direct      {} (the direct engine)", crate::direct::instruction_set()),
         format!("cuda        {} ({} device{})", Cuda::is_available(), gpus, if gpus == 1 { "" } else { "s" }),
     ];
     if gpus > 0 {
