@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// L2 penalty (sgd, adam) or decoupled weight decay (adamw).
     #[arg(long, default_value_t = TrainConfig::DEFAULT.optimizer.weight_decay)]
     pub weight_decay: f64,
-    /// Learning-rate schedule, as torch.optim.lr_scheduler's class (see README: Schedules).
+    /// Learning-rate schedule, as torch.optim.lr_scheduler's class (docs/parity.md).
     #[arg(long, value_parser = super::named::<ScheduleKind>(ScheduleKind::NAMES), default_value_t = TrainConfig::DEFAULT.schedule)]
     pub schedule: ScheduleKind,
     /// Learning-rate factor per epoch for --schedule step.

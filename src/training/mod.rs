@@ -54,7 +54,7 @@ fn yes() -> bool {
 
 impl TrainConfig {
     /// The recipe of a plain `lenet5 train` and of `lenet5.train()`: torch.optim's AdamW under
-    /// OneCycleLR for 8 epochs (99.25% on MNIST, see the README).
+    /// OneCycleLR for 8 epochs (docs/training.md).
     pub const DEFAULT: TrainConfig = TrainConfig {
         epochs: 8,
         batch_size: 128,

@@ -1,29 +1,207 @@
-"""The README's commands and snippets work as written: every fenced block that follows a
-`<!-- tested -->` line is run from the repository root (sh blocks with bash, python blocks
-with this venv's Python), in order, so a later block may use files an earlier one wrote."""
+"""The README and the docs/ pages are true as written: every fenced block that follows a
+`<!-- tested -->` line is run from the repository root (sh blocks with bash, python blocks with
+this venv's Python), each page's blocks in order, so a later block may use files an earlier one
+of the same page wrote; every block after `<!-- output: FILE -->` is its command and then FILE
+(a program's output that scripts/make-pictures wrote); every relative link points at a file
+and heading that exist; the README stays a front door (at most 15,000 bytes, linking every
+page); and the results tables are exactly what scripts/bench makes from the newest file in
+docs/results/."""
 
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, load_script
+
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# Every Markdown file whose links are checked: the pages, and the notes in docs/ subfolders.
+LINKED = PAGES + sorted(p for p in (ROOT / "docs").glob("*/**/*.md"))
+README_LIMIT = 15_000  # bytes: the README is the front door; the rest lives in docs/
 
 BLOCK = re.compile(r"<!-- tested -->\s*\n```(sh|python)\n(.*?)```", re.S)
+OUTPUT = re.compile(r"<!-- output: (\S+) -->\s*\n```\n(\$ [^\n]*\n)(.*?)```", re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)|<img [^>]*src=\"([^\"]+)\"")
+HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.M)
 
 
-def readme_blocks():
-    return BLOCK.findall((ROOT / "README.md").read_text())
+def rel(page: Path) -> str:
+    return os.path.relpath(page, ROOT)
 
 
-def test_the_readme_has_tested_blocks_for_both_directions():
-    text = " ".join(code for _, code in readme_blocks())
+def runnable_blocks(page: Path) -> list[tuple[str, str]]:
+    return BLOCK.findall(page.read_text())
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to
+    hyphens, and -1, -2 ... after repeats."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # a '# comment' in a block is no heading
+    slugs, counts = set(), {}
+    for heading in HEADING.findall(text):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n = counts[slug] = counts.get(slug, -1) + 1
+        slugs.add(slug if n == 0 else f"{slug}-{n}")
+    return slugs
+
+
+def test_the_pages_have_tested_blocks_for_both_directions():
+    text = " ".join(code for page in PAGES for _, code in runnable_blocks(page))
     # Rust -> PyTorch and PyTorch -> Rust must both be shown, not only described.
     assert "torch.jit.load" in text and "load_state_dict" in text
     assert "torch.save" in text and "lenet5 eval" in text.replace("target/release/", "")
 
 
-def test_readme_blocks_run(binary):
-    for lang, code in readme_blocks():
+@pytest.mark.parametrize("page", [p for p in PAGES if runnable_blocks(p)], ids=rel)
+def test_the_tested_blocks_run(page, binary):
+    for lang, code in runnable_blocks(page):
         cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "sh" else [sys.executable, "-c", code]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, f"README block failed:\n{code}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+        assert r.returncode == 0, f"{rel(page)}: block failed:\n{code}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if OUTPUT.search(p.read_text())], ids=rel)
+def test_the_outputs_shown_are_the_files_written(page):
+    for name, _command, shown in OUTPUT.findall(page.read_text()):
+        assert shown == (page.parent / name).read_text(), f"{rel(page)}: the output shown is not {name}"
+
+
+@pytest.mark.parametrize("page", LINKED, ids=rel)
+def test_every_relative_link_points_at_what_exists(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for link in (a or b for a, b in LINK.findall(text)):
+        if re.match(r"[a-z][a-z0-9+.-]*:", link):  # https:, mailto: ...
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{link} (no {target})")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            broken.append(f"{link} (no heading #{anchor} in {rel(target)})")
+    assert not broken, f"{rel(page)}: broken links: {broken}"
+
+
+def test_the_readme_is_a_front_door():
+    size = len(README.read_bytes())
+    assert size <= README_LIMIT, f"README.md is {size} bytes, over {README_LIMIT}: move detail to a docs/ page"
+    links = {(ROOT / a.partition("#")[0]).resolve() for a, _ in LINK.findall(README.read_text()) if a}
+    unlinked = [rel(p) for p in PAGES[1:] if p.resolve() not in links]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+# -----------------------------------------------------------------------------
+# The results tables: scripts/bench's renderer, on the real files and on made-up ones.
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench")
+
+
+def test_the_pages_tables_are_made_from_the_newest_results_file(bench):
+    for page in bench.TABLE_PAGES:
+        text = page.read_text()
+        assert text == bench.render_page(page, text), (
+            f"{rel(page)}: its results table is not what the newest file in docs/results/ gives: "
+            "run `scripts/bench --write-tables`")
+
+
+def sample_result(bench, started: str, cpu: str = "Intel(R) Xeon(R) CPU @ 2.20GHz", quick=False) -> dict:
+    """A results file as scripts/bench writes one, from made-up runs (two a side) of every row."""
+    values = {"images_per_s": (30_000.0, 10_000.0), "median_us": (20.0, 200.0), "p99_us": (30.0, 400.0),
+              "seconds": (5.0, 20.0), "peak_rss_mib": (850.0, 1_240.0), "ms": (300.0, 1_200.0)}
+    runs = {}
+    for key, _label, field, _unit, _better in bench.ROWS:
+        rust, pytorch = values[field]
+        side = runs.setdefault(key, ([{}, {}], [{}, {}]))
+        for i in range(2):
+            side[0][i].update({field: rust * (1 + i / 10), "epochs": 3, "reached": True})
+            side[1][i].update({field: pytorch * (1 + i / 10), "epochs": 3, "reached": True})
+    runs["latency"][0][0]["stages_median_us"] = {s: 10.0 for s in bench.STAGES}
+    runs["latency"][1][0]["stages_median_us"] = {s: 20.0 for s in bench.STAGES}
+    m = {"cpu": cpu, "logical_cpus": 4, "usable_cpus": 2, "cpu_capability": "AVX2", "torch": "2.11.0",
+         "libtorch_rust": "2.11.0", "threads": 2, "device": "cpu", "load_average_at_start": 0.1}
+    prov = {**m, "machine": bench.machine_slug(cpu, 2), "date": started[:10], "started_utc": started,
+            "git_commit": "0123456789abcdef", "git_dirty": False, "lenet5": "0.1.0", "command": "scripts/bench"}
+    settings = {"quick": quick, "reps": 2, "reps_time_to_99": 2, "reps_startup": 2}
+    return {"format": "lenet5-bench-results", "format_version": 1, "provenance": prov, "settings": settings,
+            "rows": bench.summarize(runs, "cpu"), "stages_median_us": bench.stage_table(*runs["latency"])}
+
+
+def test_the_machine_is_named_by_cpu_model_and_cores(bench):
+    assert bench.machine_slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", 2) == "intel-xeon-platinum-8481c-2c"
+    assert bench.machine_slug("AMD EPYC 7B13", 2) == "amd-epyc-7b13-2c"
+    assert bench.machine_slug("AMD EPYC 9B45 128-Core Processor", 4) == "amd-epyc-9b45-4c"
+    assert bench.machine_slug("Intel(R) Xeon(R) CPU @ 2.20GHz", 2, "NVIDIA H100 80GB HBM3") == "intel-xeon-2c-nvidia-h100-80gb"
+
+
+def test_the_tables_come_from_the_newest_file_with_ratios_against_pytorch(bench, tmp_path):
+    older = sample_result(bench, "2026-01-02T10:00:00+00:00", cpu="AMD EPYC 7B13")
+    newer = sample_result(bench, "2026-03-04T10:00:00+00:00")
+    # Written with bench's own writer; the newer one first, so the file order cannot decide.
+    for result in (newer, older):
+        bench.write_results(tmp_path, result["provenance"], result["settings"], result["rows"], result["stages_median_us"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["amd-epyc-7b13-2c-2026-01-02.json", "intel-xeon-2c-2026-03-04.json"]
+    assert bench.newest_results(tmp_path) == tmp_path / "intel-xeon-2c-2026-03-04.json"
+
+    page = README
+    text = f"# front\n\nbefore\n\n{bench.TABLE_BEGIN}\nold table\n{bench.TABLE_END}\n\nafter\n"
+    got = bench.render_page(page, text, tmp_path)
+    assert got.startswith("# front\n\nbefore\n\n") and got.endswith("\n\nafter\n") and "old table" not in got
+    table = got.split(bench.TABLE_BEGIN)[1].split(bench.TABLE_END)[0]
+    assert "**intel-xeon-2c**" in table and "2026-03-04" in table and "commit `0123456789`" in table
+    assert "Intel(R) Xeon(R) CPU @ 2.20GHz" in table and "amd" not in table
+    # Links relative to the page: the results file, and the page with every row.
+    assert f"]({os.path.relpath(tmp_path / 'intel-xeon-2c-2026-03-04.json', ROOT)})" in table and "](docs/speed.md)" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(bench.SUMMARY_ROWS)
+    # Training images/s: Rust 31,500 against 10,500 (medians of 30,000 and 33,000; 10,000 and 11,000).
+    assert "| training, batch 64, images/s | 31,500 | 10,500 | 3.00 (Rust ahead 3.00x) |" in rows
+    # Times: lower is better, and the ratio is still Rust/PyTorch.
+    assert "| latency of one image, median µs | 21.00 | 210 | 0.10 (Rust ahead 10.00x) |" in rows
+
+    full = bench.render_page(bench.SPEED_PAGE, text, tmp_path)
+    full_rows = [line for line in full.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(full_rows) == 1 + len(bench.ROWS) + 1 + len(bench.STAGES) + 1  # headers, rows, stages and their sum
+    assert "| C1 | 10.00 | 20.00 | 0.50 |" in full_rows
+    # Rendering is a pure function of the files: twice gives the same text.
+    assert bench.render_page(page, got, tmp_path) == got
+
+
+def test_without_a_results_file_the_table_is_one_line(bench, tmp_path):
+    text = f"{bench.TABLE_BEGIN}\n{bench.TABLE_END}\n"
+    got = bench.render_page(README, text, tmp_path)
+    assert len(got.splitlines()) == 3 and "No results file yet" in got
+
+
+def test_a_quick_run_says_it_is_not_a_measurement(bench, tmp_path):
+    result = sample_result(bench, "2026-03-04T10:00:00+00:00", quick=True)
+    (tmp_path / "x.json").write_text(json.dumps(result))
+    assert "not a measurement" in bench.render_page(README, f"{bench.TABLE_BEGIN}\n{bench.TABLE_END}\n", tmp_path)
+
+
+def test_a_quick_run_may_not_write_into_docs_results():
+    r = subprocess.run([sys.executable, ROOT / "scripts" / "bench", "--quick", "--results-dir", "docs/results"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "smoke run, not a measurement" in r.stderr, r.stderr
+
+
+def test_a_results_file_says_where_and_from_what_it_came(bench, tmp_path):
+    fake = tmp_path / "lenet5"  # stands in for the binary: only its --version is asked
+    fake.write_text("#!/bin/sh\necho 'lenet5 9.8.7'\n")
+    fake.chmod(0o755)
+    m = {"cpu": "AMD EPYC 7B13", "logical_cpus": 4, "usable_cpus": 2, "cpu_capability": "AVX2", "torch": "2.11.0",
+         "libtorch_rust": "2.11.0", "threads": 2, "device": "cpu", "load_average_at_start": 0.1}
+    started = bench.datetime.datetime(2026, 3, 4, 10, 0, tzinfo=bench.datetime.UTC)
+    prov = bench.provenance(m, fake, started)
+    assert prov["machine"] == "amd-epyc-7b13-2c" and prov["date"] == "2026-03-04"
+    assert prov["started_utc"] == "2026-03-04T10:00:00+00:00" and prov["finished_utc"] > prov["started_utc"]
+    assert prov["lenet5"] == "9.8.7" and prov["torch"] == "2.11.0" and prov["command"].startswith("scripts/bench")
+    assert prov["cpu"] == "AMD EPYC 7B13" and prov["usable_cpus"] == 2 and prov["threads"] == 2
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"]) and prov["git_dirty"] in (True, False)
