@@ -6,10 +6,13 @@ scripts/setup builds and installs the binding into the venv (maturin); these tes
 skip, without it: it is part of the product.
 """
 
+import json
 import os
 import signal
 import threading
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +150,11 @@ def test_train_equals_the_cli_run_with_the_same_flags(binary, mnist_dir, tmp_pat
     assert [row["epoch"] for row in history] == [1]
     assert history[0]["test_accuracy"] > 0.6  # far from chance (0.1)
     assert model.card["training"]["recipe"]["seed"] == 5
+    # Each card records the call its shell was given: the CLI's argv, the Python call.
+    assert json.loads((cli / "lenet5.json").read_text())["provenance"]["command_line"][1:3] == ["train", "--epochs"]
+    call = model.card["provenance"]["command_line"]
+    assert call == [f"lenet5.train(data={str(mnist_dir)!r}, out={str(tmp_path / 'py')!r}, device='cpu', threads=2, "
+                    "epochs=1, limit_train=2000, batch_size=64, seed=5, shift=1)"], call
 
 
 def test_train_on_the_callers_tensors_reports_progress(test_set, tmp_path):
@@ -256,8 +264,9 @@ def test_bad_inputs_raise_python_exceptions(shipped, tmp_path, test_set):
         model.load_state_dict({**model.state_dict(), "fc3.bias": torch.zeros(10, device="meta")})
     with pytest.raises(ValueError, match="labels"):
         lenet5.evaluate(shipped, images=x, labels=torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match="epochs 0"):
+    with pytest.raises(ValueError, match="epochs = 0: must be at least 1") as refused:
         lenet5.train(epochs=0)
+    assert "--" not in str(refused.value)  # the setting's own name, not the CLI's flag
     with pytest.raises(TypeError, match="lrr"):
         lenet5.train(lrr=0.1)
     with pytest.raises(TypeError, match="lr="):
@@ -266,8 +275,30 @@ def test_bad_inputs_raise_python_exceptions(shipped, tmp_path, test_set):
         lenet5.train(images=x, labels=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="filter"):
         lenet5.conv("101/010/101", [[1, 2], [3]])
-    with pytest.raises(ValueError, match="stride 0"):
+    with pytest.raises(ValueError, match="stride = 0"):
         lenet5.conv(stride=0)
+
+
+@pytest.mark.parametrize("form", ["run folder", "file", "prefix"])
+def test_a_model_path_means_the_same_to_the_cli_and_the_binding(binary, form, test_set):
+    """`lenet5 eval --model P` and `lenet5.load(P)` read the same model for every form of P."""
+    path = {"run folder": "models/mnist", "file": "models/mnist/lenet5.safetensors", "prefix": "models/mnist/lenet5"}[form]
+    r = subprocess.run([binary, "eval", "--model", path, "--json", "--threads", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(r.stdout)
+    assert Path(cli["model"]).resolve() == (ROOT / "models/mnist/lenet5.safetensors").resolve()
+    model = lenet5.load(ROOT / path)
+    assert lenet5.evaluate(model)["correct"] == cli["correct"]
+    x = test_set[0][:4]
+    assert torch.equal(model(x), lenet5.load(ROOT / "models/mnist/lenet5.safetensors")(x))
+
+
+def test_a_model_path_that_names_nothing_is_refused_alike(binary, tmp_path):
+    for path in [tmp_path / "missing", tmp_path]:  # nothing there; a folder without a model
+        r = subprocess.run([binary, "eval", "--model", str(path)], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1 and str(path) in r.stderr, r.stderr
+        with pytest.raises((FileNotFoundError, ValueError), match=str(path)):
+            lenet5.load(path)
 
 
 def test_the_cli_binary_links_no_python(binary):
