@@ -30,7 +30,8 @@ pub fn invalid(name: &'static str, value: impl fmt::Display, problem: impl Into<
 #[macro_export]
 macro_rules! check_setting {
     ($cond:expr, $name:expr, $value:expr, $($problem:tt)+) => {
-        if !$cond {
+        let holds: bool = $cond;
+        if !holds {
             return Err($crate::setting::invalid($name, $value, format!($($problem)+)).into());
         }
     };

@@ -123,9 +123,12 @@ pub fn rename(key: &str, maps: &[KeyMap]) -> String {
     key.to_string()
 }
 
+/// Tensors by their PyTorch names, as a state dict holds them.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Reads the named tensors of a state-dict-like file onto the CPU, names in PyTorch form
 /// (DataParallel's `module.` prefix dropped), with notes saying where they were found.
-pub fn read_tensors(path: &Path, format: Format) -> Result<(Vec<(String, Tensor)>, Vec<String>)> {
+pub fn read_tensors(path: &Path, format: Format) -> Result<(NamedTensors, Vec<String>)> {
     let name = path.display();
     let mut notes = Vec::new();
     let tensors = match format {

@@ -32,6 +32,7 @@ pub enum Engine {
 crate::named_values!(Engine { Libtorch => "libtorch", Direct => "direct" });
 
 /// What computes a loaded model's forward pass.
+#[expect(clippy::large_enum_variant, reason = "one per model, moved rarely: a box would buy nothing")]
 enum Runner {
     /// Our LeNet-5; `direct` holds its weights in the direct engine's layouts while that
     /// engine runs it, refreshed by every weight change made through [`Model`].

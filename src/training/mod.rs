@@ -360,6 +360,7 @@ impl Trainer<'_> {
     /// Trains `model` (whose variables live in `vs`) with `opt` (from [`Self::optimizer`],
     /// its state restored when resuming) on `data.train` from `state` (the default state for
     /// a new run), evaluating on `data.test` after every epoch.
+    #[expect(clippy::too_many_arguments, reason = "each is the caller's own: the model, its weights, optimizer, data and state, and its two hooks")]
     pub fn run(
         &self,
         model: &LeNet5,
