@@ -73,10 +73,9 @@ pub struct BenchArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// What runs the forward pass of eval and latency, and the training steps of train and
-    /// time-to-99.
-    #[arg(long, value_parser = super::named::<Engine>(Engine::NAMES), default_value = "libtorch")]
-    pub engine: Engine,
+    /// The engine of eval and latency, and of the training steps of train and time-to-99.
+    #[command(flatten)]
+    pub compute: super::EngineArgs,
     /// Print the JSON object on one line (for scripts/bench) instead of indented.
     #[arg(long)]
     pub json: bool,
@@ -183,7 +182,7 @@ impl Watcher for StepClock {
 fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, warmup: usize) -> Result<Value> {
     ensure!(warmup > 0, "--warmup 0: training needs at least one untimed step");
     let (recipe, data, vs, net) = setup_training(args, device)?;
-    let config = TrainConfig { batch_size: batch, engine: args.engine, ..recipe };
+    let config = TrainConfig { batch_size: batch, engine: args.compute.engine, ..recipe };
     // Random batches given as a batch order, one row per step, plus one spare row so the
     // run stops before its epoch ends (and evaluates).
     let rows = (warmup + steps + 1) as i64;
@@ -214,7 +213,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
 fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Model)> {
     let default = if args.what == Measure::LatencyScript { "models/mnist/lenet5.pt" } else { "models/mnist/lenet5.safetensors" };
     let path = args.model.clone().unwrap_or_else(|| PathBuf::from(default));
-    let classifier = Model::load(&path, &LoadOptions::default(), device)?.with_engine(args.engine)?;
+    let classifier = Model::load(&path, &LoadOptions::default(), device)?.with_engine(args.compute.engine)?;
     if args.what == Measure::LatencyScript && classifier.lenet5().is_some() {
         bail!("{}: latency-script needs a TorchScript module (lenet5 export writes NAME.pt)", path.display());
     }
@@ -325,7 +324,7 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     recipe.batch_size = args.batch_size.unwrap_or(recipe.batch_size);
     recipe.optimizer.lr = args.lr.unwrap_or(recipe.optimizer.lr);
     recipe.seed = args.seed.unwrap_or(recipe.seed);
-    recipe.engine = args.engine;
+    recipe.engine = args.compute.engine;
     recipe.validate()?;
     let config = recipe;
     let norm = args.data.dataset.normalization();

@@ -7,9 +7,8 @@ use clap::Args;
 use lenet5::data;
 use lenet5::formats::weights;
 use lenet5::inference::evaluate::evaluate;
-use lenet5::inference::Engine;
 
-use super::{named, DataArgs, ModelArgs, RuntimeArgs};
+use super::{DataArgs, EngineArgs, ModelArgs, RuntimeArgs};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -19,10 +18,8 @@ pub struct EvalArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// What runs the forward pass: libtorch (PyTorch's numbers, bit for bit) or direct (the
-    /// direct engine's loops on the CPU).
-    #[arg(long, value_parser = named::<Engine>(Engine::NAMES), default_value = "libtorch")]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub compute: EngineArgs,
     /// Evaluation batch size.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: i64,
@@ -34,7 +31,7 @@ pub struct EvalArgs {
 pub fn run(args: &EvalArgs) -> Result<()> {
     lenet5::check_setting!(args.batch_size > 0, "batch_size", args.batch_size, "must be at least 1");
     let device = args.runtime.apply()?;
-    let model = args.model.load(device)?.with_engine(args.engine)?;
+    let model = args.model.load(device)?.with_engine(args.compute.engine)?;
     let path = model.path().context("a loaded model has its file")?.to_path_buf();
     let dataset = model.card().map(|c| c.dataset).unwrap_or(args.data.dataset);
     let test = data::load_test(dataset, args.data.data.as_deref(), dataset.normalization())?.to_device(device);

@@ -26,7 +26,7 @@ use tch::Device;
 
 use lenet5::data::DatasetKind;
 use lenet5::formats::weights::KeyMap;
-use lenet5::inference::{LoadOptions, Model};
+use lenet5::inference::{Engine, LoadOptions, Model};
 use lenet5::model::{Arch, Head};
 use lenet5::serve::ServeConfig;
 use lenet5::setting::InvalidSetting;
@@ -121,6 +121,15 @@ pub struct DataArgs {
     /// fashion-mnist data/fashion-mnist, else /usr/share/datasets/fashion-mnist].
     #[arg(long, value_name = "DIR", env = "LENET5_DATA")]
     pub data: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct EngineArgs {
+    /// What computes: libtorch (PyTorch's numbers, bit for bit; for training, its autograd) or
+    /// direct (the direct engine's loops, CPU only: logits and gradients within float rounding
+    /// of libtorch's, many times faster on small batches).
+    #[arg(long, value_parser = named::<Engine>(Engine::NAMES), default_value = "libtorch")]
+    pub engine: Engine,
 }
 
 #[derive(Args, Debug, Clone)]

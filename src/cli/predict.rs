@@ -9,9 +9,9 @@ use tch::Tensor;
 
 use lenet5::data::handwriting::{self, Prepared};
 use lenet5::inference::predict::predict;
-use lenet5::inference::{card_path, Engine};
+use lenet5::inference::card_path;
 
-use super::{ModelArgs, RuntimeArgs};
+use super::{EngineArgs, ModelArgs, RuntimeArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct PredictArgs {
@@ -23,9 +23,8 @@ pub struct PredictArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// What runs the forward pass.
-    #[arg(long, value_parser = super::named::<Engine>(Engine::NAMES), default_value = "libtorch")]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub compute: EngineArgs,
     /// Print one JSON object instead of a line per image.
     #[arg(long)]
     pub json: bool,
@@ -51,7 +50,7 @@ fn preprocessed_names(images: &[PathBuf]) -> Vec<String> {
 
 pub fn run(args: &PredictArgs) -> Result<()> {
     let device = args.runtime.apply()?;
-    let classifier = args.model.load(device)?.with_engine(args.engine)?;
+    let classifier = args.model.load(device)?.with_engine(args.compute.engine)?;
     // A TorchScript file carries no card; the card written beside it by `export` still says
     // how its inputs were normalised.
     let card = match classifier.card() {

@@ -12,11 +12,10 @@ use lenet5::training::optim::{Implementation, OptimizerConfig, OptimizerKind};
 use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
 use lenet5::training::schedule::ScheduleKind;
 use lenet5::training::{EpochMetrics, EpochProgress, TrainConfig, Watcher};
-use lenet5::inference::Engine;
 
 use super::interrupt::{Interrupted, StopRequest};
 use super::progress::TerminalProgress;
-use super::{DataArgs, RuntimeArgs};
+use super::{DataArgs, EngineArgs, RuntimeArgs};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -76,10 +75,8 @@ pub struct TrainArgs {
     /// Random shifts of training images by up to this many pixels (0 = none).
     #[arg(long, default_value_t = TrainConfig::DEFAULT.shift)]
     pub shift: i64,
-    /// What computes the gradients: libtorch's autograd (bit-identical to PyTorch) or the
-    /// direct engine's own loops (CPU only; the same recipe, different rounding; faster).
-    #[arg(long, value_parser = super::named::<Engine>(Engine::NAMES), default_value = "libtorch")]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub compute: EngineArgs,
     #[arg(long, value_parser = super::named::<Arch>(Arch::NAMES), default_value_t = ModelConfig::DEFAULT.arch)]
     pub arch: Arch,
     #[arg(long, value_parser = super::named::<Head>(Head::NAMES), default_value_t = ModelConfig::DEFAULT.head)]
@@ -147,7 +144,7 @@ impl TrainArgs {
             seed: self.seed,
             limit_train: self.limit_train,
             dry_run: self.dry_run,
-            engine: self.engine,
+            engine: self.compute.engine,
         };
         config.validate()?;
         Ok(config)
