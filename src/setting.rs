@@ -26,6 +26,22 @@ pub fn invalid(name: &'static str, value: impl fmt::Display, problem: impl Into<
     InvalidSetting { name, value: value.to_string(), problem: problem.into() }
 }
 
+/// A setting that would get past an error: `every key starts with 'model.': try key_maps = model=`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Suggestion {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Suggestion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: try {} = {}", self.reason, self.name, self.value)
+    }
+}
+
+impl std::error::Error for Suggestion {}
+
 /// Returns an [`InvalidSetting`] error unless `cond` holds: `check!(cond, "epochs", value, "must be ...")`.
 #[macro_export]
 macro_rules! check_setting {

@@ -29,7 +29,7 @@ use lenet5::formats::weights::KeyMap;
 use lenet5::inference::{Engine, LoadOptions, Model};
 use lenet5::model::{Arch, Head};
 use lenet5::serve::ServeConfig;
-use lenet5::setting::InvalidSetting;
+use lenet5::setting::{InvalidSetting, Suggestion};
 
 #[derive(Parser, Debug)]
 #[command(name = "lenet5", version, about = "LeNet-5 on libtorch: train on MNIST, evaluate, export to PyTorch")]
@@ -100,13 +100,18 @@ fn flag(setting: &str) -> String {
     }
 }
 
-/// The error chain as one line (anyhow's `{:#}`), each invalid setting named by its flag:
-/// `--epochs 0: must be at least 1`.
+/// The error chain as anyhow's `{:#}` prints it, each setting named by its flag:
+/// `--epochs 0: must be at least 1`, `...: every key starts with 'model.': try --key-map model=`.
 pub fn describe(err: &anyhow::Error) -> String {
     err.chain()
-        .map(|cause| match cause.downcast_ref::<InvalidSetting>() {
-            Some(s) => format!("{} {}: {}", flag(s.name), s.value, s.problem),
-            None => cause.to_string(),
+        .map(|cause| {
+            if let Some(s) = cause.downcast_ref::<InvalidSetting>() {
+                format!("{} {}: {}", flag(s.name), s.value, s.problem)
+            } else if let Some(s) = cause.downcast_ref::<Suggestion>() {
+                format!("{}: try {} {}", s.reason, flag(s.name), s.value)
+            } else {
+                cause.to_string()
+            }
         })
         .collect::<Vec<_>>()
         .join(": ")

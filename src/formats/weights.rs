@@ -251,8 +251,16 @@ pub fn load_state_dict(vs: &mut VarStore, tensors: Vec<(String, Tensor)>, maps: 
     if wrong.len() > SHOWN {
         lines.push(format!("and {} more of the wrong shape or dtype", wrong.len() - SHOWN));
     }
-    let hint = common_prefix_hint(given.keys());
-    bail!("{source}: the state dict does not fit LeNet-5:\n  {}{hint}", lines.join("\n  "))
+    let message = format!("{source}: the state dict does not fit LeNet-5:\n  {}", lines.join("\n  "));
+    match common_prefix(given.keys()) {
+        Some(p) => Err(anyhow::Error::new(crate::setting::Suggestion {
+            name: "key_maps",
+            value: format!("{p}="),
+            reason: format!("every key starts with '{p}.'"),
+        })
+        .context(message)),
+        None => Err(anyhow::anyhow!(message)),
+    }
 }
 
 /// `missing fc2.bias [84]`, or `missing 6 tensors: a [..], b [..], … and 2 more`.
@@ -266,15 +274,10 @@ fn group(what: &str, items: &[String], shown: usize) -> String {
     }
 }
 
-/// Suggests `--key-map P=` when every key shares a first component like `model` or `module`.
-fn common_prefix_hint<'a>(mut keys: impl Iterator<Item = &'a String>) -> String {
+/// The first component every key shares, like `model` or `module`, which a key map `P=` strips.
+fn common_prefix<'a>(mut keys: impl Iterator<Item = &'a String>) -> Option<String> {
     let first = keys.next().and_then(|k| k.split_once('.')).map(|(p, _)| p.to_string());
-    match first {
-        Some(p) if !p.starts_with("conv") && !p.starts_with("fc") && keys.all(|k| k.starts_with(&format!("{p}."))) => {
-            format!("\n(every key starts with '{p}.': try the key map {p}=)")
-        }
-        _ => String::new(),
-    }
+    first.filter(|p| !p.starts_with("conv") && !p.starts_with("fc") && keys.all(|k| k.starts_with(&format!("{p}."))))
 }
 
 /// Writes the variables of `vs` as safetensors with their PyTorch names, atomically.
