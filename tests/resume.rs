@@ -3,8 +3,10 @@
 //! (the default recipe, AdamW with OneCycleLR cycling beta1, also trained by the direct
 //! engine, and SGD with Nesterov momentum under StepLR), and a diverging run stops with the last good checkpoint.
 
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lenet5");
@@ -64,15 +66,43 @@ fn uninterrupted(overrides: &[(&str, &str)]) -> Vec<u8> {
     weights
 }
 
-/// Waits until the run has written its first checkpoint (or gives up after 60 s).
-fn wait_for_checkpoint(out: &Path) {
-    for _ in 0..600 {
-        if out.join("checkpoint.safetensors").exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// A run in progress, its stderr read as it trains: the test interrupts it at a point of its
+/// own progress, not after a guessed time, so the run cannot end first on a fast machine.
+struct Running {
+    child: Child,
+    stderr: BufReader<ChildStderr>,
+    /// All it has written to stderr so far.
+    log: String,
+}
+
+impl Running {
+    fn start(out: &Path, overrides: &[(&str, &str)]) -> Running {
+        let mut child = spawn(out, overrides);
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        Running { child, stderr, log: String::new() }
     }
-    panic!("no checkpoint appeared in {}", out.display());
+
+    /// Reads stderr up to the run's `n`th report about an epoch. With stderr not a terminal, a
+    /// run reports each quarter of an epoch ("epoch 1/3  25%  ...", after the step it reached)
+    /// and each epoch's end ("epoch  1/3  train loss ..."): four lines an epoch, so the recipe's
+    /// 3 epochs make 12, and line 1 comes about 30 of the run's 282 steps in.
+    fn wait_for_epoch_report(&mut self, n: usize) {
+        let mut seen = 0;
+        while seen < n {
+            let mut line = String::new();
+            let read = self.stderr.read_line(&mut line).unwrap();
+            assert!(read > 0, "the run ended before its epoch report {n}:\n{}", self.log);
+            seen += usize::from(line.starts_with("epoch "));
+            self.log.push_str(&line);
+        }
+    }
+
+    /// Waits for the run to end: its exit status and everything it wrote to stderr.
+    fn finish(mut self) -> (ExitStatus, String) {
+        self.stderr.read_to_string(&mut self.log).unwrap();
+        let status = self.child.wait_with_output().unwrap().status;
+        (status, self.log)
+    }
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -85,15 +115,13 @@ fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
     const DEFAULT: &[(&str, &str)] = &[];
     for (sig, code, recipe) in [("-INT", 130, DEFAULT), ("-TERM", 143, SGD), ("-INT", 130, DIRECT)] {
         let out = temp_dir(&format!("signal{code}"));
-        let child = spawn(&out, recipe);
-        wait_for_checkpoint(&out);
-        signal(&child, sig);
-        let stopped = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&stopped.stderr);
-        if stopped.status.code() == Some(0) {
-            continue; // the run finished before the signal: nothing to resume
-        }
-        assert_eq!(stopped.status.code(), Some(code), "{stderr}");
+        let mut run = Running::start(&out, recipe);
+        // A quarter into the first epoch, with checkpoints behind it and most of the run ahead.
+        run.wait_for_epoch_report(1);
+        signal(&run.child, sig);
+        let (status, stderr) = run.finish();
+        // Every case must really be interrupted: a run that ended first (exit 0) fails here.
+        assert_eq!(status.code(), Some(code), "{sig}: the run was not stopped by the signal\n{stderr}");
         assert!(stderr.contains(&format!("resume with: lenet5 train --resume {}", out.display())), "{stderr}");
         let resumed = resume(&out);
         assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
@@ -103,14 +131,19 @@ fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
 
 #[test]
 fn sigkill_at_any_moment_leaves_a_loadable_run_that_resumes_exactly() {
-    // Fixed, spread-out kill times (ms after the first checkpoint) stand in for random ones.
-    for (i, delay) in [0u64, 130, 470, 900, 1700].into_iter().enumerate() {
+    // Fixed, spread-out kill points stand in for random ones: a few ms after one of the run's
+    // epoch reports (see Running::wait_for_epoch_report), from a quarter into the first epoch to
+    // the end of the second; right after an epoch's end report, the epoch's checkpoint and
+    // metrics are being written.
+    for (i, (report, delay)) in [(1, 0u64), (2, 3), (4, 0), (7, 5), (8, 1)].into_iter().enumerate() {
         let out = temp_dir(&format!("kill{i}"));
-        let mut child = spawn(&out, &[]);
-        wait_for_checkpoint(&out);
+        let mut run = Running::start(&out, &[]);
+        run.wait_for_epoch_report(report);
         std::thread::sleep(Duration::from_millis(delay));
-        child.kill().unwrap(); // SIGKILL
-        let _ = child.wait();
+        run.child.kill().unwrap(); // SIGKILL
+        let (status, stderr) = run.finish();
+        // A run that ended before the kill (exit 0) tests nothing: it must die by the signal.
+        assert_eq!(status.signal(), Some(9), "kill {i}: the run was not killed ({status})\n{stderr}");
         // Whatever the moment, the checkpoint and the metrics in the folder are whole.
         let (meta, saved) = lenet5::training::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
         assert_eq!(saved.weights.len(), 10);
