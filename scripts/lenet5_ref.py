@@ -1,8 +1,8 @@
 """LeNet-5 in PyTorch: the Python twin of the Rust crate, name for name.
 
-The one place the Python side defines the model (src/model.rs), the data pipeline
-(src/data.rs), the training step (src/train.rs), readers for every file the Rust binary
-reads or writes (src/weights.rs, src/card.rs) and the exact comparison of two runs' weights
+The one place the Python side defines the model (src/model/), the data pipeline
+(src/data/), the training step (src/training/), readers for every file the Rust binary
+reads or writes (src/formats/weights.rs, src/formats/card.rs) and the exact comparison of two runs' weights
 and checkpoints. scripts/crosscheck, scripts/train_reference, scripts/parity,
 scripts/compare.ipynb and tests/python all import it; none defines its own.
 """
@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 # -----------------------------------------------------------------------------
 # Constants. Each has a twin in Rust; change both or neither.
 
-IMAGE_SIZE = 28  # side of an MNIST image in the IDX files (data.rs IMAGE_SIZE)
-INPUT_SIZE = 32  # LeNet-5's input side, as in the 1998 paper (model.rs INPUT_SIZE)
-PAD = (INPUT_SIZE - IMAGE_SIZE) // 2  # zero padding on every side (data.rs PAD)
-NUM_CLASSES = 10  # model.rs NUM_CLASSES
+IMAGE_SIZE = 28  # side of an MNIST image in the IDX files (data/mod.rs IMAGE_SIZE)
+INPUT_SIZE = 32  # LeNet-5's input side, as in the 1998 paper (model/mod.rs INPUT_SIZE)
+PAD = (INPUT_SIZE - IMAGE_SIZE) // 2  # zero padding on every side (data/mod.rs PAD)
+NUM_CLASSES = 10  # model/mod.rs NUM_CLASSES
 NUM_PARAMETERS = 61_706  # 156 + 2,416 + 48,120 + 10,164 + 850
 
-# Mean and std of the training pixels scaled to [0, 1] (data.rs DatasetKind::normalization).
+# Mean and std of the training pixels scaled to [0, 1] (data/mod.rs DatasetKind::normalization).
 NORMALIZATION = {
     "mnist": (0.1307, 0.3081),
     "fashion-mnist": (0.2860, 0.3530),
@@ -44,26 +44,26 @@ NORMALIZATION = {
 
 
 def background(dataset: str) -> float:
-    """The normalised value of a blank pixel, the fill of padding and shifts (data.rs Normalization::background)."""
+    """The normalised value of a blank pixel, the fill of padding and shifts (data/mod.rs Normalization::background)."""
     mean, std = NORMALIZATION[dataset]
     return -mean / std
 
 
-CLASSES = {  # data.rs DatasetKind::class_names
+CLASSES = {  # data/mod.rs DatasetKind::class_names
     "mnist": [str(d) for d in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
-# The folders searched unless --data says otherwise (data.rs DatasetKind::default_dirs):
+# The folders searched unless --data says otherwise (data/mod.rs DatasetKind::default_dirs):
 # the project's own, which scripts/setup fills, then where Debian's package installs it.
 DEFAULT_DATA_DIRS = {"mnist": ["data/mnist"],
                      "fashion-mnist": ["data/fashion-mnist", "/usr/share/datasets/fashion-mnist"]}
-FETCH_HINT = {"mnist": "scripts/setup (or scripts/fetch-data mnist) fetches it",  # data.rs fetch_hint
+FETCH_HINT = {"mnist": "scripts/setup (or scripts/fetch-data mnist) fetches it",  # data/mod.rs fetch_hint
               "fashion-mnist": "scripts/setup (or scripts/fetch-data fashion-mnist, on Debian) fetches it"}
 
 
 def default_data_dir(dataset: str) -> Path:
-    """The first of DEFAULT_DATA_DIRS[dataset] that exists, else the first (data.rs default_dir)."""
+    """The first of DEFAULT_DATA_DIRS[dataset] that exists, else the first (data/mod.rs default_dir)."""
     dirs = [Path(d) for d in DEFAULT_DATA_DIRS[dataset]]
     return next((d for d in dirs if d.is_dir()), dirs[0])
 
@@ -71,8 +71,8 @@ IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 MAX_IDX_BYTES = 512 << 20  # MNIST's largest file is 47 MB; bounds a gzip bomb or a bad header
 
-CARD_FORMAT, CARD_VERSION = "lenet5-model", 1  # card.rs CARD_VERSION
-# metrics.csv / metrics.jsonl columns, in order (train.rs EpochMetrics).
+CARD_FORMAT, CARD_VERSION = "lenet5-model", 1  # formats/card.rs CARD_VERSION
+# metrics.csv / metrics.jsonl columns, in order (training/mod.rs EpochMetrics).
 METRICS_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
 
 # -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def read_maybe_gzip(path: Path) -> bytes:
 
 
 def parse_idx(data: bytes, expected_magic: int, name: str) -> np.ndarray:
-    """IDX bytes -> a uint8 array shaped as the header says. Mirrors data.rs parse_idx."""
+    """IDX bytes -> a uint8 array shaped as the header says. Mirrors data/mod.rs parse_idx."""
     if not data:
         raise DataError(f"{name}: the file is empty")
     if len(data) < 4:
@@ -129,7 +129,7 @@ def parse_idx(data: bytes, expected_magic: int, name: str) -> np.ndarray:
 
 
 def _find(folder: Path, stem: str) -> Path:
-    """`stem` or `stem.gz` in `folder`, the plain one first (data.rs find_file)."""
+    """`stem` or `stem.gz` in `folder`, the plain one first (data/mod.rs find_file)."""
     for p in (folder / stem, folder / f"{stem}.gz"):
         if p.is_file():
             return p
@@ -159,7 +159,7 @@ def load_split_raw(folder, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def preprocess(images: np.ndarray | torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 32, 32): scale to [0, 1], zero-pad by 2, normalise.
-    Same operations in the same order as data.rs to_tensors, so the floats are identical."""
+    Same operations in the same order as data/mod.rs to_tensors, so the floats are identical."""
     x = torch.as_tensor(np.asarray(images)).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)  # (N, 1, 28, 28) u8
     x = x.float() / 255.0
     x = F.pad(x, (PAD, PAD, PAD, PAD))  # (N, 1, 32, 32), black border before normalising
@@ -179,7 +179,7 @@ def load_split(folder, split: str, dataset: str = "mnist") -> tuple[torch.Tensor
 
 class LeNet5(nn.Module):
     """LeNet-5 with PyTorch's default initialisation; the parameter names are the contract
-    with model.rs (conv1, conv2, fc1, fc2, fc3)."""
+    with model/mod.rs (conv1, conv2, fc1, fc2, fc3)."""
 
     def __init__(self, arch: str = "modern", head: str = "softmax"):
         super().__init__()
@@ -211,7 +211,7 @@ class LeNet5(nn.Module):
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, head: str) -> torch.Tensor:
-    """Mean loss of logits (B, 10) against labels (B,) (model.rs Head::loss)."""
+    """Mean loss of logits (B, 10) against labels (B,) (model/mod.rs Head::loss)."""
     if head == "softmax":
         return F.cross_entropy(logits, labels)
     targets = F.one_hot(labels, NUM_CLASSES).to(logits.dtype)  # (B, 10)
@@ -219,7 +219,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, head: str) -> torch.Tens
 
 
 # -----------------------------------------------------------------------------
-# Evaluation (train.rs evaluate)
+# Evaluation (inference/evaluate.rs)
 
 
 @dataclass
@@ -256,20 +256,20 @@ def evaluate(model, images, labels, head: str | None = None, batch_size: int = 1
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(10, 10) int64 counts, confusion[true][predicted] as in train.rs Metrics."""
+    """(10, 10) int64 counts, confusion[true][predicted] as in inference/evaluate.rs Metrics."""
     return torch.bincount(labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES)
 
 
 # -----------------------------------------------------------------------------
 # Training: the optimizers, schedules and random streams of `lenet5 train`, and one loop over
-# batches given as index tensors, shared by train_reference and parity (train.rs Trainer::run).
+# batches given as index tensors, shared by train_reference and parity (training/mod.rs Trainer::run).
 
 
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                    dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
                    amsgrad: bool = False) -> torch.optim.Optimizer:
-    """The stock torch.optim optimizer `lenet5 train --optimizer NAME` reproduces (optim.rs), with
-    the same settings. On the CPU torch.optim takes its single-tensor path, which optim.rs follows
+    """The stock torch.optim optimizer `lenet5 train --optimizer NAME` reproduces (training/optim.rs), with
+    the same settings. On the CPU torch.optim takes its single-tensor path, which training/optim.rs follows
     op for op."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -283,7 +283,7 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_d
 def make_schedule(name: str, optimizer, steps_per_epoch: int, epochs: int, gamma: float = 0.7,
                   cycle_momentum: bool = True):
     """(scheduler or None, per_batch): the stock lr_scheduler class `--schedule NAME` reproduces
-    (schedule.rs), and whether it steps after every batch (else after every epoch)."""
+    (training/schedule.rs), and whether it steps after every batch (else after every epoch)."""
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler
     if name == "constant":
@@ -299,7 +299,7 @@ def make_schedule(name: str, optimizer, steps_per_epoch: int, epochs: int, gamma
 
 
 def optimizer_for(recipe: dict, params) -> torch.optim.Optimizer:
-    """make_optimizer from a recipe as `lenet5 train` saves it (train.rs TrainConfig as JSON)."""
+    """make_optimizer from a recipe as `lenet5 train` saves it (training/mod.rs TrainConfig as JSON)."""
     return make_optimizer(recipe["optimizer"], params, recipe["lr"], recipe["momentum"], recipe["weight_decay"],
                           recipe["dampening"], recipe["nesterov"], recipe["betas"], recipe["eps"], recipe["amsgrad"])
 
@@ -311,7 +311,7 @@ def schedule_for(recipe: dict, optimizer, steps_per_epoch: int):
 
 
 def recipe(args) -> dict:
-    """A recipe as `lenet5 train` saves it (train.rs TrainConfig, with the model and data set)
+    """A recipe as `lenet5 train` saves it (training/mod.rs TrainConfig, with the model and data set)
     from train_reference's flags, which are named as lenet5 train's."""
     return {"epochs": args.epochs, "batch_size": args.batch_size, "test_batch_size": args.test_batch_size,
             "optimizer": args.optimizer, "optimizer_impl": "torch", "lr": args.lr, "momentum": args.momentum,
@@ -325,7 +325,7 @@ def recipe(args) -> dict:
 def training_checkpoint(model, optimizer, scheduler, recipe: dict, epoch: int, batch: int, step: int,
                         history: list) -> dict:
     """The tutorial's training checkpoint, as `lenet5 train --resume FILE` reads it and
-    `lenet5 torch-checkpoint` writes it (torch_checkpoint.rs): `epoch` epochs finished, then
+    `lenet5 torch-checkpoint` writes it (formats/torch_checkpoint.rs): `epoch` epochs finished, then
     `batch` batches of the next; `step` optimizer steps in all."""
     return {"epoch": epoch, "step": step, "batch": batch, "model_state_dict": model.state_dict(),
             "optimizer_state_dict": optimizer.state_dict(),
@@ -333,14 +333,14 @@ def training_checkpoint(model, optimizer, scheduler, recipe: dict, epoch: int, b
             "recipe": recipe, "history": history}
 
 
-# Random streams (train.rs stream_seed): every shuffle and every augmentation draws from the
+# Random streams (training/mod.rs stream_seed): every shuffle and every augmentation draws from the
 # global generator freshly seeded from (seed, stream, index), so a run resumed anywhere replays them.
 SHUFFLE_STREAM, SHIFT_STREAM = 1, 2
 _MASK64 = (1 << 64) - 1
 
 
 def stream_seed(seed: int, stream: int, index: int) -> int:
-    """SplitMix64 of (seed, stream, index), as train.rs stream_seed."""
+    """SplitMix64 of (seed, stream, index), as training/mod.rs stream_seed."""
     z = (seed & _MASK64) ^ ((stream * 0x9E3779B97F4A7C15) & _MASK64) ^ ((index * 0xBF58476D1CE4E5B9) & _MASK64)
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -348,14 +348,14 @@ def stream_seed(seed: int, stream: int, index: int) -> int:
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> list[torch.Tensor]:
-    """The index tensors of epoch `epoch` (from 1): train.rs Trainer::batches."""
+    """The index tensors of epoch `epoch` (from 1): training/mod.rs Trainer::batches."""
     torch.manual_seed(stream_seed(seed, SHUFFLE_STREAM, epoch))
     return list(torch.randperm(n).split(batch_size))
 
 
 def random_shift(xs: torch.Tensor, max_shift: int, background: float) -> torch.Tensor:
     """Each image of xs (B, 1, H, W) moved by its own offset of up to max_shift pixels in x and y,
-    filled with `background` (train.rs random_shift, draw for draw)."""
+    filled with `background` (training/mod.rs random_shift, draw for draw)."""
     b, _, h, w = xs.shape
     padded = torch.full((b, h + 2 * max_shift, w + 2 * max_shift), background, dtype=xs.dtype)  # (B, H+2m, W+2m)
     padded[:, max_shift:max_shift + h, max_shift:max_shift + w] = xs[:, 0]
@@ -367,7 +367,7 @@ def random_shift(xs: torch.Tensor, max_shift: int, background: float) -> torch.T
 def train_batches(model, optimizer, images, labels, batches, scheduler=None, shift: int = 0, seed: int = 0,
                   first_step: int = 0, background: float = 0.0) -> tuple[float, float, float]:
     """One optimizer step per index tensor in `batches` (then one scheduler step, for a per-batch
-    scheduler); with `shift`, each batch shifted as train.rs does at global step first_step + i.
+    scheduler); with `shift`, each batch shifted as training/mod.rs does at global step first_step + i.
     Returns the mean loss, the accuracy over the images seen and the learning rate of the last step."""
     model.train()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
@@ -423,7 +423,7 @@ def differences(a, b, where: str = "", ordered: bool = True) -> dict[str, tuple[
         return {where: (max(elements(a), elements(b)), float("inf"))}
     if isinstance(a, (list, tuple)):
         out = {f"{where} length".lstrip(): (elements(a[len(b):] + b[len(a):]), float("inf"))} if len(a) != len(b) else {}
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):  # a length difference is reported above
             out |= differences(x, y, f"{where}[{i}]", ordered)
         return out
     if isinstance(a, torch.Tensor):
@@ -443,7 +443,7 @@ def total(diffs: dict[str, tuple[int, float]]) -> tuple[int, float]:
 
 
 # -----------------------------------------------------------------------------
-# Weights in every format, recognised by content (weights.rs detect), checked, then copied.
+# Weights in every format, recognised by content (formats/weights.rs detect), checked, then copied.
 
 
 class WeightsError(ValueError):
@@ -471,15 +471,15 @@ def detect_format(path) -> str:
             return "state-dict"  # torch.save: a pickle and tensor data, no code
         source = z.read(code).decode("utf-8", "replace")
     # tch's VarStore::save writes libtorch's serialize::OutputArchive: a TorchScript class named
-    # Module with parameters `conv1|weight`, ... and no methods. Same rule as weights.rs detect.
+    # Module with parameters `conv1|weight`, ... and no methods. Same rule as formats/weights.rs detect.
     return "tch-archive" if source.startswith("class Module(Module):") and "def forward" not in source else "torchscript"
 
 
 def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Named tensors (PyTorch names, CPU) from any format, renamed by `key_map`: {old: new}
-    replaces a leading dotted prefix, '' strips it (weights.rs rename, `--key-map`). A torch.save
+    replaces a leading dotted prefix, '' strips it (formats/weights.rs rename, `--key-map`). A torch.save
     file may hold a state dict or a notebook's checkpoint dict with one inside; a `module.` on
-    every key is dropped first (weights.rs read_tensors)."""
+    every key is dropped first (formats/weights.rs read_tensors)."""
     path, fmt = Path(path), detect_format(path)
     if fmt == "safetensors":
         tensors = load_file(str(path))
@@ -502,7 +502,7 @@ def read_state_dict(path, key_map: dict[str, str] | None = None) -> dict[str, to
 
 
 # Where notebooks keep the model's weights in a checkpoint dict, most specific first (PyTorch's
-# tutorial writes `model_state_dict`), and the prefix DataParallel adds (weights.rs).
+# tutorial writes `model_state_dict`), and the prefix DataParallel adds (formats/weights.rs).
 CHECKPOINT_KEYS = ("model_state_dict", "state_dict", "model", "net")
 DATA_PARALLEL_PREFIX = "module."
 
@@ -512,7 +512,7 @@ def _is_state_dict(value) -> bool:
 
 
 def _weights_in(value, path: Path) -> dict[str, torch.Tensor]:
-    """A state dict, or the one a checkpoint dict holds under a CHECKPOINT_KEYS entry (weights.rs
+    """A state dict, or the one a checkpoint dict holds under a CHECKPOINT_KEYS entry (formats/weights.rs
     torch_save_tensors)."""
     if _is_state_dict(value):
         return value
@@ -539,7 +539,7 @@ def _rename(key: str, key_map: dict[str, str]) -> str:
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "weights") -> nn.Module:
     """Copies `tensors` into `model` only if every name and shape fits; else names each problem
-    (weights.rs load_state_dict). Returns the model."""
+    (formats/weights.rs load_state_dict). Returns the model."""
     wanted = model.state_dict()
     problems = []
     for name, w in sorted(wanted.items()):
@@ -571,7 +571,7 @@ def load_model(path, arch: str = "modern", head: str = "softmax", key_map=None):
 
 
 # -----------------------------------------------------------------------------
-# Model cards and exports (card.rs): NAME.json beside NAME.{safetensors,pt,check.safetensors}
+# Model cards and exports (formats/card.rs): NAME.json beside NAME.{safetensors,pt,check.safetensors}
 
 
 def read_card(path) -> dict:
@@ -639,7 +639,7 @@ def load_exported(prefix, verify: bool = True) -> Export:
 
 def write_card(path, model: LeNet5, dataset: str, metrics: Metrics | None, training: dict | None,
                files: dict[str, Path], seed: int | None = None) -> dict:
-    """A card in card.rs's format for a PyTorch-trained model, so the same readers work."""
+    """A card in formats/card.rs's format for a PyTorch-trained model, so the same readers work."""
     mean, std = NORMALIZATION[dataset]
     card = {
         "format": CARD_FORMAT, "format_version": CARD_VERSION,

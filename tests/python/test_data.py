@@ -1,8 +1,7 @@
 """The IDX reader and the preprocessing in lenet5_ref, against hand-made files and the
-numbers of the real MNIST test set. The broken-file cases mirror data.rs's unit tests."""
+numbers of the real MNIST test set. The broken-file cases mirror data/mod.rs's unit tests."""
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +82,7 @@ def test_split_level_checks_name_the_file(tmp_path):
 
 
 def test_pads_by_two_with_background_then_normalises():
-    """Same case as data.rs pads_by_two_with_background_and_normalises."""
+    """Same case as data/mod.rs pads_by_two_with_background_and_normalises."""
     pixels = np.zeros((1, 28, 28), np.uint8)
     pixels[0, 0, 0] = 255  # top-left pixel of the 28x28 image
     x = L.preprocess(pixels, 0.5, 0.25)

@@ -1,5 +1,5 @@
 """The reference model, its loss, and the readers for every weights format, in Python alone
-(no binary): names and shapes pinned as in model.rs, formulas checked by hand, files written
+(no binary): names and shapes pinned as in model/mod.rs, formulas checked by hand, files written
 by PyTorch itself."""
 
 import math
@@ -63,7 +63,7 @@ def test_the_classic_convolution_example():
 
 
 def test_losses_match_their_formulas():
-    """Same numbers as model.rs head_losses_match_their_formulas."""
+    """Same numbers as model/mod.rs head_losses_match_their_formulas."""
     xs = [0.3 * j - 1.5 for j in range(10)]
     logits, label = torch.tensor([xs]), torch.tensor([3])
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -122,7 +122,7 @@ def test_key_maps_rename_whole_dotted_prefixes(tmp_path, trained):
 
 @pytest.mark.parametrize("key", L.CHECKPOINT_KEYS)
 def test_a_notebooks_checkpoint_dict_gives_its_weights_as_rust_reads_it(tmp_path, trained, key, capsys):
-    """The entries weights.rs looks in, beside what a notebook saves with them (tutorial layout)."""
+    """The entries formats/weights.rs looks in, beside what a notebook saves with them (tutorial layout)."""
     sd = trained.state_dict()
     opt = torch.optim.AdamW(trained.parameters())
     torch.save({"epoch": 3, key: sd, "optimizer_state_dict": opt.state_dict(), "loss": 0.25}, tmp_path / "ckpt.pt")
@@ -225,6 +225,7 @@ def test_crosscheck_passes_a_consistent_export(fake_export, mnist_dir, monkeypat
 
 def test_crosscheck_fails_when_rust_logits_differ(fake_export, mnist_dir, tmp_path, monkeypatch, capsys):
     import shutil
+
     from safetensors.torch import load_file
     for f in fake_export.parent.iterdir():
         shutil.copy(f, tmp_path / f.name)

@@ -2,7 +2,6 @@
 project venv, which has ipykernel and the binding): it trains the Rust twin through `import
 lenet5` and the PyTorch model with stock torch.optim in that kernel, and finds them identical."""
 
-import os
 import re
 
 import nbformat

@@ -5,7 +5,6 @@ PyTorch's files evaluated by Rust (`lenet5 eval --json`) with the same correct c
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

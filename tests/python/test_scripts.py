@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import L, ROOT, load_script, run
+from conftest import ROOT, L, load_script, run
 
 
 @pytest.mark.parametrize("script, expected", [
