@@ -9,8 +9,8 @@ skip, without it: it is part of the product.
 import json
 import os
 import signal
-import threading
 import subprocess
+import threading
 import time
 from pathlib import Path
 
