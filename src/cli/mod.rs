@@ -7,6 +7,7 @@ mod conv;
 mod interrupt;
 mod predict;
 mod progress;
+mod serve;
 mod train;
 mod visualize;
 
@@ -22,7 +23,6 @@ use lenet5::checkpoint;
 use lenet5::data::{self, DatasetKind};
 use lenet5::model::{parameter_count, Arch, Head, LeNet5, ModelConfig};
 use lenet5::run::checkpoint_file;
-use lenet5::serve::ServeConfig;
 use lenet5::weights::{self, Classifier, Engine, KeyMap, LoadOptions};
 
 #[derive(Parser, Debug)]
@@ -60,7 +60,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// A local web page: draw a digit and watch every stage of LeNet-5 compute it, with the
     /// JSON API behind it (see the README). Ctrl-C stops it.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -166,35 +166,6 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Test images for the page's picker come from here (the server runs without them).
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Host name or address to listen on: this machine only by default (0.0.0.0 opens it to
-    /// the network).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on; 0 picks a free one (the address is printed).
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
-}
-
-impl ServeArgs {
-    pub fn config(&self) -> ServeConfig {
-        ServeConfig {
-            model: self.model.model.clone(),
-            load: self.model.options(),
-            dataset: self.data.dataset,
-            data: self.data.data.clone(),
-            host: self.host.clone(),
-            port: self.port,
-        }
-    }
-}
-
-#[derive(Args, Debug)]
 pub struct SummaryArgs {
     #[arg(long, value_enum, default_value = "modern")]
     pub arch: Arch,
@@ -230,7 +201,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Visualize(args) => visualize::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::Bench(args) => bench::run(&args),
-        Command::Serve(args) => lenet5::serve::run(&args.config()),
+        Command::Serve(args) => serve::run(&args),
     }
 }
 

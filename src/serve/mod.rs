@@ -1,6 +1,7 @@
 //! `lenet5 serve`: a local web page where you draw a digit and watch every stage of LeNet-5
-//! compute it, and the JSON API behind the page. The router is built in [`router`]; the page's
-//! files (`src/serve/`) are embedded in the binary, so it works offline.
+//! compute it, and the JSON API behind the page. [`App::load`] loads what the handlers read and
+//! [`router`] builds every route; the shell (runtime, listener, signals, printing) is the
+//! binary's `cli/serve.rs`. The page's files (`src/serve/`) are embedded, so it works offline.
 //!
 //! Predictions run through the direct engine (`direct/`), after the MNIST-style
 //! preprocessing of `predict` (`handwriting.rs`); the stages' activations come from the
@@ -17,7 +18,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,7 +44,8 @@ pub const DEFAULT_LIST_LIMIT: usize = 100;
 /// Side of the grey values `POST /api/predict` takes as JSON: an MNIST image.
 const GREY_SIDE: usize = data::IMAGE_SIZE as usize;
 
-/// What `serve` needs, with no command-line types: `cli.rs` fills it from the flags.
+/// What the app needs, with no command-line types (`cli/serve.rs` fills it from the flags)
+/// and no network: where it listens is the shell's business.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub model: PathBuf,
@@ -53,10 +54,6 @@ pub struct ServeConfig {
     pub dataset: DatasetKind,
     /// Folder of the test set's IDX files [default: the data set's].
     pub data: Option<PathBuf>,
-    /// Host name or address to listen on.
-    pub host: String,
-    /// Port to listen on; 0 lets the system pick a free one.
-    pub port: u16,
 }
 
 /// A request that cannot be answered: the status and a one-line reason, sent as
@@ -198,6 +195,14 @@ impl App {
             out.insert("stages".into(), Value::Array(named));
         }
         Ok(out)
+    }
+
+    /// What the page goes without, one line each, for the shell to show: none when all is there.
+    pub fn notes(&self) -> Vec<String> {
+        match &self.test {
+            Ok(_) => vec![],
+            Err(why) => vec![format!("the page's test-image picker is off: {why}")],
+        }
     }
 
     fn test_images(&self) -> Result<&TestImages, ApiError> {
@@ -442,55 +447,6 @@ async fn conv_matrices(body: Result<Bytes, BytesRejection>) -> Result<Json<Value
         request().map(Json).map_err(ApiError::bad_request)
     })
     .await
-}
-
-/// Waits for Ctrl-C (or SIGTERM), the signals that stop the server.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            eprintln!("note: cannot listen for Ctrl-C ({e}); stop the server with SIGTERM");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                eprintln!("note: cannot listen for SIGTERM ({e}); stop the server with Ctrl-C");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-}
-
-/// Loads the model, listens, prints the address and serves until Ctrl-C or SIGTERM, then
-/// finishes the requests under way and returns.
-pub fn run(config: &ServeConfig) -> Result<()> {
-    let app = Arc::new(App::load(config)?);
-    if let Err(why) = &app.test {
-        eprintln!("note: the page's test-image picker is off: {why}");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(async {
-        let (host, port) = (config.host.as_str(), config.port);
-        let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen on {host} port {port}"))?;
-        let address = listener.local_addr().context("the address listened on")?;
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "serving {} on http://{address}/ (Ctrl-C stops)", config.model.display()).context("printing the address")?;
-        axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
-        // The work is done; a stdout closed meanwhile (println! would panic) is no reason to fail.
-        let _ = writeln!(stdout, "stopped");
-        Ok(())
-    })
 }
 
 #[cfg(test)]
