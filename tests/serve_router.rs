@@ -1,20 +1,23 @@
 //! The library's router driven in-process with `tower::ServiceExt::oneshot`: no binary, no
 //! port. A prediction against the libtorch engine, refusals with their status and one-line
-//! reason, the classic convolution, and the note of an app without its test set. Needs MNIST
-//! in data/mnist.
+//! reason, the body limit and how much of a larger body it reads, the classic convolution,
+//! and the note of an app without its test set. Needs MNIST in data/mnist.
 
 mod support;
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
 use lenet5::data::DatasetKind;
 use lenet5::handwriting::{self, Gray};
-use lenet5::serve::{self, App, ServeConfig};
+use lenet5::serve::{self, App, ServeConfig, MAX_BODY_BYTES, MAX_DRAIN_BYTES};
 use lenet5::weights::{self, LoadOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use tower::ServiceExt;
 
 fn config(data: Option<PathBuf>) -> ServeConfig {
@@ -158,6 +161,91 @@ async fn refusals_have_their_status_and_a_one_line_reason() {
         assert_eq!(headers[header::CONTENT_TYPE], "application/json", "{path}");
         assert_eq!(json_of(&body), json!({ "error": reason }), "{path}");
     }
+}
+
+#[tokio::test]
+async fn a_body_at_the_limit_reaches_the_handler_and_one_byte_more_gets_413_and_close() {
+    let (status, _, body) = send(
+        router(),
+        post("/api/predict", "image/png", vec![0u8; MAX_BODY_BYTES]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        json_of(&body)["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body: not an image"),
+        "{}",
+        json_of(&body)
+    );
+    let (status, headers, body) = send(
+        router(),
+        post("/api/predict", "image/png", vec![0u8; MAX_BODY_BYTES + 1]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(headers[header::CONNECTION], "close");
+    assert_eq!(
+        json_of(&body),
+        json!({ "error": format!("the body is larger than the limit of {MAX_BODY_BYTES} bytes") })
+    );
+}
+
+/// A body that never ends, counting the bytes taken from it.
+struct Endless(Arc<AtomicUsize>);
+
+impl HttpBody for Endless {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        const CHUNK: &[u8] = &[0; 64 << 10];
+        self.0.fetch_add(CHUNK.len(), Ordering::Relaxed);
+        Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(CHUNK)))))
+    }
+}
+
+#[tokio::test]
+async fn an_oversize_body_is_read_no_further_than_the_drain_bound() {
+    // Streamed without a length: read to just past the bound, then refused.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let (status, headers, _) = send(
+        router(),
+        post(
+            "/api/predict",
+            "image/png",
+            Body::new(Endless(taken.clone())),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, &headers[header::CONNECTION]),
+        (StatusCode::PAYLOAD_TOO_LARGE, &"close".parse().unwrap())
+    );
+    let taken = taken.load(Ordering::Relaxed);
+    assert!(
+        taken > MAX_DRAIN_BYTES && taken <= MAX_DRAIN_BYTES + (64 << 10),
+        "{taken} bytes read of an endless body"
+    );
+    // Declared longer than the bound: refused before a byte is read.
+    let untouched = Arc::new(AtomicUsize::new(0));
+    let mut request = post(
+        "/api/predict",
+        "image/png",
+        Body::new(Endless(untouched.clone())),
+    );
+    request
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, (MAX_DRAIN_BYTES + 1).into());
+    let (status, _, _) = send(router(), request).await;
+    assert_eq!(
+        (status, untouched.load(Ordering::Relaxed)),
+        (StatusCode::PAYLOAD_TOO_LARGE, 0)
+    );
 }
 
 #[tokio::test]

@@ -9,16 +9,18 @@
 //! walkthrough from `conv.rs`.
 
 use anyhow::{ensure, Context, Result};
-use axum::body::Bytes;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tch::nn::VarStore;
@@ -34,6 +36,11 @@ use crate::weights::{self, Classifier, Engine, LoadOptions};
 
 /// Largest request body: a phone photo fits, a canvas drawing is a few KB. Larger gets 413.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// How much of a body over the limit is read, and dropped, before its 413 is sent: a client
+/// that writes its whole body before it reads the answer (most do) then reads the 413, where
+/// closing the connection on unread data would reset it under the client. A body declared or
+/// sent beyond this gets its 413 without the rest being read.
+pub const MAX_DRAIN_BYTES: usize = 4 * MAX_BODY_BYTES;
 /// A request not answered in this long gets 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest side of a matrix `POST /api/conv` takes: a padded MNIST digit with room to spare,
@@ -78,14 +85,6 @@ impl ApiError {
     fn internal(err: anyhow::Error) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}"))
     }
-
-    /// What axum's extractors refused, with their status (413 for a body over the limit).
-    fn rejected(status: StatusCode, text: String) -> ApiError {
-        match status {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, format!("the body is larger than the limit of {MAX_BODY_BYTES} bytes")),
-            _ => ApiError::new(status, text),
-        }
-    }
 }
 
 impl IntoResponse for ApiError {
@@ -99,7 +98,7 @@ macro_rules! from_rejections {
     ($($rejection:ty),*) => {$(
         impl From<$rejection> for ApiError {
             fn from(r: $rejection) -> ApiError {
-                ApiError::rejected(r.status(), r.body_text())
+                ApiError::new(r.status(), r.body_text())
             }
         }
     )*};
@@ -249,9 +248,75 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/test-images/{index}", get(test_image))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route (see GET /)") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // `limit_body` has read every body, within MAX_BODY_BYTES, before a handler runs; axum's
+        // own limit (2 MB unless told) would be a second, smaller one.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(limit_body))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .with_state(app)
+}
+
+/// The whole body if it is at most [`MAX_BODY_BYTES`]; `None` for one larger, read up to
+/// [`MAX_DRAIN_BYTES`] and dropped.
+async fn read_within_limit(body: &mut Body) -> Result<Option<Vec<u8>>, axum::Error> {
+    let mut kept = Vec::new();
+    let mut read = 0;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        // A frame of trailers carries no data.
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if read > MAX_DRAIN_BYTES {
+            return Ok(None);
+        }
+        if read <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&data);
+        }
+    }
+    Ok((read <= MAX_BODY_BYTES).then_some(kept))
+}
+
+/// The body-size limit, as a layer: a body over [`MAX_BODY_BYTES`] gets 413 with
+/// `Connection: close`, after as much of it as [`MAX_DRAIN_BYTES`] allows was read.
+async fn limit_body(request: Request, next: Next) -> Response {
+    let (parts, mut body) = request.into_parts();
+    let declared: Option<u64> = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // Refused unread: a body declared past the drain bound, or one over the limit whose client
+    // waits for "100 Continue" before it sends it (curl does, for large ones) and so sends none.
+    let unread = declared.is_some_and(|n| {
+        n > MAX_DRAIN_BYTES as u64 || (expects_continue && n > MAX_BODY_BYTES as u64)
+    });
+    let within = if unread {
+        Ok(None)
+    } else {
+        read_within_limit(&mut body).await
+    };
+    match within {
+        Ok(Some(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(None) => {
+            let message = format!("the body is larger than the limit of {MAX_BODY_BYTES} bytes");
+            let mut response =
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+        Err(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")).into_response()
+        }
+    }
 }
 
 /// Runs CPU work (decoding, inference) off the async threads; a panic in it becomes a 500.
