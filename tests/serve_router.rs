@@ -1,7 +1,7 @@
 //! The library's router driven in-process with `tower::ServiceExt::oneshot`: no binary, no
 //! port. A prediction against the libtorch engine, refusals with their status and one-line
-//! reason, the body limit and how much of a larger body it reads, the classic convolution,
-//! and the note of an app without its test set. Needs MNIST in data/mnist.
+//! reason, the body limit and how much of a larger body it reads, the icon, the classic
+//! convolution, and the note of an app without its test set. Needs MNIST in data/mnist.
 
 mod support;
 
@@ -246,6 +246,23 @@ async fn an_oversize_body_is_read_no_further_than_the_drain_bound() {
         (status, untouched.load(Ordering::Relaxed)),
         (StatusCode::PAYLOAD_TOO_LARGE, 0)
     );
+}
+
+#[tokio::test]
+async fn the_icon_is_served_and_the_page_names_it() {
+    let (status, headers, body) = send(router(), get("/favicon.ico")).await;
+    assert_eq!(
+        (status, &headers[header::CONTENT_TYPE]),
+        (StatusCode::OK, &"image/svg+xml".parse().unwrap())
+    );
+    assert!(
+        body.starts_with(b"<svg xmlns=\"http://www.w3.org/2000/svg\""),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (_, _, page) = send(router(), get("/")).await;
+    assert!(String::from_utf8_lossy(&page)
+        .contains(r#"<link rel="icon" href="/favicon.ico" type="image/svg+xml">"#));
 }
 
 #[tokio::test]

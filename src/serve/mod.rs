@@ -226,11 +226,13 @@ impl TestImages {
     }
 }
 
-/// The page's files, embedded: path, content type, content.
-const ASSETS: [(&str, &str, &str); 3] = [
+/// The page's files, embedded: path, content type, content. The icon is an SVG under the
+/// name browsers ask for unprompted.
+const ASSETS: [(&str, &str, &str); 4] = [
     ("/", "text/html; charset=utf-8", include_str!("index.html")),
     ("/app.js", "text/javascript; charset=utf-8", include_str!("app.js")),
     ("/style.css", "text/css; charset=utf-8", include_str!("style.css")),
+    ("/favicon.ico", "image/svg+xml", include_str!("favicon.svg")),
 ];
 
 /// Every route of the page and the API, with the body-size limit and the timeout as layers.

@@ -1,7 +1,8 @@
 // The page of `lenet5 serve` in a real browser: headless Chromium (Debian's, driven by
 // playwright-core) draws a "1" and a "7" as mouse strokes on the canvas and reads the predicted
 // digit and the probability bars back from the page, each checked against the API's own answer
-// for the same canvas; then the convolution view runs. It saves a screenshot of the page with
+// for the same canvas; then the convolution view runs. The page loads with its icon and no
+// console error. It saves a screenshot of the page with
 // the 7 ($SERVE_SCREENSHOT, default runs/browser/serve.png; scripts/make-pictures writes
 // docs/serve.png) of the model $SERVE_MODEL (default: the shipped one). Run by scripts/test-browser, which installs what it needs or says why not.
 import { after, before, test } from 'node:test';
@@ -26,6 +27,8 @@ let base;
 let context;
 let page;
 let profile;
+/** Console errors and uncaught exceptions of the page, from its first load on. */
+const consoleErrors = [];
 
 /** Starts `lenet5 serve --port 0` and resolves with its address once it prints it. */
 function startServer() {
@@ -64,6 +67,8 @@ before(async () => {
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
   page = context.pages()[0] ?? (await context.newPage());
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(`${m.text()} (${m.location().url})`); });
+  page.on('pageerror', (e) => consoleErrors.push(e.message));
   await page.goto(`${base}/`);
   await page.waitForFunction(() => document.body.dataset.ready === 'true', null, { timeout: TIMEOUT_MS });
 });
@@ -132,6 +137,19 @@ async function checkDigit(digit, strokes) {
     .map((id) => document.getElementById(id).children.length));
   assert.deepEqual(counts, [1, 6, 6, 6, 16, 16, 120, 84]);
 }
+
+test('the page loads with its icon and no console error', async () => {
+  const icon = await page.evaluate(async () => {
+    const img = new Image();
+    img.src = document.querySelector('link[rel="icon"]').href;
+    await img.decode();
+    return { src: img.src, width: img.naturalWidth, height: img.naturalHeight };
+  });
+  assert.deepEqual(icon, { src: `${base}/favicon.ico`, width: 32, height: 32 });
+  // The browser's own request for the icon, if it made one, is done by now.
+  await page.waitForLoadState('networkidle');
+  assert.deepEqual(consoleErrors, []);
+});
 
 test('a 1 drawn with the mouse is read as a 1', async () => {
   await checkDigit(1, [[[140, 40], [138, 140], [136, 240]]]);
