@@ -337,3 +337,189 @@ fn bad_input_gets_its_status_and_a_one_line_reason_and_the_server_carries_on() {
     assert_eq!((status.code(), stdout.as_str()), (Some(0), "stopped"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The status and the `error` of an answer, or what failed.
+type Answer = Result<(u16, String), String>;
+
+/// One POST of `len` zero bytes to `/api/predict` over a raw socket, written in 64 KiB chunks
+/// (with a Content-Length, or `chunked`) before the answer is read, as most clients do.
+fn oversize_post(address: &str, len: usize, chunked: bool) -> Answer {
+    use std::io::{Read, Write};
+    const CHUNK: usize = 64 << 10;
+    let mut stream =
+        std::net::TcpStream::connect(address).map_err(|e| format!("connecting: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {len}")
+    };
+    let head = format!("POST /api/predict HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/octet-stream\r\n{framing}\r\n\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("writing the head: {e}"))?;
+    let chunk = [0u8; CHUNK];
+    let mut sent = 0;
+    while sent < len {
+        let n = CHUNK.min(len - sent);
+        let written = if chunked {
+            stream
+                .write_all(format!("{n:x}\r\n").as_bytes())
+                .and_then(|()| stream.write_all(&chunk[..n]))
+                .and_then(|()| stream.write_all(b"\r\n"))
+        } else {
+            stream.write_all(&chunk[..n])
+        };
+        written.map_err(|e| format!("writing the body after {sent} of {len} bytes: {e}"))?;
+        sent += n;
+    }
+    if chunked {
+        stream
+            .write_all(b"0\r\n\r\n")
+            .map_err(|e| format!("ending the chunked body: {e}"))?;
+    }
+    // The answer: its head, then as many bytes as its Content-Length says.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let split = loop {
+        if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "the connection closed after {} bytes of answer",
+                answer.len()
+            ));
+        }
+        answer.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&answer[..split]).to_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no content-length in {head:?}"))?;
+    let mut body = answer[split..].to_vec();
+    while body.len() < length {
+        let n = stream
+            .read(&mut buf)
+            .map_err(|e| format!("reading the answer's body: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "the connection closed after {} of {length} bytes of the answer's body",
+                body.len()
+            ));
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    let json: Value = serde_json::from_slice(&body)
+        .map_err(|e| format!("the answer's body is not JSON ({e})"))?;
+    Ok((
+        status,
+        json["error"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+#[test]
+fn every_oversize_body_gets_its_413_though_the_client_is_still_sending_it() {
+    // 200 POSTs, 8 at a time, each twice the limit: the server decides while the client still
+    // has 8 MiB to send. Half declare their length, half are chunked.
+    const POSTS: usize = 200;
+    const CLIENTS: usize = 8;
+    let len = 2 * lenet5::serve::MAX_BODY_BYTES;
+    let server = Server::start(&model());
+    let address = server.base.strip_prefix("http://").unwrap();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let answers: Vec<(usize, Answer)> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut answers = vec![];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= POSTS {
+                            return answers;
+                        }
+                        answers.push((i, oversize_post(address, len, i % 2 == 1)));
+                    }
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let reason = format!(
+        "the body is larger than the limit of {} bytes",
+        lenet5::serve::MAX_BODY_BYTES
+    );
+    let wrong: Vec<String> = answers
+        .iter()
+        .filter(|(_, answer)| !matches!(answer, Ok((413, r)) if *r == reason))
+        .map(|(i, answer)| {
+            format!(
+                "POST {i} ({}): {answer:?}",
+                if i % 2 == 1 {
+                    "chunked"
+                } else {
+                    "Content-Length"
+                }
+            )
+        })
+        .collect();
+    assert_eq!(answers.len(), POSTS);
+    assert!(
+        wrong.is_empty(),
+        "{} of {POSTS} oversize POSTs got no 413 with its reason:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    // And the server still answers.
+    assert_eq!(server.get("/api/model")["format"], "lenet5-model");
+}
+
+#[test]
+fn a_client_waiting_for_100_continue_gets_the_413_before_it_sends_the_body() {
+    use std::io::{Read, Write};
+    let server = Server::start(&model());
+    let address = server.base.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let len = 2 * lenet5::serve::MAX_BODY_BYTES;
+    let head = format!("POST /api/predict HTTP/1.1\r\nHost: {address}\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // No "100 Continue": the 413 itself, then the server closes the connection.
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("the server answers and closes");
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
+    let reason = format!(
+        "the body is larger than the limit of {} bytes",
+        lenet5::serve::MAX_BODY_BYTES
+    );
+    assert!(
+        answer.ends_with(&json!({ "error": reason }).to_string()),
+        "{answer}"
+    );
+}

@@ -10,6 +10,7 @@ mod info;
 mod interrupt;
 mod predict;
 mod progress;
+mod serve;
 mod summary;
 mod torch_checkpoint;
 mod train;
@@ -28,7 +29,6 @@ use lenet5::data::DatasetKind;
 use lenet5::formats::weights::KeyMap;
 use lenet5::inference::{Engine, LoadOptions, Model};
 use lenet5::model::{Arch, Head};
-use lenet5::serve::ServeConfig;
 use lenet5::setting::{InvalidSetting, Suggestion};
 
 #[derive(Parser, Debug)]
@@ -66,7 +66,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// A local web page: draw a digit and watch every stage of LeNet-5 compute it, with the
     /// JSON API behind it (see docs/). Ctrl-C stops it.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -81,7 +81,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Visualize(args) => visualize::run(&args),
         Command::Predict(args) => predict::run(&args),
         Command::Bench(args) => bench::run(&args),
-        Command::Serve(args) => lenet5::serve::run(&args.config()),
+        Command::Serve(args) => serve::run(&args),
     }
 }
 
@@ -191,33 +191,3 @@ impl ModelArgs {
         Ok(model)
     }
 }
-
-#[derive(Args, Debug)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Test images for the page's picker come from here (the server runs without them).
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Host name or address to listen on: this machine only by default (0.0.0.0 opens it to
-    /// the network).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on; 0 picks a free one (the address is printed).
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
-}
-
-impl ServeArgs {
-    pub fn config(&self) -> ServeConfig {
-        ServeConfig {
-            model: self.model.model.clone(),
-            load: self.model.options(),
-            dataset: self.data.dataset,
-            data: self.data.data.clone(),
-            host: self.host.clone(),
-            port: self.port,
-        }
-    }
-}
-

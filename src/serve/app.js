@@ -1,4 +1,4 @@
-// The page of `lenet5 serve` (src/serve.rs): draw, upload or pick a digit and see what every
+// The page of `lenet5 serve` (src/serve/mod.rs): draw, upload or pick a digit and see what every
 // stage of LeNet-5 computes; and the convolution walkthrough, animated. Plain JavaScript with
 // no libraries, embedded in the binary, so the page works offline.
 'use strict';
@@ -118,12 +118,14 @@ function render(result) {
   bars($('stage-F5'), stage.F5.values);
   bars($('stage-F6'), stage.F6.values);
   state.seen = result.seen;
+  if (!$('convolution').hidden) showDigit();
 }
 
 function clearResults() {
   $('prediction').textContent = '–';
   $('confidence').textContent = '';
   for (const id of ['probabilities', 'stage-input', 'stage-C1', 'stage-S2', 'stage-C3', 'stage-S4', 'stage-F5', 'stage-F6']) $(id).replaceChildren();
+  state.seen = null;
 }
 
 // ---- inputs: every change gets a version; only the latest one's answer is shown ----------
@@ -340,18 +342,38 @@ function drawCells(canvas, m, zoom, box) {
   }
 }
 
-let digitAnimation = null;
+/** The 28x28 digit inside a 32x32 input `seen`, pixels scaled to 0-9 as `lenet5 conv --preset` does. */
+const digitCells = (seen) => Array.from({ length: 28 }, (_, y) => Array.from({ length: 28 }, (_, x) => Math.round(9 * seen[(y + 2) * 32 + x + 2])));
+
+function blank(canvas) {
+  canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
+}
+
+/** The filter's slide over your digit: the digit it shows (`seen`) and its animation frame. */
+const slide = { seen: null, animation: null };
+
+/** "Your digit" as the network tab has it now, with no output yet; a slide over the same
+ *  digit, done or under way, is left as it is. */
+function showDigit() {
+  if (slide.seen === state.seen) return;
+  cancelAnimationFrame(slide.animation);
+  slide.seen = state.seen;
+  if (state.seen) drawCells($('digit-input'), digitCells(state.seen), 10);
+  else blank($('digit-input'));
+  blank($('digit-output'));
+  $('digit-filter').replaceChildren();
+  $('digit-sum').innerHTML = '&nbsp;';
+}
+
 $('digit-play').addEventListener('click', async () => {
-  cancelAnimationFrame(digitAnimation);
+  cancelAnimationFrame(slide.animation);
   if (!state.seen) {
     $('digit-sum').textContent = 'draw or pick a digit first (on the other tab)';
     return;
   }
-  // The 28x28 digit inside the 32x32 input, pixels scaled to 0-9 as `lenet5 conv --preset` does.
-  const digit = Array.from({ length: 28 }, (_, y) => Array.from({ length: 28 }, (_, x) => Math.round(9 * state.seen[(y + 2) * 32 + x + 2])));
   let walk;
   try {
-    walk = await api('/api/conv', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ input: digit, preset: $('preset').value }) });
+    walk = await api('/api/conv', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ input: digitCells(state.seen), preset: $('preset').value }) });
   } catch (e) {
     $('digit-sum').textContent = e.message;
     return;
@@ -370,7 +392,7 @@ $('digit-play').addEventListener('click', async () => {
     drawCells($('digit-input'), walk.input, 10, [w.row * walk.stride, w.col * walk.stride, k, l]);
     drawCells($('digit-output'), output.map((row) => row.map((v) => (Number.isNaN(v) ? 0 : v))), 10);
     $('digit-sum').textContent = `window (${w.row},${w.col}) = ${fmt(w.sum)}   (${next} of ${walk.windows.length} windows)`;
-    if (next < walk.windows.length) digitAnimation = requestAnimationFrame(frame);
+    if (next < walk.windows.length) slide.animation = requestAnimationFrame(frame);
   };
   frame();
 });
@@ -381,6 +403,7 @@ for (const tab of document.querySelectorAll('.tab')) {
   tab.addEventListener('click', () => {
     document.querySelectorAll('.tab').forEach((t) => t.classList.toggle('active', t === tab));
     document.querySelectorAll('.view').forEach((v) => { v.hidden = v.id !== tab.dataset.view; });
+    if (tab.dataset.view === 'convolution') showDigit();
   });
 }
 

@@ -1,6 +1,7 @@
 //! `lenet5 serve`: a local web page where you draw a digit and watch every stage of LeNet-5
-//! compute it, and the JSON API behind the page. The router is built in [`router`]; the page's
-//! files (`src/serve/`) are embedded in the binary, so it works offline.
+//! compute it, and the JSON API behind the page. [`App::load`] loads what the handlers read and
+//! [`router`] builds every route; the shell (runtime, listener, signals, printing) is the
+//! binary's `cli/serve.rs`. The page's files (`src/serve/`) are embedded, so it works offline.
 //!
 //! Predictions run through the direct engine (`direct/`), after the MNIST-style
 //! preprocessing of `predict` (`handwriting.rs`); the stages' activations come from the
@@ -8,17 +9,18 @@
 //! walkthrough from `conv.rs`.
 
 use anyhow::{ensure, Context, Result};
-use axum::body::Bytes;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::io::Write;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tch::nn::VarStore;
@@ -34,6 +36,11 @@ use crate::inference::{Engine, LoadOptions, Model, NativeParts};
 
 /// Largest request body: a phone photo fits, a canvas drawing is a few KB. Larger gets 413.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// How much of a body over the limit is read, and dropped, before its 413 is sent: a client
+/// that writes its whole body before it reads the answer (most do) then reads the 413, where
+/// closing the connection on unread data would reset it under the client. A body declared or
+/// sent beyond this gets its 413 without the rest being read.
+pub const MAX_DRAIN_BYTES: usize = 4 * MAX_BODY_BYTES;
 /// A request not answered in this long gets 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest side of a matrix `POST /api/conv` takes: a padded MNIST digit with room to spare,
@@ -44,7 +51,8 @@ pub const DEFAULT_LIST_LIMIT: usize = 100;
 /// Side of the grey values `POST /api/predict` takes as JSON: an MNIST image.
 const GREY_SIDE: usize = data::IMAGE_SIZE as usize;
 
-/// What `serve` needs, with no command-line types: `cli.rs` fills it from the flags.
+/// What the app needs, with no command-line types (`cli/serve.rs` fills it from the flags)
+/// and no network: where it listens is the shell's business.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub model: PathBuf,
@@ -53,10 +61,6 @@ pub struct ServeConfig {
     pub dataset: DatasetKind,
     /// Folder of the test set's IDX files [default: the data set's].
     pub data: Option<PathBuf>,
-    /// Host name or address to listen on.
-    pub host: String,
-    /// Port to listen on; 0 lets the system pick a free one.
-    pub port: u16,
 }
 
 /// A request that cannot be answered: the status and a one-line reason, sent as
@@ -81,14 +85,6 @@ impl ApiError {
     fn internal(err: anyhow::Error) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}"))
     }
-
-    /// What axum's extractors refused, with their status (413 for a body over the limit).
-    fn rejected(status: StatusCode, text: String) -> ApiError {
-        match status {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(status, format!("the body is larger than the limit of {MAX_BODY_BYTES} bytes")),
-            _ => ApiError::new(status, text),
-        }
-    }
 }
 
 impl IntoResponse for ApiError {
@@ -102,7 +98,7 @@ macro_rules! from_rejections {
     ($($rejection:ty),*) => {$(
         impl From<$rejection> for ApiError {
             fn from(r: $rejection) -> ApiError {
-                ApiError::rejected(r.status(), r.body_text())
+                ApiError::new(r.status(), r.body_text())
             }
         }
     )*};
@@ -137,6 +133,8 @@ pub struct App {
     norm: Normalization,
     /// The test set, or why it could not be read (the page works without it).
     test: Result<TestImages, String>,
+    /// What loading the model noticed.
+    load_notes: Vec<String>,
 }
 
 /// A tensor's values as `f32`s, with its shape less the batch dimension.
@@ -152,6 +150,7 @@ impl App {
     pub fn load(config: &ServeConfig) -> Result<App> {
         let classifier = Model::load(&config.model, &config.load, Device::Cpu)?.with_engine(Engine::Direct)?;
         let card = classifier.card().cloned();
+        let load_notes = classifier.notes().to_vec();
         let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(config.dataset);
         let norm = card.as_ref().map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
         let classes = card.as_ref().map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
@@ -177,6 +176,7 @@ impl App {
             classes,
             norm,
             test,
+            load_notes,
         })
     }
 
@@ -198,6 +198,13 @@ impl App {
             out.insert("stages".into(), Value::Array(named));
         }
         Ok(out)
+    }
+
+    /// What loading noticed and what the page goes without, one line each, for the shell to
+    /// show: none when all is there.
+    pub fn notes(&self) -> Vec<String> {
+        let missing = self.test.as_ref().err().map(|why| format!("the page's test-image picker is off: {why}"));
+        self.load_notes.iter().cloned().chain(missing).collect()
     }
 
     fn test_images(&self) -> Result<&TestImages, ApiError> {
@@ -222,11 +229,13 @@ impl TestImages {
     }
 }
 
-/// The page's files, embedded: path, content type, content.
-const ASSETS: [(&str, &str, &str); 3] = [
+/// The page's files, embedded: path, content type, content. The icon is an SVG under the
+/// name browsers ask for unprompted.
+const ASSETS: [(&str, &str, &str); 4] = [
     ("/", "text/html; charset=utf-8", include_str!("index.html")),
     ("/app.js", "text/javascript; charset=utf-8", include_str!("app.js")),
     ("/style.css", "text/css; charset=utf-8", include_str!("style.css")),
+    ("/favicon.ico", "image/svg+xml", include_str!("favicon.svg")),
 ];
 
 /// Every route of the page and the API, with the body-size limit and the timeout as layers.
@@ -244,9 +253,75 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/test-images/{index}", get(test_image))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route (see GET /)") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // `limit_body` has read every body, within MAX_BODY_BYTES, before a handler runs; axum's
+        // own limit (2 MB unless told) would be a second, smaller one.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(limit_body))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .with_state(app)
+}
+
+/// The whole body if it is at most [`MAX_BODY_BYTES`]; `None` for one larger, read up to
+/// [`MAX_DRAIN_BYTES`] and dropped.
+async fn read_within_limit(body: &mut Body) -> Result<Option<Vec<u8>>, axum::Error> {
+    let mut kept = Vec::new();
+    let mut read = 0;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+        // A frame of trailers carries no data.
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if read > MAX_DRAIN_BYTES {
+            return Ok(None);
+        }
+        if read <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&data);
+        }
+    }
+    Ok((read <= MAX_BODY_BYTES).then_some(kept))
+}
+
+/// The body-size limit, as a layer: a body over [`MAX_BODY_BYTES`] gets 413 with
+/// `Connection: close`, after as much of it as [`MAX_DRAIN_BYTES`] allows was read.
+async fn limit_body(request: Request, next: Next) -> Response {
+    let (parts, mut body) = request.into_parts();
+    let declared: Option<u64> = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // Refused unread: a body declared past the drain bound, or one over the limit whose client
+    // waits for "100 Continue" before it sends it (curl does, for large ones) and so sends none.
+    let unread = declared.is_some_and(|n| {
+        n > MAX_DRAIN_BYTES as u64 || (expects_continue && n > MAX_BODY_BYTES as u64)
+    });
+    let within = if unread {
+        Ok(None)
+    } else {
+        read_within_limit(&mut body).await
+    };
+    match within {
+        Ok(Some(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(None) => {
+            let message = format!("the body is larger than the limit of {MAX_BODY_BYTES} bytes");
+            let mut response =
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+        Err(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")).into_response()
+        }
+    }
 }
 
 /// Runs CPU work (decoding, inference) off the async threads; a panic in it becomes a 500.
@@ -442,55 +517,6 @@ async fn conv_matrices(body: Result<Bytes, BytesRejection>) -> Result<Json<Value
         request().map(Json).map_err(ApiError::bad_request)
     })
     .await
-}
-
-/// Waits for Ctrl-C (or SIGTERM), the signals that stop the server.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            eprintln!("note: cannot listen for Ctrl-C ({e}); stop the server with SIGTERM");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                eprintln!("note: cannot listen for SIGTERM ({e}); stop the server with Ctrl-C");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-}
-
-/// Loads the model, listens, prints the address and serves until Ctrl-C or SIGTERM, then
-/// finishes the requests under way and returns.
-pub fn run(config: &ServeConfig) -> Result<()> {
-    let app = Arc::new(App::load(config)?);
-    if let Err(why) = &app.test {
-        eprintln!("note: the page's test-image picker is off: {why}");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(async {
-        let (host, port) = (config.host.as_str(), config.port);
-        let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen on {host} port {port}"))?;
-        let address = listener.local_addr().context("the address listened on")?;
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "serving {} on http://{address}/ (Ctrl-C stops)", config.model.display()).context("printing the address")?;
-        axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
-        // The work is done; a stdout closed meanwhile (println! would panic) is no reason to fail.
-        let _ = writeln!(stdout, "stopped");
-        Ok(())
-    })
 }
 
 #[cfg(test)]

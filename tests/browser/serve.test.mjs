@@ -1,7 +1,8 @@
 // The page of `lenet5 serve` in a real browser: headless Chromium (Debian's, driven by
 // playwright-core) draws a "1" and a "7" as mouse strokes on the canvas and reads the predicted
 // digit and the probability bars back from the page, each checked against the API's own answer
-// for the same canvas; then the convolution view runs. It saves a screenshot of the page with
+// for the same canvas; then the convolution view shows the 7 and runs. The page loads with its
+// icon and no console error. It saves a screenshot of the page with
 // the 7 ($SERVE_SCREENSHOT, default runs/browser/serve.png; scripts/make-pictures writes
 // docs/serve.png) of the model $SERVE_MODEL (default: the shipped one). Run by scripts/test-browser, which installs what it needs or says why not.
 import { after, before, test } from 'node:test';
@@ -26,6 +27,8 @@ let base;
 let context;
 let page;
 let profile;
+/** Console errors and uncaught exceptions of the page, from its first load on. */
+const consoleErrors = [];
 
 /** Starts `lenet5 serve --port 0` and resolves with its address once it prints it. */
 function startServer() {
@@ -64,6 +67,8 @@ before(async () => {
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
   page = context.pages()[0] ?? (await context.newPage());
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(`${m.text()} (${m.location().url})`); });
+  page.on('pageerror', (e) => consoleErrors.push(e.message));
   await page.goto(`${base}/`);
   await page.waitForFunction(() => document.body.dataset.ready === 'true', null, { timeout: TIMEOUT_MS });
 });
@@ -133,6 +138,19 @@ async function checkDigit(digit, strokes) {
   assert.deepEqual(counts, [1, 6, 6, 6, 16, 16, 120, 84]);
 }
 
+test('the page loads with its icon and no console error', async () => {
+  const icon = await page.evaluate(async () => {
+    const img = new Image();
+    img.src = document.querySelector('link[rel="icon"]').href;
+    await img.decode();
+    return { src: img.src, width: img.naturalWidth, height: img.naturalHeight };
+  });
+  assert.deepEqual(icon, { src: `${base}/favicon.ico`, width: 32, height: 32 });
+  // The browser's own request for the icon, if it made one, is done by now.
+  await page.waitForLoadState('networkidle');
+  assert.deepEqual(consoleErrors, []);
+});
+
 test('a 1 drawn with the mouse is read as a 1', async () => {
   await checkDigit(1, [[[140, 40], [138, 140], [136, 240]]]);
 });
@@ -143,8 +161,23 @@ test('a 7 drawn with the mouse is read as a 7, and the page is photographed', as
   await page.screenshot({ path: SCREENSHOT, fullPage: true });
 });
 
-test('the convolution view steps through the classic example and slides a filter over the 7', async () => {
+test('the convolution view shows the 7 as it opens, steps through the classic example and slides a filter over it', async () => {
+  const { seen } = await apiAnswer();
   await page.click('.tab[data-view="convolution"]');
+  // Before "Slide it": each of the 28x28 cells of "your digit" is the digit's pixel scaled to
+  // 0-9, drawn from black (its lowest) to white (its highest).
+  const cells = Array.from({ length: 28 * 28 }, (_, i) => Math.round(9 * seen[(Math.floor(i / 28) + 2) * 32 + (i % 28) + 2]));
+  const [lo, hi] = [Math.min(...cells), Math.max(...cells)];
+  assert.ok(hi > lo, 'the 7 is not blank');
+  const shown = await page.$eval('#digit-input', (canvas) => {
+    const zoom = canvas.width / 28;
+    const { data } = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height);
+    const at = (cell) => cell * zoom + Math.floor(zoom / 2);
+    // Red and alpha: grey, and opaque where drawn.
+    return Array.from({ length: 28 * 28 }, (_, i) => [0, 3].map((c) => data[4 * (at(Math.floor(i / 28)) * canvas.width + at(i % 28)) + c]));
+  });
+  const wrong = cells.filter((v, i) => shown[i].join() !== [Math.round((255 * (v - lo)) / (hi - lo)), 255].join()).length;
+  assert.equal(wrong, 0, `${wrong} of the 784 cells of "your digit" are not the 7's`);
   for (let i = 0; i < 9; i++) await page.click('#classic-step');
   assert.equal(await page.locator('#classic-output span').first().textContent(), '4');
   assert.match(await page.locator('#classic-sum').textContent(), /^window \(0,0\): \(1\*1\) \+ .* = 4$/);
