@@ -1,6 +1,7 @@
-//! The command line: one file per subcommand holding its clap flags and its `run`, which turns
-//! them into the library's plain configs, does the work and prints. The library knows nothing
-//! of clap; here its settings are respelt as flags. Flag names follow PyTorch's MNIST example.
+//! The command line: one file per subcommand with its clap flags and its `run`, turning them
+//! into the library's plain configs, doing the work and printing; settings respelt as flags.
+//!
+//! The library knows nothing of clap. Flag names follow PyTorch's MNIST example.
 
 mod bench;
 mod conv;

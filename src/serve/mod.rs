@@ -1,7 +1,8 @@
 //! `lenet5 serve`: a local web page where you draw a digit and watch every stage of LeNet-5
-//! compute it, and the JSON API behind the page. [`App::load`] loads what the handlers read and
-//! [`router`] builds every route; the shell (runtime, listener, signals, printing) is the
-//! binary's `cli/serve.rs`. The page's files (`src/serve/`) are embedded, so it works offline.
+//! compute it, and the JSON API behind the page, as a router the shell (`cli/serve.rs`) runs.
+//!
+//! [`App::load`] loads what the handlers read and [`router`] builds every route. The page's
+//! files (`src/serve/`) are embedded, so it works offline.
 //!
 //! Predictions run through the direct engine (`direct/`), after the MNIST-style
 //! preprocessing of `predict` (`handwriting.rs`); the stages' activations come from the
