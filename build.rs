@@ -1,8 +1,10 @@
 //! Link-time glue for libtorch: an rpath so binaries and tests run without LD_LIBRARY_PATH,
 //! libtorch linked unconditionally so its CUDA half is loaded on GPU machines, and the small
-//! C++ file of ATen calls that tch does not bind (src/training/aten_ops.cpp).
+//! C++ file of ATen calls that tch does not bind (src/training/aten_ops.cpp); and the Rust types
+//! of ONNX's protobuf messages (src/formats/onnx/onnx.proto), for NAME.onnx.
 
 fn main() {
+    onnx_messages();
     // torch-sys (`links = "tch"`) tells its direct dependents where libtorch's libraries are.
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -37,4 +39,15 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// prost-build's Rust types for onnx.proto into OUT_DIR/onnx.rs, the .proto parsed by protox
+/// (pure Rust), so a fresh machine needs no `protoc`.
+fn onnx_messages() {
+    const PROTO: &str = "src/formats/onnx/onnx.proto";
+    let descriptors = protox::compile([PROTO], ["src/formats/onnx"]).unwrap_or_else(|e| panic!("{PROTO}: {e}"));
+    prost_build::Config::new()
+        .disable_comments(["."]) // onnx.proto's comments are no Rust docs (rustdoc would run their examples)
+        .compile_fds(descriptors).unwrap_or_else(|e| panic!("{PROTO}: generating Rust types: {e}"));
+    println!("cargo:rerun-if-changed={PROTO}");
 }

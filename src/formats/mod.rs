@@ -3,6 +3,7 @@
 
 pub mod card;
 pub mod export;
+pub mod onnx;
 pub mod torch_checkpoint;
 pub mod torch_export;
 pub mod torch_pickle;
