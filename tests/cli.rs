@@ -14,7 +14,15 @@ fn card(dir: &Path) -> serde_json::Value {
 fn dry_run_trains_saves_exports_and_eval_agrees() {
     let out = temp_dir("dry");
     ok(&["train", "--dry-run", "--threads", "1", "--out", s(&out)]);
-    for f in ["lenet5.safetensors", "lenet5.json", "lenet5.pt", "lenet5.check.safetensors", "metrics.csv", "metrics.jsonl"] {
+    for f in [
+        "lenet5.safetensors",
+        "lenet5.json",
+        "lenet5.pt",
+        "lenet5.check.safetensors",
+        "lenet5.onnx",
+        "metrics.csv",
+        "metrics.jsonl",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let card = card(&out);

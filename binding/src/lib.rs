@@ -241,7 +241,7 @@ impl PyLeNet5 {
     }
 
     /// Writes the files `lenet5 export` writes: PREFIX.pt (TorchScript), PREFIX.safetensors,
-    /// PREFIX.check.safetensors and PREFIX.json (the card); returns their paths.
+    /// PREFIX.check.safetensors, PREFIX.onnx and PREFIX.json (the card); returns their paths.
     #[pyo3(signature = (prefix, data = None))]
     fn save(&self, prefix: PathBuf, data: Option<PathBuf>) -> PyResult<Vec<PathBuf>> {
         self.native()?;

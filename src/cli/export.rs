@@ -14,7 +14,7 @@ use super::{DataArgs, ModelArgs};
 pub struct ExportArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output prefix DIR/NAME: writes NAME.pt, NAME.safetensors, NAME.check.safetensors, NAME.json.
+    /// Output prefix DIR/NAME: writes NAME.pt, NAME.safetensors, NAME.check.safetensors, NAME.onnx, NAME.json.
     #[arg(long, value_name = "DIR/NAME")]
     pub out: PathBuf,
     #[command(flatten)]

@@ -1,6 +1,7 @@
 //! Export for PyTorch users: `NAME.pt` (TorchScript traced from the Rust model),
 //! `NAME.safetensors` (the state dict), `NAME.check.safetensors` (inputs and the logits Rust
-//! computed for them) and `NAME.json` (the model card, with the files' SHA-256).
+//! computed for them), `NAME.onnx` (for onnxruntime and viewers) and `NAME.json` (the model
+//! card, with the files' SHA-256).
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -58,9 +59,11 @@ pub const CHECK_BATCH: i64 = 64;
 pub fn export(vs: &VarStore, net: &LeNet5, card: &ModelCard, prefix: &Path, check_inputs: &Tensor, ot: bool) -> Result<ModelCard> {
     let (cpu_vs, cpu_net) = cpu_copy(vs, net)?;
     let mut card = card.clone();
+    // Collected apart from `card`, which writers read (the ONNX file's metadata).
+    let mut files = std::mem::take(&mut card.files);
     let mut record = |role: &str, path: &Path| -> Result<()> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        card.files.insert(role.into(), FileEntry { name, sha256: sha256_file(path)? });
+        files.insert(role.into(), FileEntry { name, sha256: sha256_file(path)? });
         Ok(())
     };
 
@@ -87,12 +90,17 @@ pub fn export(vs: &VarStore, net: &LeNet5, card: &ModelCard, prefix: &Path, chec
     })?;
     record("check", &check)?;
 
+    let onnx = with_suffix(prefix, ".onnx");
+    crate::formats::onnx::write(&cpu_net, &card, &onnx)?;
+    record("onnx", &onnx)?;
+
     if ot {
         let archive = with_suffix(prefix, ".ot");
         crate::atomic::write_with(&archive, |tmp| cpu_vs.save(tmp).map_err(|e| anyhow::anyhow!("{e}")))?;
         record("tch_archive", &archive)?;
     }
 
+    card.files = files;
     card.write(&with_suffix(prefix, ".json"))?;
     Ok(card)
 }

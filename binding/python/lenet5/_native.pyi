@@ -45,7 +45,7 @@ class LeNet5:
         """Moves the model to "cpu", "cuda" or "cuda:N" and returns it."""
     def save(self, prefix: PathLike, data: PathLike | None = None) -> list[str]:
         """Writes what `lenet5 export` writes: PREFIX.pt (TorchScript), PREFIX.safetensors,
-        PREFIX.check.safetensors, PREFIX.json; returns their paths."""
+        PREFIX.check.safetensors, PREFIX.onnx, PREFIX.json; returns their paths."""
     @property
     def engine(self) -> EngineName:
         """What runs the forward pass."""
