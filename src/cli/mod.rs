@@ -162,7 +162,7 @@ impl RuntimeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A model: a file (safetensors, torch.save state dict or checkpoint, pickled module,
-    /// torch.export .pt2, TorchScript or tch .ot; recognised by content), a run folder, or an
+    /// torch.export .pt2, TorchScript, tch .ot or ONNX; recognised by content), a run folder, or an
     /// export's DIR/NAME prefix.
     #[arg(long, value_name = "PATH", default_value = "models/mnist")]
     pub model: PathBuf,

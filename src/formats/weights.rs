@@ -26,6 +26,9 @@ pub enum Format {
     TorchScript,
     /// tch's own `VarStore::save` format (`.ot`): a libtorch archive with `|` in names.
     TchArchive,
+    /// An ONNX model (`NAME.onnx`, or `torch.onnx.export`'s): its initializers are read by the
+    /// layers that use them; the graph is not run.
+    Onnx,
 }
 
 impl Format {
@@ -36,6 +39,7 @@ impl Format {
             Format::TorchExport => "torch.export archive (.pt2)",
             Format::TorchScript => "TorchScript module",
             Format::TchArchive => "tch archive (.ot)",
+            Format::Onnx => "ONNX model",
         }
     }
 }
@@ -55,9 +59,15 @@ pub fn detect(path: &Path) -> Result<Format> {
         return Ok(Format::Safetensors);
     }
     if !head.starts_with(b"PK\x03\x04") {
+        // Protobuf has no magic bytes: ONNX is what decodes as a model with a graph.
+        match super::onnx::sniff(path)? {
+            super::onnx::Sniff::Onnx => return Ok(Format::Onnx),
+            super::onnx::Sniff::Damaged(why) => bail!("{name}: {why}"),
+            super::onnx::Sniff::Other => {}
+        }
         bail!(
             "{name}: not a model file this program reads (expected safetensors, a torch.save zip, \
-             TorchScript or a tch .ot; it starts with bytes {:02x?})",
+             TorchScript, a tch .ot or ONNX; it starts with bytes {:02x?})",
             &head[..n.min(4)]
         );
     }
@@ -141,6 +151,11 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<(NamedTensors, Vec<St
             Ok(tensors)
         }
         Format::TchArchive => Tensor::load_multi_with_device(path, Device::Cpu),
+        Format::Onnx => {
+            let (tensors, onnx_notes) = super::onnx::read_weights(path)?;
+            notes.extend(onnx_notes);
+            Ok(tensors)
+        }
         Format::TorchScript => bail!("{name}: a TorchScript module, not a state dict"),
     }
     .map_err(|e| anyhow::anyhow!("{name}: cannot read the {} ({})", format.describe(), first_line(&e.to_string())))?;
