@@ -48,6 +48,7 @@ fn onnx_messages() {
     let descriptors = protox::compile([PROTO], ["src/formats/onnx"]).unwrap_or_else(|e| panic!("{PROTO}: {e}"));
     prost_build::Config::new()
         .disable_comments(["."]) // onnx.proto's comments are no Rust docs (rustdoc would run their examples)
-        .compile_fds(descriptors).unwrap_or_else(|e| panic!("{PROTO}: generating Rust types: {e}"));
+        .compile_fds(descriptors)
+        .unwrap_or_else(|e| panic!("{PROTO}: generating Rust types: {e}"));
     println!("cargo:rerun-if-changed={PROTO}");
 }

@@ -1,5 +1,5 @@
 //! The files exchanged with PyTorch: model weights recognised by content, torch.save pickles
-//! both ways, torch.export archives, training checkpoints, the model card, and the export.
+//! both ways, torch.export archives, ONNX, training checkpoints, the model card, and the export.
 
 pub mod card;
 pub mod export;

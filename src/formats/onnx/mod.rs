@@ -82,7 +82,10 @@ mod tests {
             assert_eq!(outputs, ["logits", "C1", "S2", "C3", "S4", "F5", "F6"]);
             let meta: Vec<(&str, &str)> =
                 model.metadata_props.iter().map(|e| (e.key.as_deref().unwrap(), e.value.as_deref().unwrap())).collect();
-            assert!(meta.contains(&("model.arch", arch.as_str())) && meta.contains(&("model.head", head.as_str())), "{meta:?}");
+            assert!(
+                meta.contains(&("model.arch", arch.as_str())) && meta.contains(&("model.head", head.as_str())),
+                "{meta:?}"
+            );
             assert!(meta.contains(&("input.normalization.std", "0.3081")), "{meta:?}");
             assert_same_weights(&vs, &load(&path, config).unwrap());
         }
@@ -112,10 +115,18 @@ mod tests {
             output: vec![output.into()],
             ..Default::default()
         };
-        let init = |graph: &super::proto::GraphProto, name: &str| graph.initializer.iter().find(|t| t.name.as_deref() == Some(name)).unwrap().clone();
+        let init = |graph: &super::proto::GraphProto, name: &str| {
+            graph.initializer.iter().find(|t| t.name.as_deref() == Some(name)).unwrap().clone()
+        };
         let (w1, w2, w3) = (init(graph, "fc1.weight"), init(graph, "fc2.weight"), init(graph, "fc3.weight"));
-        graph.initializer.retain(|t| !t.name.as_deref().unwrap().ends_with(".weight") || t.name.as_deref().unwrap().starts_with("conv"));
-        graph.initializer.extend([transposed(&w1, "val_1"), transposed(&w2, "val_2"), TensorProto { name: Some("val_3".into()), ..w3 }]);
+        graph.initializer.retain(|t| {
+            !t.name.as_deref().unwrap().ends_with(".weight") || t.name.as_deref().unwrap().starts_with("conv")
+        });
+        graph.initializer.extend([
+            transposed(&w1, "val_1"),
+            transposed(&w2, "val_2"),
+            TensorProto { name: Some("val_3".into()), ..w3 },
+        ]);
         for t in graph.initializer.iter_mut().filter(|t| t.name.as_deref().unwrap().starts_with("fc")) {
             t.name = Some(format!("bias_{}", t.name.as_deref().unwrap())); // anonymous biases too
         }
@@ -123,12 +134,25 @@ mod tests {
         for n in std::mem::take(&mut graph.node) {
             let (input, out) = (n.input[0].clone(), n.output[0].clone());
             match n.name.as_deref().unwrap() {
-                "fc1" => nodes.extend([node("MatMul", &[&input, "val_1"], "mm1"), node("Add", &["mm1", "bias_fc1.bias"], &out)]),
+                "fc1" => nodes
+                    .extend([node("MatMul", &[&input, "val_1"], "mm1"), node("Add", &["mm1", "bias_fc1.bias"], &out)]),
                 "fc2" => {
-                    let ints = |name: &str, i| AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(i), ..Default::default() };
-                    nodes.push(NodeProto { attribute: vec![ints("transB", 0)], ..node("Gemm", &[&input, "val_2", "bias_fc2.bias"], &out) });
+                    let ints = |name: &str, i| AttributeProto {
+                        name: Some(name.into()),
+                        r#type: Some(AttributeType::Int as i32),
+                        i: Some(i),
+                        ..Default::default()
+                    };
+                    nodes.push(NodeProto {
+                        attribute: vec![ints("transB", 0)],
+                        ..node("Gemm", &[&input, "val_2", "bias_fc2.bias"], &out)
+                    });
                 }
-                "fc3" => nodes.extend([node("Transpose", &["val_3"], "w3t"), node("MatMul", &[&input, "w3t"], "mm3"), node("Add", &["bias_fc3.bias", "mm3"], &out)]),
+                "fc3" => nodes.extend([
+                    node("Transpose", &["val_3"], "w3t"),
+                    node("MatMul", &[&input, "w3t"], "mm3"),
+                    node("Add", &["bias_fc3.bias", "mm3"], &out),
+                ]),
                 _ => nodes.push(n),
             }
         }
@@ -158,19 +182,31 @@ mod tests {
         // Random bytes (a fixed LCG), an empty-ish ModelProto (ir_version alone), a protobuf of
         // another kind, and a written model cut short.
         let mut x = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<u8> = (0..4096).map(|_| { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (x >> 56) as u8 }).collect();
+        let random: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
         let (_vs, whole) = written(ModelConfig::DEFAULT, "whole.onnx");
         let bytes = std::fs::read(&whole).unwrap();
         for (name, content, says) in [
             ("random.bin", random, "not a model file this program reads"),
             ("ir-only.onnx", vec![0x08, 0x08], "starts as an ONNX model does but has no opset_import, no graph"),
             ("other.pb", b"\x12\x03abc".to_vec(), "not a model file this program reads"),
-            ("truncated.onnx", bytes[..bytes.len() / 2].to_vec(), "starts as an ONNX model does but is truncated or corrupt"),
+            (
+                "truncated.onnx",
+                bytes[..bytes.len() / 2].to_vec(),
+                "starts as an ONNX model does but is truncated or corrupt",
+            ),
         ] {
             let path = temp(name);
             std::fs::write(&path, content).unwrap();
             let err = detect(&path).unwrap_err().to_string();
-            assert!(err.starts_with(&path.display().to_string()) && err.contains(says) && !err.contains('\n'), "{name}: {err}");
+            assert!(
+                err.starts_with(&path.display().to_string()) && err.contains(says) && !err.contains('\n'),
+                "{name}: {err}"
+            );
         }
     }
 }

@@ -38,20 +38,21 @@ pub fn sniff(path: &Path) -> Result<Sniff> {
     // Field 1 (ir_version) as a varint, 0x08, comes first in every writer's output; a small value follows.
     let starts_as_onnx = bytes.len() >= 2 && bytes[0] == 0x08 && (1..0x40).contains(&bytes[1]);
     match ModelProto::decode(bytes.as_slice()) {
-        Ok(m) if m.ir_version.is_some_and(|v| v > 0) && !m.opset_import.is_empty() && m.graph.is_some() => Ok(Sniff::Onnx),
+        Ok(m) if m.ir_version.is_some_and(|v| v > 0) && !m.opset_import.is_empty() && m.graph.is_some() => {
+            Ok(Sniff::Onnx)
+        }
         Ok(m) if starts_as_onnx => {
             let parts = [
-                ("ir_version", !m.ir_version.is_some_and(|v| v > 0)),
+                ("ir_version", m.ir_version.is_none_or(|v| v <= 0)),
                 ("opset_import", m.opset_import.is_empty()),
                 ("graph", m.graph.is_none()),
             ];
-            let lacks: Vec<&str> = parts
-                .into_iter()
-                .filter_map(|(what, lacking)| lacking.then_some(what))
-                .collect();
+            let lacks: Vec<&str> = parts.into_iter().filter_map(|(what, lacking)| lacking.then_some(what)).collect();
             Ok(Sniff::Damaged(format!("starts as an ONNX model does but has no {} (truncated?)", lacks.join(", no "))))
         }
-        Err(e) if starts_as_onnx => Ok(Sniff::Damaged(format!("starts as an ONNX model does but is truncated or corrupt ({e})"))),
+        Err(e) if starts_as_onnx => {
+            Ok(Sniff::Damaged(format!("starts as an ONNX model does but is truncated or corrupt ({e})")))
+        }
         _ => Ok(Sniff::Other),
     }
 }
@@ -84,10 +85,15 @@ pub fn read_weights(path: &Path) -> Result<(NamedTensors, Vec<String>)> {
     let mut tensors = Vec::new();
     let mut renamed = Vec::new();
     for (param, source) in &params {
-        let t = tensor(initializers[source.initializer.as_str()], dir).with_context(|| format!("{name}: initializer {}", source.initializer))?;
+        let t = tensor(initializers[source.initializer.as_str()], dir)
+            .with_context(|| format!("{name}: initializer {}", source.initializer))?;
         let t = if source.transposed && t.dim() == 2 { t.tr().contiguous() } else { t };
         if source.initializer != *param || source.transposed {
-            renamed.push(format!("{}{} -> {param}", source.initializer, if source.transposed { " (transposed)" } else { "" }));
+            renamed.push(format!(
+                "{}{} -> {param}",
+                source.initializer,
+                if source.transposed { " (transposed)" } else { "" }
+            ));
         }
         tensors.push((param.clone(), t));
     }
@@ -97,12 +103,20 @@ pub fn read_weights(path: &Path) -> Result<(NamedTensors, Vec<String>)> {
         if used.contains(init) || !floating {
             continue;
         }
-        ensure!(!params.contains_key(init), "{name}: initializer {init} has the name of another layer's parameter, which it is not");
+        ensure!(
+            !params.contains_key(init),
+            "{name}: initializer {init} has the name of another layer's parameter, which it is not"
+        );
         tensors.push((init.to_string(), tensor(proto, dir).with_context(|| format!("{name}: initializer {init}"))?));
     }
 
-    let producer = [model.producer_name.as_deref(), model.producer_version.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
-    let opset = model.opset_import.iter().find(|o| o.domain.as_deref().unwrap_or("").is_empty()).and_then(|o| o.version);
+    let producer = [model.producer_name.as_deref(), model.producer_version.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let opset =
+        model.opset_import.iter().find(|o| o.domain.as_deref().unwrap_or("").is_empty()).and_then(|o| o.version);
     let mut note = format!(
         "{name}: an ONNX model (IR {}{}{}); its weights are read from the layers that use them, its graph is not run",
         model.ir_version.unwrap_or(0),
@@ -111,14 +125,18 @@ pub fn read_weights(path: &Path) -> Result<(NamedTensors, Vec<String>)> {
     );
     if !renamed.is_empty() {
         const SHOWN: usize = 4;
-        let more = if renamed.len() > SHOWN { format!(", … and {} more", renamed.len() - SHOWN) } else { String::new() };
+        let more =
+            if renamed.len() > SHOWN { format!(", … and {} more", renamed.len() - SHOWN) } else { String::new() };
         note += &format!(" ({}{more})", renamed[..renamed.len().min(SHOWN)].join(", "));
     }
     Ok((tensors, vec![note]))
 }
 
 /// `convN.weight`, `fcN.bias`, … -> where each is, from the nodes that use them.
-fn layer_parameters(graph: &GraphProto, initializers: &BTreeMap<&str, &TensorProto>) -> Result<BTreeMap<String, Source>> {
+fn layer_parameters(
+    graph: &GraphProto,
+    initializers: &BTreeMap<&str, &TensorProto>,
+) -> Result<BTreeMap<String, Source>> {
     // An initializer as it is, or through a Transpose that swaps its two axes.
     let resolve = |value: Option<&String>| -> Option<Source> {
         let value = value.filter(|v| !v.is_empty())?;
@@ -147,8 +165,18 @@ fn layer_parameters(graph: &GraphProto, initializers: &BTreeMap<&str, &TensorPro
             }
             "Gemm" => {
                 for (attr, want) in [("transA", 0.0), ("alpha", 1.0), ("beta", 1.0)] {
-                    let value = attribute(n, attr).map(|a| if a.r#type == Some(AttributeType::Float as i32) { a.f.unwrap_or(1.0) as f64 } else { a.i.unwrap_or(0) as f64 });
-                    ensure!(value.unwrap_or(want) == want, "Gemm node {node} has {attr} = {}: not a linear layer", value.unwrap_or(want));
+                    let value = attribute(n, attr).map(|a| {
+                        if a.r#type == Some(AttributeType::Float as i32) {
+                            a.f.unwrap_or(1.0) as f64
+                        } else {
+                            a.i.unwrap_or(0) as f64
+                        }
+                    });
+                    ensure!(
+                        value.unwrap_or(want) == want,
+                        "Gemm node {node} has {attr} = {}: not a linear layer",
+                        value.unwrap_or(want)
+                    );
                 }
                 linears += 1;
                 let trans_b = attribute(n, "transB").and_then(|a| a.i).unwrap_or(0) != 0;
@@ -162,9 +190,11 @@ fn layer_parameters(graph: &GraphProto, initializers: &BTreeMap<&str, &TensorPro
                 let Some(weight) = resolve(n.input.get(1)) else { continue };
                 linears += 1;
                 let out = n.output.first();
-                let bias = graph.node.iter().filter(|a| op(a) == "Add" && out.is_some_and(|o| a.input.contains(o))).find_map(|a| {
-                    a.input.iter().find(|i| Some(*i) != out).and_then(|i| resolve(Some(i)))
-                });
+                let bias = graph
+                    .node
+                    .iter()
+                    .filter(|a| op(a) == "Add" && out.is_some_and(|o| a.input.contains(o)))
+                    .find_map(|a| a.input.iter().find(|i| Some(*i) != out).and_then(|i| resolve(Some(i))));
                 add(&format!("fc{linears}"), Some(flip(weight)), bias);
             }
             _ => {}
@@ -216,7 +246,13 @@ fn tensor(t: &TensorProto, dir: &Path) -> Result<Tensor> {
         return Ok(Tensor::f_from_data_size(&raw, &t.dims, kind)?);
     }
     if let Some(raw) = &t.raw_data {
-        ensure!(raw.len() == numel * size, "raw_data holds {} bytes, and its dims {:?} need {}", raw.len(), t.dims, numel * size);
+        ensure!(
+            raw.len() == numel * size,
+            "raw_data holds {} bytes, and its dims {:?} need {}",
+            raw.len(),
+            t.dims,
+            numel * size
+        );
         return Ok(Tensor::f_from_data_size(raw, &t.dims, kind)?);
     }
     // The typed fields: float in float_data, double in double_data, int64 in int64_data, and
@@ -252,7 +288,9 @@ fn tensor(t: &TensorProto, dir: &Path) -> Result<Tensor> {
 fn external_data(t: &TensorProto, dir: &Path, bytes: usize) -> Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
     let key = |k: &str| t.external_data.iter().find(|e| e.key.as_deref() == Some(k)).and_then(|e| e.value.as_deref());
-    let number = |k: &str| key(k).map(|v| v.parse::<u64>().with_context(|| format!("external data {k} {v:?} is not a number"))).transpose();
+    let number = |k: &str| {
+        key(k).map(|v| v.parse::<u64>().with_context(|| format!("external data {k} {v:?} is not a number"))).transpose()
+    };
     let location = key("location").context("external data without a location")?;
     let relative = Path::new(location);
     ensure!(
@@ -262,10 +300,18 @@ fn external_data(t: &TensorProto, dir: &Path, bytes: usize) -> Result<Vec<u8>> {
     let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?.unwrap_or(bytes as u64));
     ensure!(length == bytes as u64, "external data of {length} bytes, and its dims {:?} need {bytes}", t.dims);
     let path = dir.join(relative);
-    let mut file = std::fs::File::open(&path).with_context(|| format!("{}: cannot open its external data", path.display()))?;
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("{}: cannot open its external data", path.display()))?;
     let size = file.metadata().with_context(|| format!("{}: cannot read", path.display()))?.len();
-    ensure!(offset.checked_add(length).is_some_and(|end| end <= size), "{}: bytes {offset}..{} are past its end ({size} bytes)", path.display(), offset.saturating_add(length));
+    ensure!(
+        offset.checked_add(length).is_some_and(|end| end <= size),
+        "{}: bytes {offset}..{} are past its end ({size} bytes)",
+        path.display(),
+        offset.saturating_add(length)
+    );
     let mut raw = vec![0u8; bytes];
-    file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut raw)).with_context(|| format!("{}: cannot read", path.display()))?;
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.read_exact(&mut raw))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     Ok(raw)
 }

@@ -34,8 +34,10 @@ fn model(net: &LeNet5, card: &ModelCard) -> Result<ModelProto> {
     let arch = net.config.arch;
     // The stages' shapes from the model itself, on one image: (1, C, H, W) or (1, F).
     let probe = Tensor::zeros([1, 1, INPUT_SIZE, INPUT_SIZE], (Kind::Float, Device::Cpu)).to_device(device_of(net));
-    let shapes: Vec<(String, Vec<i64>)> = net.stages(&probe).into_iter().map(|(name, t)| (name, t.size()[1..].to_vec())).collect();
-    let shape = |stage: &str| shapes.iter().find(|(n, _)| n == stage).map(|(_, s)| s.clone()).expect("model::STAGES names it");
+    let shapes: Vec<(String, Vec<i64>)> =
+        net.stages(&probe).into_iter().map(|(name, t)| (name, t.size()[1..].to_vec())).collect();
+    let shape =
+        |stage: &str| shapes.iter().find(|(n, _)| n == stage).map(|(_, s)| s.clone()).expect("model::STAGES names it");
 
     let mut nodes = Vec::new();
     let (activation, pool) = match arch {
@@ -45,9 +47,21 @@ fn model(net: &LeNet5, card: &ModelCard) -> Result<ModelProto> {
     let mut x = "input".to_string();
     for (conv, (c, s)) in [("conv1", ("C1", "S2")), ("conv2", ("C3", "S4"))] {
         let out = format!("{conv}_out");
-        nodes.push(node("Conv", conv, &[&x, &format!("{conv}.weight"), &format!("{conv}.bias")], &out, vec![ints("kernel_shape", &[5, 5])]));
+        nodes.push(node(
+            "Conv",
+            conv,
+            &[&x, &format!("{conv}.weight"), &format!("{conv}.bias")],
+            &out,
+            vec![ints("kernel_shape", &[5, 5])],
+        ));
         nodes.push(node(activation, &format!("{c}_{}", activation.to_lowercase()), &[&out], c, vec![]));
-        nodes.push(node(pool, &format!("{s}_pool"), &[c], s, vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]));
+        nodes.push(node(
+            pool,
+            &format!("{s}_pool"),
+            &[c],
+            s,
+            vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+        ));
         x = s.to_string();
     }
     nodes.push(node("Flatten", "flatten", &[&x], "S4_flat", vec![int("axis", 1)])); // (B, 400)
@@ -55,7 +69,13 @@ fn model(net: &LeNet5, card: &ModelCard) -> Result<ModelProto> {
     for (fc, stage) in [("fc1", Some("F5")), ("fc2", Some("F6")), ("fc3", None)] {
         // Gemm computes x @ W^T + b with W as PyTorch stores it, (out, in): transB = 1.
         let out = stage.map_or("logits".to_string(), |_| format!("{fc}_out"));
-        nodes.push(node("Gemm", fc, &[&x, &format!("{fc}.weight"), &format!("{fc}.bias")], &out, vec![int("transB", 1)]));
+        nodes.push(node(
+            "Gemm",
+            fc,
+            &[&x, &format!("{fc}.weight"), &format!("{fc}.bias")],
+            &out,
+            vec![int("transB", 1)],
+        ));
         if let Some(stage) = stage {
             nodes.push(node(activation, &format!("{stage}_{}", activation.to_lowercase()), &[&out], stage, vec![]));
             x = stage.to_string();
@@ -74,7 +94,8 @@ fn model(net: &LeNet5, card: &ModelCard) -> Result<ModelProto> {
         ("F5", "first fully connected layer, after the activation"),
         ("F6", "second fully connected layer, after the activation"),
     ];
-    let mut output = vec![value_info("logits", &shape("output"), "the 10 classes' logits (the head applies softmax or sigmoid)")];
+    let mut output =
+        vec![value_info("logits", &shape("output"), "the 10 classes' logits (the head applies softmax or sigmoid)")];
     output.extend(stage_docs.iter().map(|(stage, doc)| value_info(stage, &shape(stage), doc)));
     let graph = GraphProto {
         name: Some("lenet5".into()),
@@ -158,19 +179,33 @@ fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<Attr
 }
 
 fn ints(name: &str, values: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Ints as i32), ints: values.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: values.to_vec(),
+        ..Default::default()
+    }
 }
 
 fn int(name: &str, value: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(value), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
+    }
 }
 
 /// A float tensor value `(batch, ...dims)`.
 fn value_info(name: &str, dims: &[i64], doc: &str) -> ValueInfoProto {
     use tensor_shape_proto::{dimension::Value, Dimension};
     let batch = Dimension { value: Some(Value::DimParam(BATCH.into())), denotation: None };
-    let dim = std::iter::once(batch).chain(dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), denotation: None }));
-    let tensor = type_proto::Tensor { elem_type: Some(DataType::Float as i32), shape: Some(TensorShapeProto { dim: dim.collect() }) };
+    let dim = std::iter::once(batch)
+        .chain(dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), denotation: None }));
+    let tensor = type_proto::Tensor {
+        elem_type: Some(DataType::Float as i32),
+        shape: Some(TensorShapeProto { dim: dim.collect() }),
+    };
     ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), denotation: None }),
