@@ -18,14 +18,19 @@ fn broken_model_files_are_named_with_the_problem() {
     let good = std::fs::read(model_dir().join("lenet5.safetensors")).unwrap();
     let zip_not_torch: &[u8] = b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x00a.txtPK\x05\x06\x00\x00\x00\x00\x01\x00\x01\x00\x33\x00\x00\x00\x1f\x00\x00\x00\x00\x00";
     let random: Vec<u8> = (0u32..4096).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let d = temp_dir("models");
+    ok(&["export", "--model", s(&model_dir().join("lenet5.safetensors")), "--out", s(&d.join("m"))]);
+    let onnx = std::fs::read(d.join("m.onnx")).unwrap();
     let rows: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", vec![], "the file is empty"),
         ("truncated", good[..good.len() / 2].to_vec(), "cannot read the safetensors"),
         ("random", random, "not a model file this program reads"),
         ("zip", zip_not_torch.to_vec(), "zip"),
         ("header-only", good[..200].to_vec(), "cannot read the safetensors"),
+        // ONNX has no magic bytes: one cut short, or a ModelProto with nothing but its IR version.
+        ("onnx-truncated", onnx[..onnx.len() / 2].to_vec(), "starts as an ONNX model does but is truncated or corrupt"),
+        ("onnx-ir-only", vec![0x08, 0x08], "starts as an ONNX model does but has no opset_import, no graph"),
     ];
-    let d = temp_dir("models");
     for (name, bytes, reason) in rows {
         let path = d.join(format!("{name}.pt"));
         std::fs::write(&path, bytes).unwrap();
