@@ -24,6 +24,7 @@ use lenet5::formats::weights::{self, detect, first_line, Format};
 use lenet5::inference::evaluate::evaluate as evaluate_model;
 use lenet5::inference::{card_beside, model_file, Engine, LoadOptions, Model};
 use lenet5::model::{forward_with, parameter_names, Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS};
+use lenet5::setting::Suggestion;
 use lenet5::training::checkpoint::CheckpointMeta;
 use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
 use lenet5::training::{EpochMetrics, EpochProgress, TrainConfig, Watcher};
@@ -333,7 +334,14 @@ fn check_state_dict(items: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>, strict: bo
         given.insert(name, t);
     }
     let wanted: Vec<(String, Vec<i64>)> = PARAMETERS.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
-    let fit = weights::check_state_dict(&wanted, &given, strict, "state_dict").map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))?;
+    let fit = weights::check_state_dict(&wanted, &given, strict, "state_dict").map_err(|e| {
+        // The check's own lines; its suggestion is the CLI's flag, so say it in Python's terms.
+        let mut message = e.to_string();
+        if let Some(s) = e.chain().find_map(|c| c.downcast_ref::<Suggestion>()) {
+            message += &format!("\n({}: strip that prefix from the keys)", s.reason);
+        }
+        PyRuntimeError::new_err(message)
+    })?;
     Ok((fit.missing, fit.unexpected))
 }
 

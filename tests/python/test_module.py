@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ROOT, L, save_tch_archive
-
 import lenet5
+from conftest import ROOT, L, save_tch_archive
 
 MODEL = ROOT / "models" / "mnist" / "lenet5.safetensors"
 ARCH_HEADS = [("modern", "softmax"), ("modern", "sigmoid"), ("classic", "softmax"), ("classic", "sigmoid")]
@@ -95,7 +94,7 @@ def test_forward_and_backward_run_in_rust(monkeypatch, test_set):
     with pytest.raises(AssertionError, match="Rust"):
         F.conv2d(x, twin.conv1.weight)  # the patches bite
     grads, logits = run()
-    assert all(torch.equal(g, h) for g, h in zip(grads, before[0]))
+    assert all(torch.equal(g, h) for g, h in zip(grads, before[0], strict=True))
     assert torch.equal(logits, before[1])
 
 
@@ -113,7 +112,7 @@ def test_gradients_are_bit_identical_to_pytorchs(arch, head, test_set):
         loss.backward()
         losses.append((logits, loss))
     assert torch.equal(losses[0][0], losses[1][0]) and torch.equal(losses[0][1], losses[1][1])
-    for (name, p), q in zip(twin.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(twin.named_parameters(), ref.parameters(), strict=True):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         assert torch.equal(p.grad, q.grad), name  # bit for bit, not approximately
     assert torch.equal(xs[0].grad, xs[1].grad)
@@ -188,7 +187,7 @@ def test_eight_threads_on_one_model_get_the_right_answers(engine, test_set):
         for logits, grads in results[i]:
             assert torch.equal(logits, expected[i][0]), i
             if grads is not None:
-                assert all(torch.equal(g, h) for g, h in zip(grads, expected[i][1])), i
+                assert all(torch.equal(g, h) for g, h in zip(grads, expected[i][1], strict=True)), i
 
 
 def test_pickle_deepcopy_and_torch_save_round_trip(test_set, tmp_path):
@@ -275,6 +274,10 @@ def test_load_state_dict_checks_everything_before_copying_anything():
     with pytest.raises(RuntimeError, match=r"unexpected bn.weight \[6\]"):
         model.load_state_dict({**other, "bn.weight": torch.zeros(6)})
     unchanged()
+    with pytest.raises(RuntimeError, match=r"(?s)missing 10 tensors.*\(every key starts with 'model.': strip that prefix") as prefixed:
+        model.load_state_dict({f"model.{k}": v for k, v in other.items()})
+    assert "key_maps" not in str(prefixed.value)  # the CLI's setting, not a Python argument
+    unchanged()
     with pytest.raises(ValueError, match=r'state_dict\["fc3.bias"\].*meta'):
         model.load_state_dict({**other, "fc3.bias": torch.zeros(10, device="meta")})
     with pytest.raises(TypeError, match="state_dict"):
@@ -290,7 +293,7 @@ def test_load_state_dict_checks_everything_before_copying_anything():
 
 def test_hooks_fire_on_the_model_and_are_refused_on_its_layers(test_set):
     model = lenet5.LeNet5(seed=4)
-    x = test_set[0][:4]
+    x = test_set[0][:4].clone().requires_grad_()  # a full backward hook wants an input that needs grad
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].shape)))
     model.register_forward_hook(lambda m, args, out: seen.append(("forward", out.shape)))
@@ -319,7 +322,7 @@ def test_the_direct_engine_follows_parameter_changes(test_set):
     first = agree()
     # The gradients of the libtorch twin, stepped by a stock optimiser on the direct model.
     L.loss_fn(twin(x), y, "softmax").backward()
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         p.grad = q.grad.clone()
     for m in [model, twin]:
         torch.optim.SGD(m.parameters(), lr=0.5).step()
@@ -420,7 +423,7 @@ def test_load_returns_the_module_for_every_format(tmp_path, test_set):
     # Something else in TorchScript is refused, naming the file.
     torch.jit.script(nn.Linear(3, 3)).save(str(tmp_path / "linear.pt"))
     with pytest.raises(ValueError, match="linear.pt: a TorchScript module without LeNet-5's tensors"):
-        lenet5.load(tmp_path / "linear.pt")
+        lenet5.load(tmp_path / "linear.pt", head="softmax")
 
 
 def test_bad_inputs_and_parameters_raise_one_line_python_exceptions(test_set):
