@@ -1,21 +1,30 @@
 //! `import lenet5`: the Rust LeNet-5 as a Python module (PyO3 + pyo3-tch). A thin shell over
 //! the library crate, like the CLI: it turns Python arguments into the library's values, maps
 //! errors to Python exceptions, and passes `torch.Tensor`s through without copies (both sides
-//! run on the one libtorch that `import torch` loaded). Stubs: python/lenet5/_native.pyi.
+//! run on the one libtorch that `import torch` loaded). The model object itself is Python's
+//! (`python/lenet5/model.py`, an `nn.Module` holding `nn.Parameter`s); it hands its tensors
+//! to the functions here on every call, and the libtorch engine keeps none of them between
+//! calls. Stubs: python/lenet5/_native.pyi.
 
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3_tch::PyTensor;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lenet5::data::{self, Dataset, DatasetKind, Splits};
+use lenet5::direct::DirectNet;
 use lenet5::explain::conv as walkthrough;
+use lenet5::formats::card::ModelCard;
+use lenet5::formats::weights::{self, detect, first_line, Format};
 use lenet5::inference::evaluate::evaluate as evaluate_model;
-use lenet5::inference::{Engine, LoadOptions, Model};
-use lenet5::model::{Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, STAGES};
+use lenet5::inference::{card_beside, model_file, Engine, LoadOptions, Model};
+use lenet5::model::{forward_with, parameter_names, Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS};
+use lenet5::setting::Suggestion;
 use lenet5::training::checkpoint::CheckpointMeta;
 use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
 use lenet5::training::{EpochMetrics, EpochProgress, TrainConfig, Watcher};
@@ -28,7 +37,8 @@ fn py_err(e: anyhow::Error) -> PyErr {
         return PyFileNotFoundError::new_err(message);
     }
     if e.chain().any(|c| c.downcast_ref::<tch::TchError>().is_some()) {
-        return PyRuntimeError::new_err(message);
+        // libtorch's own message ends in a C++ backtrace: its reason is enough.
+        return PyRuntimeError::new_err(first_line(&message).to_string());
     }
     PyValueError::new_err(message)
 }
@@ -64,6 +74,10 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, value: &str, choices: &str)
         .map_err(|_| PyValueError::new_err(format!("{what}={value:?}: must be one of {choices}")))
 }
 
+fn parse_config(arch: &str, head: &str) -> PyResult<ModelConfig> {
+    Ok(ModelConfig { arch: parse("arch", arch, "'modern', 'classic'")?, head: parse("head", head, "'softmax', 'sigmoid'")? })
+}
+
 /// A `torch.Tensor` argument that libtorch can compute on here: dense (strided) and on the CPU
 /// or a CUDA device. Anything else is refused before libtorch sees it, which would fail on it
 /// inside a kernel (and tch would panic).
@@ -93,6 +107,21 @@ impl std::ops::Deref for Dense {
     }
 }
 
+/// `e` with `what: ` in front of its message, of the same Python type (TypeError, ValueError).
+fn named_err(py: Python<'_>, e: PyErr, what: &str) -> PyErr {
+    let message = format!("{what}: {}", e.value(py));
+    if e.is_instance_of::<PyTypeError>(py) {
+        PyTypeError::new_err(message)
+    } else {
+        PyValueError::new_err(message)
+    }
+}
+
+/// A dense tensor argument, named `what` in its errors (`fc3.bias: a tensor on the meta device`).
+fn named_tensor(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
+    obj.extract::<Dense>().map(|d| d.0).map_err(|e| named_err(obj.py(), e, what))
+}
+
 /// Checks a batch of inputs before libtorch sees it: shape `[N, 1, 32, 32]`, float32, on `device`.
 fn check_batch(x: &Tensor, device: Device) -> PyResult<()> {
     let size = x.size();
@@ -106,193 +135,236 @@ fn check_batch(x: &Tensor, device: Device) -> PyResult<()> {
     }
     if x.device() != device {
         return Err(PyValueError::new_err(format!(
-            "the inputs are on {:?} and the model on {:?}: move one with .to()",
-            x.device(),
-            device
+            "the inputs are on {} and the model on {}: move one with .to()",
+            lenet5::device::name(x.device()),
+            lenet5::device::name(device)
         )));
     }
     Ok(())
 }
 
-/// LeNet-5 in Rust: callable on a `[N, 1, 32, 32]` float tensor, returning logits `[N, 10]`.
-#[pyclass(name = "LeNet5", module = "lenet5", unsendable)]
-struct PyLeNet5 {
-    model: Model,
+/// The Python model's ten parameters (`conv1.weight` ... `fc3.bias`, in [`PARAMETERS`] order)
+/// as tensors sharing their TensorImpl (so autograd records what is computed with them),
+/// checked before libtorch sees them: dense, float32, LeNet-5's shapes, all on one device.
+fn model_parameters(params: &[Bound<'_, PyAny>]) -> PyResult<Vec<Tensor>> {
+    if params.len() != PARAMETERS.len() {
+        return Err(PyValueError::new_err(format!("expected LeNet-5's {} parameters, got {}", PARAMETERS.len(), params.len())));
+    }
+    let mut tensors: Vec<Tensor> = Vec::with_capacity(PARAMETERS.len());
+    for (obj, (name, shape)) in params.iter().zip(PARAMETERS) {
+        let t = named_tensor(obj, name)?;
+        if t.kind() != Kind::Float {
+            return Err(PyTypeError::new_err(format!("{name} is {:?}: lenet5 computes in float32 (model.float())", t.kind())));
+        }
+        if t.size() != shape {
+            return Err(PyValueError::new_err(format!("{name} has shape {:?}; LeNet-5's is {shape:?}", t.size())));
+        }
+        if let Some(first) = tensors.first().filter(|f| f.device() != t.device()) {
+            return Err(PyValueError::new_err(format!(
+                "{name} is on {} and conv1.weight on {}: move the whole model with .to()",
+                lenet5::device::name(t.device()),
+                lenet5::device::name(first.device())
+            )));
+        }
+        tensors.push(t);
+    }
+    Ok(tensors)
 }
 
-impl PyLeNet5 {
-    fn model(&self) -> &Model {
-        &self.model
-    }
+/// The ten tensors as [`forward_with`] takes them.
+fn refs(tensors: &[Tensor]) -> [&Tensor; 10] {
+    std::array::from_fn(|i| &tensors[i])
+}
 
-    fn native(&self) -> PyResult<(&VarStore, &LeNet5)> {
-        self.model
-            .lenet5()
-            .ok_or_else(|| PyTypeError::new_err("a TorchScript module: it runs as it is, but has no LeNet-5 weights to give or take"))
-    }
+/// What a packed copy of the weights was made from; when any of it differs, it is made again.
+#[derive(Debug, Clone, PartialEq)]
+struct PackKey {
+    arch: Arch,
+    threads: usize,
+    /// Each parameter's data pointer and version counter (`_version`, which every in-place
+    /// change bumps: `opt.step()`, `load_state_dict`, `p.add_()` under no_grad). A change
+    /// through `p.data` bypasses the counter; replacing a Parameter moves the pointer.
+    tensors: [(usize, i64); 10],
+}
 
-    fn device(&self) -> Device {
-        self.model.device()
+impl PackKey {
+    fn new(arch: Arch, params: &[Bound<'_, PyAny>], tensors: &[Tensor]) -> PyResult<PackKey> {
+        let mut key = [(0, 0); 10];
+        for ((slot, obj), t) in key.iter_mut().zip(params).zip(tensors) {
+            *slot = (t.data_ptr() as usize, obj.getattr("_version")?.extract()?);
+        }
+        Ok(PackKey { arch, threads: tch::get_num_threads().max(1) as usize, tensors: key })
     }
+}
 
-    /// Switches the engine (again after a weight change: the direct engine keeps its own copy).
-    /// The CLI's direct engine takes libtorch's threads for itself; here libtorch is also the
-    /// notebook's torch, whose thread count stays what its user set.
-    fn set_engine(&mut self, engine: Engine) -> PyResult<()> {
-        let threads = tch::get_num_threads();
-        let switched = self.model.set_engine(engine);
-        tch::set_num_threads(threads);
-        switched.map_err(|e| PyValueError::new_err(format!("{e:#}")))
-    }
+/// The direct engine's weights for one Python model, in its own layouts (a copy: the loops
+/// want the weights transposed and padded), with its threads. Python's `LeNet5` keeps one
+/// per process: a child forked from the process has none of its threads, so it makes its own.
+#[pyclass(module = "lenet5._native", frozen)]
+struct DirectEngine {
+    /// Locked for the whole of a forward pass, repack included, so that no pass reads weights
+    /// half repacked: Python threads may call one model at once (the GIL is released while it
+    /// runs). A Mutex rather than a RwLock: each pass already spreads its batch over the
+    /// engine's threads. It is taken only with the GIL released, and the GIL is never taken
+    /// while it is held, so the two locks cannot deadlock.
+    packed: Mutex<Option<Packed>>,
+    /// The process that made it.
+    pid: u32,
+}
+
+struct Packed {
+    net: DirectNet,
+    key: PackKey,
 }
 
 #[pymethods]
-impl PyLeNet5 {
-    /// A freshly initialised LeNet-5, as PyTorch initialises nn.Conv2d and nn.Linear, from
-    /// libtorch's generator (the one `torch.manual_seed` seeds); `seed` seeds it first.
+impl DirectEngine {
     #[new]
-    #[pyo3(signature = (arch = "modern", head = "softmax", seed = None, engine = "libtorch"))]
-    fn new(arch: &str, head: &str, seed: Option<i64>, engine: &str) -> PyResult<PyLeNet5> {
-        let config = ModelConfig {
-            arch: parse::<Arch>("arch", arch, "'modern', 'classic'")?,
-            head: parse::<Head>("head", head, "'softmax', 'sigmoid'")?,
-        };
-        let engine = parse::<Engine>("engine", engine, "'libtorch', 'direct'")?;
-        if let Some(seed) = seed {
-            tch::manual_seed(seed);
+    fn new() -> DirectEngine {
+        DirectEngine { packed: Mutex::new(None), pid: std::process::id() }
+    }
+}
+
+impl DirectEngine {
+    /// Logits of `x`, repacking the weights first if `key` says they changed.
+    fn forward(&self, key: PackKey, tensors: &[Tensor], x: &Tensor) -> anyhow::Result<Tensor> {
+        anyhow::ensure!(
+            std::process::id() == self.pid,
+            "the direct engine's state was made in process {} and this is {} (a fork): make a new one",
+            self.pid,
+            std::process::id()
+        );
+        // A pass that panicked leaves nothing half done that the key would not catch.
+        let mut packed = self.packed.lock().unwrap_or_else(PoisonError::into_inner);
+        if packed.as_ref().is_none_or(|p| p.key != key) {
+            // The direct loops compute logits; the head is the caller's.
+            let config = ModelConfig { arch: key.arch, head: Head::Softmax };
+            let net = match packed.take() {
+                Some(Packed { mut net, key: old }) if old.threads == key.threads => {
+                    net.config = config;
+                    net.reload(refs(tensors))?;
+                    net
+                }
+                _ => DirectNet::from_tensors(refs(tensors), config, key.threads)?,
+            };
+            *packed = Some(Packed { net, key });
         }
-        let vs = VarStore::new(Device::Cpu);
-        let net = LeNet5::new(&vs.root(), config);
-        let mut model = PyLeNet5 { model: Model::native(vs, net, None) };
-        model.set_engine(engine)?;
-        Ok(model)
+        packed.as_ref().expect("packed above").net.forward(x)
     }
+}
 
-    /// Logits `[N, 10]` of a normalised batch `[N, 1, 32, 32]` (float32, on the model's device).
-    fn __call__(&self, x: Dense) -> PyResult<PyTensor> {
-        check_batch(&x, self.device())?;
-        Ok(PyTensor(tch::no_grad(|| self.model().forward(&x)).py()?))
-    }
-
-    /// Class probabilities `[N, 10]`: softmax of the logits, or one sigmoid per class.
-    fn probabilities(&self, x: Dense) -> PyResult<PyTensor> {
-        let logits = self.__call__(x)?;
-        Ok(PyTensor(self.model().head().probabilities(&logits)))
-    }
-
-    /// Every stage of the forward pass by name (input, C1, S2, C3, S4, F5, F6, output), as
-    /// tensors; `input` is `x` itself.
-    fn activations<'py>(&self, py: Python<'py>, x: Dense) -> PyResult<Bound<'py, PyDict>> {
-        check_batch(&x, self.device())?;
-        let (_, net) = self.native()?;
-        let mut stages = vec![];
-        let _ = tch::no_grad(|| net.forward_observed(&x, &mut |name, t| stages.push((name.to_string(), t.shallow_clone()))));
-        let out = PyDict::new(py);
-        for (name, t) in stages {
-            // The input stage is the caller's tensor: hand back the same object's storage.
-            let t = if name == STAGES[0] { x.shallow_clone() } else { t };
-            out.set_item(name, PyTensor(t))?;
-        }
-        Ok(out)
-    }
-
-    /// The weights by PyTorch's names, in `model.parameters()` order. Like PyTorch's
-    /// `state_dict()`, the tensors share memory with the model.
-    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (_, net) = self.native()?;
-        let out = PyDict::new(py);
-        for (name, t) in net.parameters() {
-            out.set_item(name, PyTensor(t.detach()))?;
-        }
-        Ok(out)
-    }
-
-    /// Copies the weights in, after checking the whole dict as the CLI does: every name
-    /// present, shapes equal, floating point; nothing is copied if one does not fit.
-    fn load_state_dict(&mut self, state_dict: &Bound<'_, PyDict>) -> PyResult<()> {
-        let mut tensors = vec![];
-        for (k, v) in state_dict.iter() {
-            let name: String = k.extract().map_err(|_| PyTypeError::new_err(format!("state_dict key {k}: not a string")))?;
-            let t: Dense = v.extract().map_err(|e| {
-                let kind = if e.is_instance_of::<PyValueError>(v.py()) { PyValueError::new_err } else { PyTypeError::new_err };
-                kind(format!("state_dict[{name:?}]: {}", e.value(v.py())))
-            })?;
-            tensors.push((name, t.0.to_device(Device::Cpu)));
-        }
-        if self.model.lenet5().is_none() {
-            return Err(PyTypeError::new_err("a TorchScript module takes no state_dict"));
-        }
-        // The direct engine's copy of the weights follows inside; it sizes its threads from
-        // libtorch's, which stay the notebook's.
-        let threads = tch::get_num_threads();
-        let loaded = self.model.load_state_dict(tensors, &[], "state_dict");
-        tch::set_num_threads(threads);
-        loaded.py()
-    }
-
-    /// Moves the model to `device` ("cpu", "cuda", "cuda:N") and returns it, as nn.Module.to.
-    fn to<'py>(mut slf: PyRefMut<'py, Self>, device: &str) -> PyResult<PyRefMut<'py, Self>> {
-        let device = lenet5::device::parse(device).py()?;
-        if slf.model().engine() == Engine::Direct && device != Device::Cpu {
-            return Err(PyValueError::new_err("the direct engine runs on the CPU: load the model with engine='libtorch' to use a GPU"));
-        }
-        slf.model.to_device(device).py()?;
-        Ok(slf)
-    }
-
-    /// Writes the files `lenet5 export` writes: PREFIX.pt (TorchScript), PREFIX.safetensors,
-    /// PREFIX.check.safetensors, PREFIX.onnx and PREFIX.json (the card); returns their paths.
-    #[pyo3(signature = (prefix, data = None))]
-    fn save(&self, prefix: PathBuf, data: Option<PathBuf>) -> PyResult<Vec<PathBuf>> {
-        self.native()?;
-        let invocation = vec![format!("LeNet5.save({:?})", prefix.display().to_string())];
-        let card = lenet5::formats::export::export_loaded(&self.model, DatasetKind::Mnist, data.as_deref(), &prefix, false, invocation).py()?;
-        let mut files: Vec<PathBuf> = card.files.values().map(|e| prefix.with_file_name(&e.name)).collect();
-        files.push(lenet5::formats::export::with_suffix(&prefix, ".json"));
-        Ok(files)
-    }
-
-    /// "libtorch" or "direct": what runs the forward pass.
-    #[getter]
-    fn engine(&self) -> String {
-        self.model().engine().to_string()
-    }
-
-    #[getter]
-    fn arch(&self) -> PyResult<String> {
-        Ok(self.native()?.1.config.arch.to_string())
-    }
-
-    #[getter]
-    fn head(&self) -> String {
-        self.model().head().to_string()
-    }
-
-    /// The model card (JSON text parsed into a dict), or None.
-    #[getter]
-    fn card<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        self.model().card().map(|card| to_python(py, card)).transpose()
-    }
-
-    fn __repr__(&self) -> String {
-        match self.model().lenet5() {
-            Some((vs, net)) => format!(
-                "LeNet5(arch={:?}, head={:?}, engine={:?}, device={:?})",
-                net.config.arch.as_str(),
-                net.config.head.as_str(),
-                self.model().engine().as_str(),
-                vs.device()
-            ),
-            None => format!("LeNet5(TorchScript, head={:?})", self.head()),
+impl Drop for DirectEngine {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // Made before a fork: its pool's threads never ran in this process. Leave the
+            // pool alone rather than signal threads that are not there.
+            std::mem::forget(self.packed.get_mut().unwrap_or_else(PoisonError::into_inner).take());
         }
     }
 }
 
-/// Loads any model file the CLI reads (run folder, safetensors + card, state dict `.pt`,
-/// checkpoint dict, whole pickled module, TorchScript, tch `.ot`), recognised by content.
+/// How a forward pass runs: libtorch on the tensors themselves, or the direct engine on its
+/// packed copy of them.
+enum Runner<'a> {
+    Libtorch(Arch),
+    Direct(&'a DirectEngine, PackKey),
+}
+
+impl Runner<'_> {
+    /// The runner for `direct` (None: libtorch), checking that the direct engine's model is on the CPU.
+    fn new<'a>(arch: Arch, params: &[Bound<'_, PyAny>], tensors: &[Tensor], direct: Option<&'a Bound<'_, DirectEngine>>) -> PyResult<Runner<'a>> {
+        let Some(engine) = direct else { return Ok(Runner::Libtorch(arch)) };
+        if tensors[0].device() != Device::Cpu {
+            return Err(PyValueError::new_err(format!(
+                "the direct engine runs on the CPU and the model is on {}: set model.engine = 'libtorch' or call model.cpu()",
+                lenet5::device::name(tensors[0].device())
+            )));
+        }
+        Ok(Runner::Direct(engine.get(), PackKey::new(arch, params, tensors)?))
+    }
+
+    fn forward(&self, tensors: &[Tensor], x: &Tensor) -> anyhow::Result<Tensor> {
+        match self {
+            Runner::Libtorch(arch) => Ok(forward_with(*arch, refs(tensors), x, &mut |_, _| {})?),
+            Runner::Direct(engine, key) => engine.forward(key.clone(), tensors, x),
+        }
+    }
+}
+
+/// Logits `[N, 10]` of `x` `[N, 1, 32, 32]` (float32, on the parameters' device) by the
+/// model of `arch` with `params`: libtorch's ops on those very tensors (autograd records
+/// them), or the direct engine's loops on its copy of them.
+#[pyfunction]
+#[pyo3(signature = (x, arch, params, direct = None))]
+fn forward(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny>>, direct: Option<Bound<'_, DirectEngine>>) -> PyResult<PyTensor> {
+    let arch = parse("arch", arch, "'modern', 'classic'")?;
+    let tensors = model_parameters(&params)?;
+    check_batch(&x, tensors[0].device())?;
+    let runner = Runner::new(arch, &params, &tensors, direct.as_ref())?;
+    let x = x.0;
+    py.allow_threads(move || runner.forward(&tensors, &x)).py().map(PyTensor)
+}
+
+/// Every stage of the libtorch forward pass (input, C1, S2, C3, S4, F5, F6, output), by name.
+#[pyfunction]
+fn activations(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<(String, PyTensor)>> {
+    let arch = parse("arch", arch, "'modern', 'classic'")?;
+    let tensors = model_parameters(&params)?;
+    check_batch(&x, tensors[0].device())?;
+    let x = x.0;
+    let stages = py
+        .allow_threads(move || {
+            let mut stages = vec![];
+            forward_with(arch, refs(&tensors), &x, &mut |name, t| stages.push((name.to_string(), t.shallow_clone()))).map(|_| stages)
+        })
+        .py()?;
+    Ok(stages.into_iter().map(|(name, t)| (name, PyTensor(t))).collect())
+}
+
+/// Checks a state dict's `(name, tensor)` items whole against LeNet-5, as the CLI checks a
+/// file's: RuntimeError (nn.Module's) with the CLI's grouped message when a tensor has the
+/// wrong shape or dtype or, `strict`, when one is missing or unexpected. Returns the missing
+/// and unexpected names.
+#[pyfunction]
+fn check_state_dict(items: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>, strict: bool) -> PyResult<(Vec<String>, Vec<String>)> {
+    let mut given = BTreeMap::new();
+    for (k, v) in items {
+        let name: String = k.extract().map_err(|_| PyTypeError::new_err(format!("state_dict key {k}: not a string")))?;
+        let t = named_tensor(&v, &format!("state_dict[{name:?}]"))?;
+        given.insert(name, t);
+    }
+    let wanted: Vec<(String, Vec<i64>)> = PARAMETERS.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+    let fit = weights::check_state_dict(&wanted, &given, strict, "state_dict").map_err(|e| {
+        // The check's own lines; its suggestion is the CLI's flag, so say it in Python's terms.
+        let mut message = e.to_string();
+        if let Some(s) = e.chain().find_map(|c| c.downcast_ref::<Suggestion>()) {
+            message += &format!("\n({}: strip that prefix from the keys)", s.reason);
+        }
+        PyRuntimeError::new_err(message)
+    })?;
+    Ok((fit.missing, fit.unexpected))
+}
+
+/// A model as Python's `LeNet5` is built from it: arch, head, card, device and its tensors.
+fn model_parts<'py>(py: Python<'py>, config: ModelConfig, card: Option<&ModelCard>, net: &LeNet5, device: Device) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    out.set_item("arch", config.arch.to_string())?;
+    out.set_item("head", config.head.to_string())?;
+    out.set_item("card", card.map(|c| to_python(py, c)).transpose()?)?;
+    out.set_item("device", lenet5::device::name(device))?;
+    let tensors: Vec<(String, PyTensor)> = net.parameters().into_iter().map(|(n, t)| (n, PyTensor(t.detach()))).collect();
+    out.set_item("tensors", tensors)?;
+    out.set_item("torchscript", false)?;
+    Ok(out)
+}
+
+/// Reads any model file the CLI reads (run folder, safetensors + card, state dict `.pt`,
+/// checkpoint dict, whole pickled module, tch `.ot`), recognised by content, into the parts
+/// `lenet5.load` builds its model from. A TorchScript module is only recognised here (with its
+/// card, if one is beside it): Python reads its tensors.
 #[pyfunction]
 #[pyo3(signature = (path, arch = None, head = None, engine = "libtorch", device = "cpu"))]
-fn load(py: Python<'_>, path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, device: &str) -> PyResult<PyLeNet5> {
+fn read<'py>(py: Python<'py>, path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, device: &str) -> PyResult<Bound<'py, PyDict>> {
     let options = LoadOptions {
         arch: arch.map(|a| parse::<Arch>("arch", a, "'modern', 'classic'")).transpose()?,
         head: head.map(|h| parse::<Head>("head", h, "'softmax', 'sigmoid'")).transpose()?,
@@ -300,10 +372,79 @@ fn load(py: Python<'_>, path: PathBuf, arch: Option<&str>, head: Option<&str>, e
     };
     let engine = parse::<Engine>("engine", engine, "'libtorch', 'direct'")?;
     let device = lenet5::device::parse(device).py()?;
-    let mut model = PyLeNet5 { model: Model::load(&path, &options, device).py()? };
-    warn_notes(py, model.model.notes())?;
-    model.set_engine(engine)?;
-    Ok(model)
+    if engine == Engine::Direct && device != Device::Cpu {
+        return Err(PyValueError::new_err(format!(
+            "engine='direct' runs on the CPU, not on {}: load the model with engine='libtorch' to use a GPU",
+            lenet5::device::name(device)
+        )));
+    }
+    let file = model_file(&path).py()?;
+    if detect(&file).py()? == Format::TorchScript {
+        let card = card_beside(&file).py()?;
+        let out = PyDict::new(py);
+        out.set_item("torchscript", true)?;
+        out.set_item("path", &file)?;
+        out.set_item("device", lenet5::device::name(device))?;
+        out.set_item("arch", options.arch.or(card.as_ref().map(|c| c.model.arch)).map(|a| a.to_string()))?;
+        let head = options.head.or(card.as_ref().map(|c| c.model.head));
+        out.set_item("head", head.unwrap_or(Head::Softmax).to_string())?;
+        let mut notes = vec![];
+        if head.is_none() {
+            notes.push(format!(
+                "no model card {} beside {}; taking head softmax (a TorchScript module does not say)",
+                lenet5::inference::card_path(&file).display(),
+                file.display()
+            ));
+        }
+        out.set_item("notes", notes)?;
+        out.set_item("card", card.map(|c| to_python(py, &c)).transpose()?)?;
+        return Ok(out);
+    }
+    let model = py.allow_threads(|| Model::load(&file, &options, device)).py()?;
+    let card = model.card().cloned();
+    let notes = model.notes().to_vec();
+    let parts = model.into_parts().expect("not TorchScript: recognised above");
+    let out = model_parts(py, parts.net.config, card.as_ref(), &parts.net, device)?;
+    out.set_item("path", &file)?;
+    out.set_item("notes", notes)?;
+    Ok(out)
+}
+
+/// Writes the files `lenet5 export` writes for the model of `arch`/`head` with `params` and
+/// `card` (JSON text, or None): PREFIX.pt (TorchScript), PREFIX.safetensors,
+/// PREFIX.check.safetensors, PREFIX.onnx and PREFIX.json (the card); returns their paths.
+#[pyfunction]
+#[pyo3(signature = (prefix, data, arch, head, card, params))]
+fn save(
+    py: Python<'_>,
+    prefix: PathBuf,
+    data: Option<PathBuf>,
+    arch: &str,
+    head: &str,
+    card: Option<String>,
+    params: Vec<Bound<'_, PyAny>>,
+) -> PyResult<Vec<PathBuf>> {
+    let config = parse_config(arch, head)?;
+    let card: Option<ModelCard> = card
+        .map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|e| PyValueError::new_err(format!("model.card: not a model card this program reads ({e})")))?;
+    let tensors = model_parameters(&params)?;
+    let invocation = vec![format!("LeNet5.save({:?})", prefix.display().to_string())];
+    let at = prefix.clone();
+    let card = py
+        .allow_threads(move || -> anyhow::Result<ModelCard> {
+            let mut vs = VarStore::new(Device::Cpu);
+            let net = LeNet5::zeros(&vs.root(), config);
+            let named = parameter_names().into_iter().zip(tensors.iter().map(Tensor::detach)).collect();
+            weights::load_state_dict(&mut vs, named, &[], "the model's parameters")?;
+            let model = Model::native(vs, net, card);
+            lenet5::formats::export::export_loaded(&model, DatasetKind::Mnist, data.as_deref(), &at, false, invocation)
+        })
+        .py()?;
+    let mut files: Vec<PathBuf> = card.files.values().map(|e| prefix.with_file_name(&e.name)).collect();
+    files.push(lenet5::formats::export::with_suffix(&prefix, ".json"));
+    Ok(files)
 }
 
 /// The caller's `images` `[N, 1, 32, 32]` (network inputs) and `labels` `[N]` as a data set,
@@ -330,7 +471,7 @@ fn tensors_dataset(images: Dense, labels: Dense, what: &str, device: Device) -> 
 }
 
 /// The test split of `data` (or the data set's default folder), or the caller's tensors.
-fn dataset(
+fn dataset_of(
     images: Option<Dense>,
     labels: Option<Dense>,
     kind: DatasetKind,
@@ -345,12 +486,18 @@ fn dataset(
 }
 
 /// Loss, accuracy, correct and total counts, and the confusion matrix (`[10, 10]` int64,
-/// `confusion[true][predicted]`) of `model` on the test set or on `images`/`labels`.
+/// `confusion[true][predicted]`) of the model of `arch`/`head` with `params` (run by the
+/// `direct` engine, or libtorch when None) on the test set of `dataset` or on `images`/`labels`.
 #[pyfunction]
-#[pyo3(signature = (model, data = None, images = None, labels = None, batch_size = 1000))]
+#[pyo3(signature = (arch, head, dataset, params, direct = None, data = None, images = None, labels = None, batch_size = 1000))]
+#[allow(clippy::too_many_arguments)]
 fn evaluate<'py>(
     py: Python<'py>,
-    model: &PyLeNet5,
+    arch: &str,
+    head: &str,
+    dataset: &str,
+    params: Vec<Bound<'py, PyAny>>,
+    direct: Option<Bound<'py, DirectEngine>>,
     data: Option<PathBuf>,
     images: Option<Dense>,
     labels: Option<Dense>,
@@ -359,11 +506,17 @@ fn evaluate<'py>(
     if batch_size < 1 {
         return Err(PyValueError::new_err(format!("batch_size={batch_size}: must be at least 1")));
     }
-    let kind = model.model().card().map(|c| c.dataset).unwrap_or(DatasetKind::Mnist);
-    let test = dataset(images, labels, kind, data.as_deref(), model.device())?;
-    let classifier = model.model();
-    let forward = |xs: &Tensor| classifier.forward(xs);
-    let m = evaluate_model(&forward, classifier.head(), &test, batch_size).py()?;
+    let config = parse_config(arch, head)?;
+    let kind: DatasetKind = parse("dataset", dataset, "'mnist', 'fashion-mnist'")?;
+    let tensors = model_parameters(&params)?;
+    let runner = Runner::new(config.arch, &params, &tensors, direct.as_ref())?;
+    let test = dataset_of(images, labels, kind, data.as_deref(), tensors[0].device())?;
+    let m = py
+        .allow_threads(move || {
+            let forward = |xs: &Tensor| runner.forward(&tensors, xs);
+            evaluate_model(&forward, config.head, &test, batch_size)
+        })
+        .py()?;
     let confusion: Vec<i64> = m.confusion.iter().flatten().copied().collect();
     let out = PyDict::new(py);
     out.set_item("loss", m.loss)?;
@@ -496,7 +649,7 @@ fn train<'py>(
     threads: Option<i32>,
     progress: Option<PyObject>,
     invocation: Option<String>,
-) -> PyResult<(PyLeNet5, Bound<'py, PyAny>)> {
+) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyAny>)> {
     let device = lenet5::device::parse(device).py()?;
     if let Some(n) = threads {
         if n < 1 {
@@ -512,7 +665,7 @@ fn train<'py>(
             RunPlan::resume(path, out).py()?
         }
         None => {
-            let model = ModelConfig { arch: parse("arch", arch, "'modern', 'classic'")?, head: parse("head", head, "'softmax', 'sigmoid'")? };
+            let model = parse_config(arch, head)?;
             let dataset: DatasetKind = parse("dataset", dataset, "'mnist', 'fashion-mnist'")?;
             let meta = CheckpointMeta::new(model, dataset, data.clone(), recipe(recipe_overrides)?, checkpoint_every);
             RunPlan::new(meta, init.map_or(Start::Fresh, Start::Init), out).py()?
@@ -538,8 +691,7 @@ fn train<'py>(
     match end {
         RunEnd::Finished(trained) => {
             let history = to_python(py, &trained.history)?;
-            let trained = *trained;
-            let model = PyLeNet5 { model: Model::native(trained.vs, trained.net, Some(trained.card)) };
+            let model = model_parts(py, trained.net.config, Some(&trained.card), &trained.net, trained.vs.device())?;
             match watcher.raised {
                 Some(e) => Err(e),
                 None => Ok((model, history)),
@@ -612,8 +764,12 @@ fn conv<'py>(
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyLeNet5>()?;
-    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_class::<DirectEngine>()?;
+    m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(activations, m)?)?;
+    m.add_function(wrap_pyfunction!(check_state_dict, m)?)?;
+    m.add_function(wrap_pyfunction!(read, m)?)?;
+    m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(train, m)?)?;
     m.add_function(wrap_pyfunction!(conv, m)?)?;

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use rten_simd::SimdUnaryOp;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::model::{Arch, ModelConfig, INPUT_SIZE, NUM_CLASSES};
+use crate::model::{Arch, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS};
 
 mod gradients;
 mod lanes;
@@ -77,20 +77,6 @@ pub struct DirectNet {
     /// batch: starting threads costs a noticeable share of a small training step.
     workers: Option<rayon::ThreadPool>,
 }
-
-/// The parameters in PyTorch's order ([`crate::model::parameter_names`]) and shapes.
-const PARAMETERS: [(&str, &[i64]); 10] = [
-    ("conv1.weight", &[6, 1, 5, 5]),
-    ("conv1.bias", &[6]),
-    ("conv2.weight", &[16, 6, 5, 5]),
-    ("conv2.bias", &[16]),
-    ("fc1.weight", &[120, 400]),
-    ("fc1.bias", &[120]),
-    ("fc2.weight", &[84, 120]),
-    ("fc2.bias", &[84]),
-    ("fc3.weight", &[10, 84]),
-    ("fc3.bias", &[10]),
-];
 
 /// How many values parameter `p` of [`PARAMETERS`] holds.
 fn parameter_len(p: usize) -> usize {
@@ -158,11 +144,21 @@ impl Weights {
     /// Copies the weights of the LeNet-5 in `vs` into these layouts (the padding stays zero).
     fn load(&mut self, vs: &VarStore) -> Result<()> {
         let variables = vs.variables();
-        for (p, array) in self.arrays_mut().into_iter().enumerate() {
-            let (name, shape) = PARAMETERS[p];
-            let t = variables.get(name).with_context(|| format!("the model has no {name}"))?;
+        let mut tensors = vec![];
+        for (name, _) in PARAMETERS {
+            tensors.push(variables.get(name).with_context(|| format!("the model has no {name}"))?);
+        }
+        self.load_tensors(tensors.try_into().expect("one per parameter"))
+    }
+
+    /// Copies `params` (the [`PARAMETERS`] in order) into these layouts. Every shape is
+    /// checked before anything is copied.
+    fn load_tensors(&mut self, params: [&Tensor; 10]) -> Result<()> {
+        for (t, (name, shape)) in params.iter().zip(PARAMETERS) {
             ensure!(t.size() == shape, "{name} has shape {:?}; expected {shape:?}", t.size());
-            let t = t.detach().f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+        }
+        for (p, array) in self.arrays_mut().into_iter().enumerate() {
+            let t = params[p].detach().f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
             let values = floats(&t);
             Weights::for_each_position(p, |k, at| array[at] = values[k]);
         }
@@ -176,6 +172,24 @@ impl DirectNet {
     pub fn new(vs: &VarStore, config: ModelConfig, threads: usize) -> Result<DirectNet> {
         let mut weights = Weights::zeroed();
         weights.load(vs)?;
+        DirectNet::with_weights(weights, config, threads)
+    }
+
+    /// Copies `params`, the ten tensors of [`crate::model::forward_with`] in that order (the
+    /// Python twin's `nn.Parameter`s), as [`DirectNet::new`] copies a VarStore's.
+    pub fn from_tensors(params: [&Tensor; 10], config: ModelConfig, threads: usize) -> Result<DirectNet> {
+        let mut weights = Weights::zeroed();
+        weights.load_tensors(params)?;
+        DirectNet::with_weights(weights, config, threads)
+    }
+
+    /// Copies `params` in again, in place, keeping the threads: after the weights changed.
+    /// On an error the old weights may be half overwritten; the caller drops the net.
+    pub fn reload(&mut self, params: [&Tensor; 10]) -> Result<()> {
+        self.weights.load_tensors(params)
+    }
+
+    fn with_weights(weights: Box<Weights>, config: ModelConfig, threads: usize) -> Result<DirectNet> {
         let threads = threads.max(1);
         let workers = match threads {
             1 => None,
@@ -229,6 +243,9 @@ impl DirectNet {
     pub fn run(&self, pixels: &[f32], logits: &mut [f32]) {
         let images = pixels.len() / PIXELS;
         assert!(pixels.len().is_multiple_of(PIXELS) && logits.len() == images * CLASSES, "32x32 pixels and 10 logits per image");
+        if images == 0 {
+            return; // an empty batch (and `chunks` takes no size 0)
+        }
         let per_share = images.div_ceil(self.shares(images));
         let shares = pixels.chunks(per_share * PIXELS).zip(logits.chunks_mut(per_share * CLASSES));
         self.on_threads(shares, |(inputs, outputs)| self.run_here(inputs, outputs));
@@ -487,6 +504,28 @@ mod tests {
         assert!(bool::try_from(expected.isnan().all()).unwrap(), "libtorch: {expected}");
         let got = direct.forward(&xs).unwrap();
         assert!(bool::try_from(got.isnan().all()).unwrap(), "direct: {got}");
+    }
+
+    #[test]
+    fn an_empty_batch_gives_no_logits() {
+        let (_vs, _net, direct) = twins(Arch::Modern, 6);
+        assert_eq!(direct.forward(&Tensor::zeros([0, 1, 32, 32], (Kind::Float, Device::Cpu))).unwrap().size(), [0, 10]);
+    }
+
+    #[test]
+    fn reloading_changed_tensors_follows_them() {
+        let (_vs, net, mut direct) = twins(Arch::Classic, 9);
+        let xs = Tensor::rand([3, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let before = direct.forward(&xs).unwrap();
+        tch::no_grad(|| {
+            let _ = net.tensors()[9].shallow_clone().f_add_scalar_(1.0).unwrap(); // fc3.bias
+        });
+        assert!(direct.forward(&xs).unwrap().equal(&before), "a copy: unchanged until reloaded");
+        direct.reload(net.tensors()).unwrap();
+        let after = direct.forward(&xs).unwrap();
+        assert!((after - before - 1.0).abs().max().double_value(&[]) < 1e-5);
+        let fresh = DirectNet::from_tensors(net.tensors(), direct.config, 1).unwrap();
+        assert!(fresh.forward(&xs).unwrap().equal(&direct.forward(&xs).unwrap()));
     }
 
     #[test]

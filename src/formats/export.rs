@@ -24,7 +24,7 @@ pub fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
 /// A CPU, frozen copy of the model: what gets traced and what computes the check logits.
 fn cpu_copy(vs: &VarStore, net: &LeNet5) -> Result<(VarStore, LeNet5)> {
     let mut cpu = VarStore::new(Device::Cpu);
-    let copy = LeNet5::new(&cpu.root(), net.config);
+    let copy = LeNet5::zeros(&cpu.root(), net.config); // copied in next; draws nothing
     cpu.copy(vs).context("copying the weights to the CPU")?;
     cpu.freeze();
     Ok((cpu, copy))

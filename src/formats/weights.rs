@@ -218,18 +218,44 @@ pub fn first_line(s: &str) -> &str {
 }
 
 /// Checks a whole state dict against `vs` and copies it in only if every tensor fits:
-/// same names, same shapes, floating-point data. Says what does not otherwise, in a few lines:
-/// missing and unexpected tensors grouped, the first wrongly shaped or typed ones in full.
+/// same names, same shapes, floating-point data (see [`check_state_dict`] for what it says
+/// otherwise).
 pub fn load_state_dict(vs: &mut VarStore, tensors: Vec<(String, Tensor)>, maps: &[KeyMap], source: &str) -> Result<()> {
     let given: BTreeMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (rename(&k, maps), t)).collect();
-    let mut wanted: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    let wanted: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    let shapes: Vec<(String, Vec<i64>)> = wanted.iter().map(|(name, var)| (name.clone(), var.size())).collect();
+    check_state_dict(&shapes, &given, true, source)?;
+    tch::no_grad(|| {
+        for (name, mut var) in wanted {
+            var.copy_(&given[&name].to_kind(Kind::Float).to_device(var.device()));
+        }
+    });
+    Ok(())
+}
+
+/// The names a state dict lacks and the names it has besides the model's, as
+/// [`check_state_dict`] found them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateDictFit {
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+}
+
+/// Checks a whole state dict (`given`) against the tensors a model wants (names and shapes)
+/// before anything is copied. A tensor of the wrong shape or dtype (not floating point) is an
+/// error, and so, when `strict`, is a missing or an unexpected one; the error says what does
+/// not fit in a few lines: missing and unexpected tensors grouped, the first wrongly shaped or
+/// typed ones in full. Otherwise it returns the missing and unexpected names (PyTorch's
+/// `load_state_dict(strict=False)` reports them).
+pub fn check_state_dict(wanted: &[(String, Vec<i64>)], given: &BTreeMap<String, Tensor>, strict: bool, source: &str) -> Result<StateDictFit> {
+    let mut wanted: Vec<&(String, Vec<i64>)> = wanted.iter().collect();
     wanted.sort_by(|a, b| a.0.cmp(&b.0));
     let (mut missing, mut wrong) = (Vec::new(), Vec::new());
-    for (name, var) in &wanted {
+    for (name, shape) in &wanted {
         match given.get(name) {
-            None => missing.push(format!("{name} {:?}", var.size())),
-            Some(t) if t.size() != var.size() => {
-                wrong.push(format!("wrong shape for {name}: expected {:?}, got {:?}", var.size(), t.size()))
+            None => missing.push(name.clone()),
+            Some(t) if t.size() != *shape => {
+                wrong.push(format!("wrong shape for {name}: expected {shape:?}, got {:?}", t.size()))
             }
             Some(t) if !t.is_floating_point() => {
                 wrong.push(format!("wrong dtype for {name}: {:?}, expected a floating-point tensor", t.kind()))
@@ -237,22 +263,20 @@ pub fn load_state_dict(vs: &mut VarStore, tensors: Vec<(String, Tensor)>, maps: 
             Some(_) => {}
         }
     }
-    let unexpected: Vec<&String> = given.keys().filter(|k| !wanted.iter().any(|(w, _)| w == *k)).collect();
-    if missing.is_empty() && wrong.is_empty() && unexpected.is_empty() {
-        tch::no_grad(|| {
-            for (name, mut var) in wanted {
-                var.copy_(&given[&name].to_kind(Kind::Float).to_device(var.device()));
-            }
-        });
-        return Ok(());
+    let unexpected: Vec<String> = given.keys().filter(|k| !wanted.iter().any(|(w, _)| w == *k)).cloned().collect();
+    let fit = StateDictFit { missing, unexpected };
+    if wrong.is_empty() && (!strict || (fit.missing.is_empty() && fit.unexpected.is_empty())) {
+        return Ok(fit);
     }
     const SHOWN: usize = 4; // names per line, and wrongly shaped or typed tensors in full
     let mut lines = Vec::new();
-    if !missing.is_empty() {
-        lines.push(group("missing", &missing, SHOWN));
+    if strict && !fit.missing.is_empty() {
+        let shown: Vec<String> = fit.missing.iter().map(|k| format!("{k} {:?}", wanted.iter().find(|(w, _)| w == k).expect("a wanted name").1)).collect();
+        lines.push(group("missing", &shown, SHOWN));
     }
-    if !unexpected.is_empty() {
-        let shown: Vec<String> = unexpected.iter().map(|k| format!("{k} {:?}", given[*k].size())).collect();
+    if strict && !fit.unexpected.is_empty() {
+        let unexpected = &fit.unexpected;
+        let shown: Vec<String> = unexpected.iter().map(|k| format!("{k} {:?}", given[k].size())).collect();
         let mut line = group("unexpected", &shown, SHOWN);
         let mut folders: Vec<&str> = unexpected.iter().filter_map(|k| k.split_once('.').map(|(p, _)| p)).collect();
         folders.dedup(); // sorted already: the keys come from a BTreeMap
@@ -267,7 +291,8 @@ pub fn load_state_dict(vs: &mut VarStore, tensors: Vec<(String, Tensor)>, maps: 
         lines.push(format!("and {} more of the wrong shape or dtype", wrong.len() - SHOWN));
     }
     let message = format!("{source}: the state dict does not fit LeNet-5:\n  {}", lines.join("\n  "));
-    match common_prefix(given.keys()) {
+    // The key-map suggestion answers missing names; a loose check reports those, not refuses them.
+    match common_prefix(given.keys()).filter(|_| strict) {
         Some(p) => Err(anyhow::Error::new(crate::setting::Suggestion {
             name: "key_maps",
             value: format!("{p}="),
@@ -352,6 +377,22 @@ mod tests {
         assert!(err.starts_with("f.pt: "));
         // Nothing was half-loaded: conv1.weight (which did fit) still holds its old values.
         assert!(vs.variables()["conv1.weight"].equal(&before));
+    }
+
+    #[test]
+    fn a_loose_check_reports_missing_and_unexpected_names_but_refuses_wrong_shapes() {
+        let wanted: Vec<(String, Vec<i64>)> = crate::model::PARAMETERS.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+        let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+        let mut given: BTreeMap<String, Tensor> = wanted.iter().map(|(n, s)| (n.clone(), zeros(s))).collect();
+        given.remove("fc2.bias");
+        given.insert("extra.weight".into(), zeros(&[2]));
+        let fit = check_state_dict(&wanted, &given, false, "d").unwrap();
+        assert_eq!(fit, StateDictFit { missing: vec!["fc2.bias".into()], unexpected: vec!["extra.weight".into()] });
+        let strict = check_state_dict(&wanted, &given, true, "d").unwrap_err().to_string();
+        assert!(strict.contains("missing fc2.bias [84]") && strict.contains("unexpected extra.weight [2]"), "{strict}");
+        given.insert("fc1.bias".into(), zeros(&[7]));
+        let loose = check_state_dict(&wanted, &given, false, "d").unwrap_err().to_string();
+        assert_eq!(loose, "d: the state dict does not fit LeNet-5:\n  wrong shape for fc1.bias: expected [120], got [7]");
     }
 
     #[test]

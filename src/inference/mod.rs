@@ -80,19 +80,13 @@ impl Model {
             return Ok(Model { runner: Runner::Script(module), head, card: None, path: Some(path), notes: vec![] });
         }
         let card_file = card_path(&path);
-        let card = if card_file.is_file() {
-            let card = ModelCard::read(&card_file)?;
-            check_card_matches(&card, &card_file, &path)?;
-            Some(card)
-        } else {
-            None
-        };
+        let card = card_beside(&path)?;
         let config = ModelConfig {
             arch: options.arch.or(card.as_ref().map(|c| c.model.arch)).unwrap_or(Arch::Modern),
             head: options.head.or(card.as_ref().map(|c| c.model.head)).unwrap_or(Head::Softmax),
         };
         let mut vs = VarStore::new(device);
-        let net = LeNet5::new(&vs.root(), config);
+        let net = LeNet5::zeros(&vs.root(), config); // every weight is copied in next
         let (tensors, mut notes) = read_tensors(&path, format)?;
         load_state_dict(&mut vs, tensors, &options.key_maps, &path.display().to_string())?;
         if card.is_none() && (options.arch.is_none() || options.head.is_none()) {
@@ -282,6 +276,18 @@ pub fn model_file(path: &Path) -> Result<PathBuf> {
 /// The model card beside a weights file: `NAME.json` for `NAME.safetensors` (or any extension).
 pub fn card_path(weights: &Path) -> PathBuf {
     weights.with_extension("json")
+}
+
+/// The model card beside the model file `path` ([`card_path`]), checked against it, if there
+/// is one.
+pub fn card_beside(path: &Path) -> Result<Option<ModelCard>> {
+    let card_file = card_path(path);
+    if !card_file.is_file() {
+        return Ok(None);
+    }
+    let card = ModelCard::read(&card_file)?;
+    check_card_matches(&card, &card_file, path)?;
+    Ok(Some(card))
 }
 
 /// How to load a model file: overrides for what its card (if any) says.

@@ -6,7 +6,7 @@ pub use table::{layer_table, LayerRow};
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 /// Side of the square input image: MNIST's 28x28 zero-padded by 2, as in the 1998 paper.
 pub const INPUT_SIZE: i64 = 32;
@@ -83,6 +83,20 @@ pub fn parameter_names() -> Vec<String> {
     LAYERS.iter().flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")]).collect()
 }
 
+/// The parameters in that order, with their shapes: what [`forward_with`] takes.
+pub const PARAMETERS: [(&str, &[i64]); 10] = [
+    ("conv1.weight", &[6, 1, 5, 5]),
+    ("conv1.bias", &[6]),
+    ("conv2.weight", &[16, 6, 5, 5]),
+    ("conv2.bias", &[16]),
+    ("fc1.weight", &[120, 400]),
+    ("fc1.bias", &[120]),
+    ("fc2.weight", &[84, 120]),
+    ("fc2.bias", &[84]),
+    ("fc3.weight", &[10, 84]),
+    ("fc3.bias", &[10]),
+];
+
 /// The named stages of the forward pass, in order, for pictures and the summary table.
 pub const STAGES: [&str; 8] = ["input", "C1", "S2", "C3", "S4", "F5", "F6", "output"];
 
@@ -114,79 +128,113 @@ fn reset_parameters(weight: &mut Tensor, bias: &mut Tensor) {
     });
 }
 
-fn conv(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
+/// A 5x5 convolution layer; `init` draws its weights as PyTorch does, else they stay zero.
+fn conv(p: nn::Path, c_in: i64, c_out: i64, init: bool) -> nn::Conv2D {
     let zero = nn::Init::Const(0.0); // drawn by reset_parameters, in PyTorch's order
     let mut conv = nn::conv2d(p, c_in, c_out, 5, nn::ConvConfig { ws_init: zero, bs_init: zero, ..Default::default() });
-    reset_parameters(&mut conv.ws, conv.bs.as_mut().expect("conv2d has a bias by default"));
+    if init {
+        reset_parameters(&mut conv.ws, conv.bs.as_mut().expect("conv2d has a bias by default"));
+    }
     conv
 }
 
-fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
+fn linear(p: nn::Path, d_in: i64, d_out: i64, init: bool) -> nn::Linear {
     let zero = nn::Init::Const(0.0);
     let mut linear = nn::linear(p, d_in, d_out, nn::LinearConfig { ws_init: zero, bs_init: Some(zero), bias: true });
-    reset_parameters(&mut linear.ws, linear.bs.as_mut().expect("built with bias: true"));
+    if init {
+        reset_parameters(&mut linear.ws, linear.bs.as_mut().expect("built with bias: true"));
+    }
     linear
+}
+
+fn activation(arch: Arch, xs: &Tensor) -> Result<Tensor, TchError> {
+    match arch {
+        Arch::Modern => xs.f_relu(),
+        Arch::Classic => xs.f_tanh(),
+    }
+}
+
+fn subsample(arch: Arch, xs: &Tensor) -> Result<Tensor, TchError> {
+    match arch {
+        Arch::Modern => xs.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+        // Not `avg_pool2d_default`: tch passes divisor_override = 1 there, which sums the
+        // window instead of averaging it (caught by the PyTorch cross-check).
+        Arch::Classic => xs.f_avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+    }
+}
+
+/// The forward pass of LeNet-5 over `params` (the [`PARAMETERS`], in that order), handing
+/// every stage named in [`STAGES`] to `observe` on the way: the one sequence of libtorch ops
+/// that [`LeNet5`] runs on its own layers and the Python twin on its `nn.Parameter`s (which
+/// is why it takes bare tensors). With gradients enabled, autograd records it, as it records
+/// PyTorch's `F.conv2d`, `F.linear`, ...: the same ops, so the same gradients, bit for bit.
+pub fn forward_with(arch: Arch, params: [&Tensor; 10], xs: &Tensor, observe: &mut impl FnMut(&str, &Tensor)) -> Result<Tensor, TchError> {
+    let [conv1_w, conv1_b, conv2_w, conv2_b, fc1_w, fc1_b, fc2_w, fc2_b, fc3_w, fc3_b] = params;
+    let conv = |xs: &Tensor, w: &Tensor, b: &Tensor| xs.f_conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1); // nn.Conv2d's defaults
+    observe("input", xs); // (B, 1, 32, 32)
+    let c1 = activation(arch, &conv(xs, conv1_w, conv1_b)?)?; // (B, 6, 28, 28)
+    observe("C1", &c1);
+    let s2 = subsample(arch, &c1)?; // (B, 6, 14, 14)
+    observe("S2", &s2);
+    let c3 = activation(arch, &conv(&s2, conv2_w, conv2_b)?)?; // (B, 16, 10, 10)
+    observe("C3", &c3);
+    let s4 = subsample(arch, &c3)?; // (B, 16, 5, 5)
+    observe("S4", &s4);
+    let f5 = activation(arch, &s4.f_flatten(1, -1)?.f_linear(fc1_w, Some(fc1_b))?)?; // (B, 120)
+    observe("F5", &f5);
+    let f6 = activation(arch, &f5.f_linear(fc2_w, Some(fc2_b))?)?; // (B, 84)
+    observe("F6", &f6);
+    let logits = f6.f_linear(fc3_w, Some(fc3_b))?; // (B, 10)
+    observe("output", &logits);
+    Ok(logits)
 }
 
 impl LeNet5 {
     /// Builds the layers under `p`, named `conv1`, `conv2`, `fc1`, `fc2`, `fc3` as in PyTorch,
     /// and initialised as PyTorch does, layer by layer in this order.
     pub fn new(p: &nn::Path, config: ModelConfig) -> LeNet5 {
+        LeNet5::build(p, config, true)
+    }
+
+    /// The same layers, all zeros, drawing nothing from libtorch's generator: for weights
+    /// copied in next (a model file, the binding's `save`), so that reading a model leaves
+    /// the caller's random stream (`torch.manual_seed`'s) where it was.
+    pub fn zeros(p: &nn::Path, config: ModelConfig) -> LeNet5 {
+        LeNet5::build(p, config, false)
+    }
+
+    fn build(p: &nn::Path, config: ModelConfig, init: bool) -> LeNet5 {
         LeNet5 {
-            conv1: conv(p / "conv1", 1, 6),
-            conv2: conv(p / "conv2", 6, 16),
-            fc1: linear(p / "fc1", 16 * 5 * 5, 120),
-            fc2: linear(p / "fc2", 120, 84),
-            fc3: linear(p / "fc3", 84, NUM_CLASSES),
+            conv1: conv(p / "conv1", 1, 6, init),
+            conv2: conv(p / "conv2", 6, 16, init),
+            fc1: linear(p / "fc1", 16 * 5 * 5, 120, init),
+            fc2: linear(p / "fc2", 120, 84, init),
+            fc3: linear(p / "fc3", 84, NUM_CLASSES, init),
             config,
         }
     }
 
     /// The parameters, named as [`parameter_names`] gives them.
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        let layers = [&self.conv1, &self.conv2].map(|c| (&c.ws, &c.bs));
-        let linears = [&self.fc1, &self.fc2, &self.fc3].map(|l| (&l.ws, &l.bs));
-        let tensors = layers.into_iter().chain(linears).flat_map(|(w, b)| {
-            [w.shallow_clone(), b.as_ref().expect("every layer is built with a bias").shallow_clone()]
-        });
-        parameter_names().into_iter().zip(tensors).collect()
+        parameter_names().into_iter().zip(self.tensors().map(Tensor::shallow_clone)).collect()
     }
 
-    fn activation(&self, xs: &Tensor) -> Tensor {
-        match self.config.arch {
-            Arch::Modern => xs.relu(),
-            Arch::Classic => xs.tanh(),
+    /// The ten tensors [`forward_with`] takes, in [`PARAMETERS`] order.
+    pub fn tensors(&self) -> [&Tensor; 10] {
+        fn bias(b: &Option<Tensor>) -> &Tensor {
+            b.as_ref().expect("every layer is built with a bias")
         }
+        let (c1, c2, f1, f2, f3) = (&self.conv1, &self.conv2, &self.fc1, &self.fc2, &self.fc3);
+        [&c1.ws, bias(&c1.bs), &c2.ws, bias(&c2.bs), &f1.ws, bias(&f1.bs), &f2.ws, bias(&f2.bs), &f3.ws, bias(&f3.bs)]
     }
 
-    fn subsample(&self, xs: &Tensor) -> Tensor {
-        match self.config.arch {
-            Arch::Modern => xs.max_pool2d_default(2),
-            // Not `avg_pool2d_default`: tch passes divisor_override = 1 there, which sums the
-            // window instead of averaging it (caught by the PyTorch cross-check).
-            Arch::Classic => xs.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
-        }
-    }
-
-    /// The forward pass, handing every stage named in [`STAGES`] to `observe` on the way.
-    /// `forward` passes a no-op observer, which the compiler removes.
+    /// The forward pass ([`forward_with`] on this model's layers), handing every stage named
+    /// in [`STAGES`] to `observe` on the way. `forward` passes a no-op observer, which the
+    /// compiler removes.
     pub fn forward_observed(&self, xs: &Tensor, observe: &mut impl FnMut(&str, &Tensor)) -> Tensor {
-        observe("input", xs); // (B, 1, 32, 32)
-        let c1 = self.activation(&xs.apply(&self.conv1)); // (B, 6, 28, 28)
-        observe("C1", &c1);
-        let s2 = self.subsample(&c1); // (B, 6, 14, 14)
-        observe("S2", &s2);
-        let c3 = self.activation(&s2.apply(&self.conv2)); // (B, 16, 10, 10)
-        observe("C3", &c3);
-        let s4 = self.subsample(&c3); // (B, 16, 5, 5)
-        observe("S4", &s4);
-        let f5 = self.activation(&s4.flatten(1, -1).apply(&self.fc1)); // (B, 120)
-        observe("F5", &f5);
-        let f6 = self.activation(&f5.apply(&self.fc2)); // (B, 84)
-        observe("F6", &f6);
-        let logits = f6.apply(&self.fc3); // (B, 10)
-        observe("output", &logits);
-        logits
+        // Panics where tch's infallible ops panic (a tensor libtorch refuses): the callers of
+        // a `Module` have checked their inputs; the binding calls `forward_with` itself.
+        forward_with(self.config.arch, self.tensors(), xs, observe).unwrap_or_else(|e| panic!("LeNet-5 forward pass: {e}"))
     }
 
     /// Every stage named in [`STAGES`] of the forward pass of `xs`, without gradients,
@@ -245,6 +293,11 @@ mod tests {
         .map(|(n, s)| (n.to_string(), s))
         .collect();
         assert_eq!(got, expected);
+        let listed: Vec<(String, Vec<i64>)> = PARAMETERS.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+        assert_eq!(listed.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), parameter_names());
+        let mut sorted = listed;
+        sorted.sort();
+        assert_eq!(sorted, expected);
         let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
         assert_eq!(total, 61_706);
     }
@@ -278,9 +331,8 @@ mod tests {
     fn classic_subsampling_averages_each_2x2_window() {
         let (_vs, net) = model(Arch::Classic);
         let xs = Tensor::from_slice(&[1f32, 2.0, 3.0, 4.0]).view([1, 1, 2, 2]);
-        assert_eq!(net.subsample(&xs).double_value(&[0, 0, 0, 0]), 2.5);
-        let (_vs, modern) = model(Arch::Modern);
-        assert_eq!(modern.subsample(&xs).double_value(&[0, 0, 0, 0]), 4.0);
+        assert_eq!(subsample(net.config.arch, &xs).unwrap().double_value(&[0, 0, 0, 0]), 2.5);
+        assert_eq!(subsample(Arch::Modern, &xs).unwrap().double_value(&[0, 0, 0, 0]), 4.0);
     }
 
     #[test]
@@ -294,6 +346,18 @@ mod tests {
             let bound = 1.0 / f64::sqrt(fan_in);
             assert!(t <= bound && t > 0.8 * bound, "{name}: max |w| {t} vs bound {bound}");
         }
+    }
+
+    #[test]
+    fn zeros_draws_nothing_from_the_generator() {
+        let draw = |build: &dyn Fn()| {
+            tch::manual_seed(11);
+            build();
+            Vec::<f32>::try_from(Tensor::rand([4], (Kind::Float, Device::Cpu))).unwrap()
+        };
+        let untouched = draw(&|| {});
+        assert_eq!(draw(&|| drop(LeNet5::zeros(&VarStore::new(Device::Cpu).root(), ModelConfig::DEFAULT))), untouched);
+        assert_ne!(draw(&|| drop(LeNet5::new(&VarStore::new(Device::Cpu).root(), ModelConfig::DEFAULT))), untouched);
     }
 
     #[test]

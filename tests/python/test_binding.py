@@ -1,6 +1,7 @@
 """`import lenet5`, the Rust binding, against stock PyTorch (scripts/lenet5_ref.py's nn.Module)
 and against the CLI: same logits, shared memory, the CLI's training run weight for weight,
 Python exceptions for bad input, and a training stopped by KeyboardInterrupt that resumes.
+test_module.py checks the model as an nn.Module (autograd, threads, pickling, hooks).
 
 scripts/setup builds and installs the binding into the venv (maturin); these tests fail, not
 skip, without it: it is part of the product.
@@ -55,7 +56,10 @@ def test_the_direct_engine_agrees_to_float_rounding(reference, test_set):
     direct = lenet5.load(MODEL, engine="direct")
     assert direct.engine == "direct"
     assert torch.get_num_threads() == threads  # the notebook's torch keeps its settings
-    ours, theirs = direct(images), L.predict(reference, images)
+    with torch.no_grad():  # the direct engine has no autograd (test_module: it says so)
+        ours = direct(images)
+    theirs = L.predict(reference, images)
+    assert torch.get_num_threads() == threads
     # Another summation order: rounding only (the logits are ~10 in size).
     assert (ours - theirs).abs().max().item() < 1e-4
     assert (ours.argmax(1) != theirs.argmax(1)).sum().item() <= 1  # a near-tie may flip
@@ -86,6 +90,7 @@ def test_activations_are_every_stage_and_the_input_is_the_callers_tensor(shipped
 
 def test_state_dict_shares_memory_with_the_model_and_load_state_dict_copies_in(test_set):
     model = lenet5.LeNet5(seed=3)
+    assert isinstance(model, torch.nn.Module)
     sd = model.state_dict()
     assert list(sd) == [k for k, _ in L.LeNet5().named_parameters()]
     assert sd["fc3.bias"].data_ptr() == model.state_dict()["fc3.bias"].data_ptr()
@@ -141,6 +146,7 @@ def test_train_equals_the_cli_run_with_the_same_flags(binary, mnist_dir, tmp_pat
     run([binary, "train", "--epochs", "1", "--limit-train", "2000", "--batch-size", "64", "--seed", "5",
          "--shift", "1", "--threads", "2", "--device", "cpu", "--data", mnist_dir, "--out", cli])
     model, history = lenet5.train(**flags, data=mnist_dir, out=tmp_path / "py", threads=2, device="cpu", progress=False)
+    assert type(model) is lenet5.LeNet5 and (model.arch, model.head, model.engine) == ("modern", "softmax", "libtorch")
     theirs = load_file(cli / "lenet5.safetensors")
     ours = model.state_dict()
     assert set(ours) == set(theirs)
@@ -252,10 +258,10 @@ def test_bad_inputs_raise_python_exceptions(shipped, tmp_path, test_set):
         lenet5.LeNet5(arch="resnet")
     model = lenet5.LeNet5(seed=1)
     before = model.state_dict()["fc3.weight"].clone()
-    with pytest.raises(ValueError, match="fc3.weight"):
+    with pytest.raises(RuntimeError, match="fc3.weight"):  # nn.Module's exception, the CLI's message
         model.load_state_dict({**model.state_dict(), "fc3.weight": torch.zeros(3, 3)})
     assert torch.equal(model.state_dict()["fc3.weight"], before)  # nothing copied
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="tpu"):  # nn.Module.to's own refusal
         model.to("tpu")
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError)):

@@ -1,13 +1,14 @@
 """The Rust LeNet-5 inside PyTorch: the model, its training loop and the convolution
 walkthrough of the `lenet5` CLI as a Python module that works on `torch.Tensor`s directly,
 in the same process and on the libtorch `import torch` loaded (tensors cross without copies).
+`lenet5.LeNet5` is a `torch.nn.Module` (model.py) whose forward pass runs in Rust.
 
     import torch, lenet5
     model, history = lenet5.train(epochs=1, seed=1)     # lenet5 train --epochs 1 --seed 1
     logits = model(torch.zeros(8, 1, 32, 32))           # [8, 10]
     lenet5.evaluate(model)["accuracy"]
 
-Every call raises a Python exception (FileNotFoundError, ValueError, TypeError,
+Every call raises a Python exception (FileNotFoundError, ValueError, TypeError, RuntimeError,
 KeyboardInterrupt) with the CLI's message; nothing aborts the interpreter.
 """
 
@@ -17,8 +18,9 @@ import sys
 # `import torch` loads into the process.
 import torch  # noqa: F401
 
-from ._native import DEFAULT_RECIPE, LeNet5, __version__, conv, evaluate, load
+from ._native import DEFAULT_RECIPE, __version__, conv
 from ._native import train as _train
+from .model import LeNet5, evaluate, load
 
 __all__ = ["DEFAULT_RECIPE", "LeNet5", "__version__", "conv", "evaluate", "load", "train"]
 
@@ -66,6 +68,7 @@ def train(
     with a checkpoint written, then raises KeyboardInterrupt saying how to continue:
     `lenet5.train(resume=DIR)` continues it bit for bit (pass your tensors again).
 
+    `model` is a `lenet5.LeNet5` holding the trained weights, with its card as `model.card`;
     `history` is a list of dicts, one per epoch (`pandas.DataFrame(history)` reads it).
     """
     given = dict(
@@ -77,7 +80,7 @@ def train(
     invocation = _call_repr("lenet5.train", {**{k: v for k, v in given.items() if not (k in defaults and v == defaults[k])}, **recipe})
     display = _Progress() if progress is True else (progress or None)
     try:
-        return _train(
+        parts, history = _train(
             recipe,
             arch=arch,
             head=head,
@@ -96,6 +99,7 @@ def train(
             progress=display,
             invocation=invocation,
         )
+        return LeNet5._from_parts(parts), history
     finally:
         if isinstance(display, _Progress):
             display.close()

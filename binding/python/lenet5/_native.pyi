@@ -1,4 +1,5 @@
-"""Type stubs of the compiled module (binding/src/lib.rs); `lenet5/__init__.py` re-exports it."""
+"""Type stubs of the compiled module (binding/src/lib.rs). `lenet5/model.py` (the nn.Module
+`LeNet5`, `load`, `evaluate`) and `lenet5/__init__.py` (`train`) call it."""
 
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -16,60 +17,64 @@ __version__: str
 DEFAULT_RECIPE: dict[str, Any]
 """The recipe of a plain `lenet5 train`: the defaults of `lenet5.train`'s keyword arguments."""
 
-class LeNet5:
-    """LeNet-5 in Rust: callable on a `[N, 1, 32, 32]` float32 tensor (normalised as MNIST),
-    returning logits `[N, 10]` as a `torch.Tensor`."""
+Parts = dict[str, Any]
+"""What `read` and `train` give `LeNet5._from_parts`: `arch`, `head`, `card` (dict or None),
+`device`, `tensors` (`[(name, tensor)]` in `model.parameters()` order), `torchscript` (False);
+`read` adds `path` and `notes`. For a TorchScript file `read` gives `torchscript=True`,
+`path`, `device`, `arch` (None unless the card or the caller says), `head`, `card`, `notes`,
+and no tensors: model.py reads them."""
 
-    def __init__(
-        self,
-        arch: Arch = "modern",
-        head: HeadName = "softmax",
-        seed: int | None = None,
-        engine: EngineName = "libtorch",
-    ) -> None:
-        """A freshly initialised LeNet-5, as PyTorch initialises nn.Conv2d and nn.Linear,
-        from libtorch's generator (the one `torch.manual_seed` seeds); `seed` seeds it first.
-        `engine="direct"` runs inference in plain Rust loops on the CPU."""
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits `[N, 10]` of a batch `[N, 1, 32, 32]` (float32, on the model's device)."""
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities `[N, 10]`: softmax of the logits, or one sigmoid per class."""
-    def activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every stage of the forward pass: input, C1, S2, C3, S4, F5, F6, output."""
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights by PyTorch's names (conv1.weight, ...), sharing memory with the model."""
-    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copies the weights in after checking every name and shape, as the CLI does;
-        nothing changes if one does not fit (ValueError)."""
-    def to(self, device: str) -> LeNet5:
-        """Moves the model to "cpu", "cuda" or "cuda:N" and returns it."""
-    def save(self, prefix: PathLike, data: PathLike | None = None) -> list[str]:
-        """Writes what `lenet5 export` writes: PREFIX.pt (TorchScript), PREFIX.safetensors,
-        PREFIX.check.safetensors, PREFIX.onnx, PREFIX.json; returns their paths."""
-    @property
-    def engine(self) -> EngineName:
-        """What runs the forward pass."""
-    @property
-    def arch(self) -> Arch: ...
-    @property
-    def head(self) -> HeadName: ...
-    @property
-    def card(self) -> dict[str, Any] | None:
-        """The model card (dataset, metrics, recipe, provenance), or None."""
+class DirectEngine:
+    """The direct engine's state for one model in one process: its weights packed into the
+    direct engine's layouts and its threads, remade when a parameter's data pointer or
+    `_version` changes (or the thread count). Behind a lock: calls from several threads run one
+    at a time. Not picklable; a forked child makes its own."""
 
-def load(
+    def __init__(self) -> None: ...
+
+def forward(x: torch.Tensor, arch: Arch, params: Sequence[torch.Tensor], direct: DirectEngine | None = None) -> torch.Tensor:
+    """Logits `[N, 10]` of `x` `[N, 1, 32, 32]` (float32, on the parameters' device) by LeNet-5
+    of `arch` with `params` (the ten tensors `conv1.weight` ... `fc3.bias`): libtorch's ops on
+    those very tensors (autograd records them), or `direct`'s loops on its copy. The GIL is
+    released while it runs."""
+
+def activations(x: torch.Tensor, arch: Arch, params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Every stage of the libtorch forward pass: input, C1, S2, C3, S4, F5, F6, output."""
+
+def check_state_dict(items: Sequence[tuple[str, torch.Tensor]], strict: bool) -> tuple[list[str], list[str]]:
+    """`(missing, unexpected)` names of a state dict against LeNet-5's; RuntimeError with the
+    CLI's grouped message if a tensor has the wrong shape or dtype or, `strict`, if any is
+    missing or unexpected."""
+
+def read(
     path: PathLike,
     arch: Arch | None = None,
     head: HeadName | None = None,
     engine: EngineName = "libtorch",
     device: str = "cpu",
-) -> LeNet5:
-    """Loads any model the CLI reads, recognised by content: a run folder, safetensors (+ card),
-    a torch.save state dict or training-checkpoint dict, a whole pickled module (read as data,
-    nothing executed), TorchScript, tch's .ot."""
+) -> Parts:
+    """Any model file the CLI reads, recognised by content (a run folder, safetensors + card, a
+    torch.save state dict or checkpoint dict, a whole pickled module read as data, tch's .ot),
+    as the parts of a model; a TorchScript file is recognised, with its card."""
+
+def save(
+    prefix: PathLike,
+    data: PathLike | None,
+    arch: Arch,
+    head: HeadName,
+    card: str | None,
+    params: Sequence[torch.Tensor],
+) -> list[str]:
+    """Writes what `lenet5 export` writes for these parameters and card (JSON text):
+    PREFIX.pt (TorchScript), PREFIX.safetensors, PREFIX.check.safetensors, PREFIX.onnx, PREFIX.json;
+    returns their paths."""
 
 def evaluate(
-    model: LeNet5,
+    arch: Arch,
+    head: HeadName,
+    dataset: Literal["mnist", "fashion-mnist"],
+    params: Sequence[torch.Tensor],
+    direct: DirectEngine | None = None,
     data: PathLike | None = None,
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -108,6 +113,6 @@ def train(
     threads: int | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
     invocation: str | None = None,
-) -> tuple[LeNet5, list[dict[str, Any]]]:
+) -> tuple[Parts, list[dict[str, Any]]]:
     """The native training call behind `lenet5.train` (which adds the progress display and
-    the `invocation` the model card records)."""
+    the `invocation` the model card records, and builds the model from the parts)."""
