@@ -216,3 +216,25 @@ fn summary_and_conv_print_the_numbers_of_the_paper() {
     let conv = ok(&["conv"]);
     assert!(conv.contains("4 3 4\n2 4 3\n2 3 4\n"), "{conv}");
 }
+
+#[test]
+fn export_writes_every_format_with_no_python_on_path_and_the_card_lists_each_with_its_sha256() {
+    let dir = temp_dir("export-no-python");
+    let prefix = dir.join("m");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lenet5"))
+        .args(["export", "--model", s(&support::model()), "--out", s(&prefix)])
+        .env_clear()
+        .env("PATH", dir.join("no-such-bin")) // nothing to run: no python, no shell
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
+    let files = card["files"].as_object().unwrap();
+    for (role, extension) in [("weights", "safetensors"), ("torchscript", "pt"), ("check", "check.safetensors"), ("onnx", "onnx")] {
+        let entry = &files[role];
+        let path = dir.join(format!("m.{extension}"));
+        assert_eq!(entry["name"], format!("m.{extension}"), "{role}");
+        assert_eq!(entry["sha256"].as_str().unwrap(), lenet5::formats::card::sha256_file(&path).unwrap(), "{role}");
+    }
+}
