@@ -608,6 +608,7 @@ class Export:
     scripted: torch.jit.ScriptModule  # NAME.pt, traced by Rust
     check_inputs: torch.Tensor  # (64, 1, 32, 32): the first test images, preprocessed by Rust
     check_logits: torch.Tensor  # (64, 10): Rust's logits for them
+    folder: Path  # where the files are, by the names in card["files"]
 
 
 def resolve_prefix(path) -> Path:
@@ -634,7 +635,7 @@ def load_exported(prefix, verify: bool = True) -> Export:
                          str(folder / files["weights"]["name"])).eval()
     scripted = torch.jit.load(str(folder / files["torchscript"]["name"]), map_location="cpu").eval()
     check = load_file(str(folder / files["check"]["name"]))
-    return Export(card, model, scripted, check["inputs"], check["logits"])
+    return Export(card, model, scripted, check["inputs"], check["logits"], folder)
 
 
 def write_card(path, model: LeNet5, dataset: str, metrics: Metrics | None, training: dict | None,
