@@ -20,6 +20,7 @@ fn dry_run_trains_saves_exports_and_eval_agrees() {
         "lenet5.pt",
         "lenet5.check.safetensors",
         "lenet5.onnx",
+        "lenet5.pt2",
         "metrics.csv",
         "metrics.jsonl",
     ] {
@@ -231,7 +232,13 @@ fn export_writes_every_format_with_no_python_on_path_and_the_card_lists_each_wit
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
     let files = card["files"].as_object().unwrap();
-    for (role, extension) in [("weights", "safetensors"), ("torchscript", "pt"), ("check", "check.safetensors"), ("onnx", "onnx")] {
+    for (role, extension) in [
+        ("weights", "safetensors"),
+        ("torchscript", "pt"),
+        ("check", "check.safetensors"),
+        ("onnx", "onnx"),
+        ("torch_export", "pt2"),
+    ] {
         let entry = &files[role];
         let path = dir.join(format!("m.{extension}"));
         assert_eq!(entry["name"], format!("m.{extension}"), "{role}");

@@ -412,7 +412,8 @@ fn read<'py>(py: Python<'py>, path: PathBuf, arch: Option<&str>, head: Option<&s
 
 /// Writes the files `lenet5 export` writes for the model of `arch`/`head` with `params` and
 /// `card` (JSON text, or None): PREFIX.pt (TorchScript), PREFIX.safetensors,
-/// PREFIX.check.safetensors, PREFIX.onnx and PREFIX.json (the card); returns their paths.
+/// PREFIX.check.safetensors, PREFIX.onnx, PREFIX.pt2 (torch.export) and PREFIX.json (the card);
+/// returns their paths.
 #[pyfunction]
 #[pyo3(signature = (prefix, data, arch, head, card, params))]
 fn save(

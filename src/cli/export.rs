@@ -1,5 +1,5 @@
 //! `lenet5 export`: a model's files for PyTorch users (TorchScript, safetensors, the check
-//! file and the card), from any weights this program reads.
+//! file, a torch.export archive and the card), from any weights this program reads.
 
 use anyhow::Result;
 use clap::Args;
@@ -14,7 +14,8 @@ use super::{DataArgs, ModelArgs};
 pub struct ExportArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output prefix DIR/NAME: writes NAME.pt, NAME.safetensors, NAME.check.safetensors, NAME.onnx, NAME.json.
+    /// Output prefix DIR/NAME: writes NAME.pt, NAME.safetensors, NAME.check.safetensors, NAME.onnx, NAME.pt2,
+    /// NAME.json.
     #[arg(long, value_name = "DIR/NAME")]
     pub out: PathBuf,
     #[command(flatten)]

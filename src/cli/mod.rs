@@ -45,7 +45,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Accuracy, loss, per-class accuracy and the confusion matrix of a model on the test set.
     Eval(eval::EvalArgs),
-    /// Write NAME.pt (TorchScript), NAME.safetensors, NAME.check.safetensors, NAME.onnx and NAME.json.
+    /// Write NAME.pt (TorchScript), NAME.safetensors, NAME.check.safetensors, NAME.onnx, NAME.pt2
+    /// (torch.export) and NAME.json.
     Export(export::ExportArgs),
     /// Write a run's checkpoint as a PyTorch training checkpoint (the tutorial's layout, with
     /// torch.optim's and lr_scheduler's own state dicts) that a notebook continues.

@@ -1,7 +1,7 @@
 //! Export for PyTorch users: `NAME.pt` (TorchScript traced from the Rust model),
 //! `NAME.safetensors` (the state dict), `NAME.check.safetensors` (inputs and the logits Rust
-//! computed for them), `NAME.onnx` (for onnxruntime and viewers) and `NAME.json` (the model
-//! card, with the files' SHA-256).
+//! computed for them), `NAME.onnx` (for onnxruntime and viewers), `NAME.pt2` (a torch.export
+//! archive) and `NAME.json` (the model card, with the files' SHA-256).
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -93,6 +93,11 @@ pub fn export(vs: &VarStore, net: &LeNet5, card: &ModelCard, prefix: &Path, chec
     let onnx = with_suffix(prefix, ".onnx");
     crate::formats::onnx::write(&cpu_net, &card, &onnx)?;
     record("onnx", &onnx)?;
+
+    let torch_export = with_suffix(prefix, ".pt2");
+    // Two of the check images as its sample inputs: torch.export's own smallest dynamic batch.
+    crate::formats::pt2::write(&torch_export, &cpu_net, &inputs.narrow(0, 0, inputs.size()[0].min(2)))?;
+    record("torch_export", &torch_export)?;
 
     if ot {
         let archive = with_suffix(prefix, ".ot");

@@ -4,7 +4,7 @@
 pub mod card;
 pub mod export;
 pub mod onnx;
+pub mod pt2;
 pub mod torch_checkpoint;
-pub mod torch_export;
 pub mod torch_pickle;
 pub mod weights;

@@ -134,6 +134,12 @@ pub fn read(path: &Path) -> Result<Value> {
     Ok(read_archive(path, Objects::Refused)?.value)
 }
 
+/// [`read`] for a torch.save file held in memory (one stored inside another archive).
+pub fn read_bytes(data: &[u8]) -> Result<Value> {
+    let zip = open_zip(std::io::Cursor::new(data)).context("not a readable zip archive")?;
+    Ok(read_from(zip, Objects::Refused)?.value)
+}
+
 /// Reads every named tensor of a torch.save'd dict of tensors (a state dict), in the file's order.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let value = read(path)?;
@@ -776,35 +782,49 @@ impl Storages {
 /// atomically, so that `torch.load(path, weights_only=True)` returns the same value: tuples
 /// stay tuples, int keys stay ints, tensors keep dtype, shape and bits (stored contiguous).
 pub fn write(path: &Path, value: &Value) -> Result<()> {
+    // torch.save names the top folder after the file.
+    let name = path.file_stem().and_then(|s| s.to_str()).filter(|s| !s.is_empty()).unwrap_or("archive");
+    let bytes = to_bytes(value, name).with_context(|| format!("{}: cannot write", path.display()))?;
+    crate::atomic::write(path, &bytes)
+}
+
+/// What [`write`] writes, in memory, under the top folder `name` (torch.save to a buffer
+/// names it `archive`).
+pub fn to_bytes(value: &Value, name: &str) -> Result<Vec<u8>> {
     let mut p = Pickler::default();
     p.out.extend([0x80, 2]); // PROTO 2, as torch.save
-    p.value(value, 0).with_context(|| format!("{}: cannot write", path.display()))?;
+    p.value(value, 0)?;
     p.out.push(b'.');
-    // torch.save names the top folder after the file (atomic::write_with keeps the name).
-    let name = path.file_stem().and_then(|s| s.to_str()).filter(|s| !s.is_empty()).unwrap_or("archive").to_string();
-    let mut records: Vec<(String, Vec<u8>)> = vec![
-        ("data.pkl".into(), std::mem::take(&mut p.out)),
-        (".format_version".into(), b"1".to_vec()),
-        (".storage_alignment".into(), ALIGNMENT.to_string().into_bytes()),
-        ("byteorder".into(), b"little".to_vec()),
-    ];
-    records.extend(p.storages.into_iter().enumerate().map(|(key, data)| (format!("data/{key}"), data)));
-    records.push(("version".into(), b"3\n".to_vec()));
+    p.archive(name)
+}
+
+/// `torch.save(nn.Parameter(tensor))` to a buffer: a parameter where a plain tensor will not
+/// do (torch.export's loader checks that a program's parameters are `nn.Parameter`s).
+pub fn parameter_to_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
+    let mut p = Pickler::default();
+    p.out.extend([0x80, 2]);
+    p.global("torch._utils", "_rebuild_parameter");
+    p.tensor(tensor)?;
+    p.out.push(0x88); // requires_grad=True
+    p.global("collections", "OrderedDict");
+    p.out.extend(b")R\x87R."); // OrderedDict(): no backward hooks; TUPLE3, REDUCE, STOP
+    p.archive("archive")
+}
+
+/// A zip as libtorch's PyTorchFileWriter writes one: every record stored uncompressed under
+/// the top folder `folder`, its data on a 64-byte boundary, `.data/serialization_id` last.
+pub fn zip_archive(folder: &str, mut records: Vec<(String, Vec<u8>)>) -> Result<Vec<u8>> {
     records.push((".data/serialization_id".into(), serialization_id(&records)));
-    crate::atomic::write_with(path, |tmp| {
-        let file = std::fs::File::create(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
-        for (record, data) in &records {
-            let options = zip::write::SimpleFileOptions::default()
-                .compression_method(zip::CompressionMethod::Stored)
-                .with_alignment(ALIGNMENT)
-                .large_file(data.len() as u64 >= u32::MAX as u64);
-            zip.start_file(format!("{name}/{record}"), options)?;
-            zip.write_all(data)?;
-        }
-        zip.finish()?.flush()?;
-        Ok(())
-    })
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (record, data) in &records {
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .with_alignment(ALIGNMENT)
+            .large_file(data.len() as u64 >= u32::MAX as u64);
+        zip.start_file(format!("{folder}/{record}"), options)?;
+        zip.write_all(data)?;
+    }
+    Ok(zip.finish()?.into_inner())
 }
 
 /// torch.save's `.data/serialization_id` is two 20-digit numbers derived from the records'
@@ -834,6 +854,19 @@ struct Pickler {
 }
 
 impl Pickler {
+    /// The pickle written so far and its storages, as torch.save lays them out.
+    fn archive(self, name: &str) -> Result<Vec<u8>> {
+        let mut records: Vec<(String, Vec<u8>)> = vec![
+            ("data.pkl".into(), self.out),
+            (".format_version".into(), b"1".to_vec()),
+            (".storage_alignment".into(), ALIGNMENT.to_string().into_bytes()),
+            ("byteorder".into(), b"little".to_vec()),
+        ];
+        records.extend(self.storages.into_iter().enumerate().map(|(key, data)| (format!("data/{key}"), data)));
+        records.push(("version".into(), b"3\n".to_vec()));
+        zip_archive(name, records)
+    }
+
     fn global(&mut self, module: &str, name: &str) {
         let line = format!("{module}\n{name}\n");
         if let Some(&i) = self.globals.get(&line) {

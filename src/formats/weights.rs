@@ -19,8 +19,8 @@ pub enum Format {
     /// `torch.save(...)`: a zip holding a pickle and raw tensor data. Weights are read from a
     /// state dict, a checkpoint dict holding one, or a whole pickled `nn.Module`, as data.
     TorchSave,
-    /// `torch.export.save(ep, path)` (`.pt2`): the program's graph, which is not run, and its
-    /// state dict as raw storages, which are read.
+    /// `torch.export.save(ep, path)` (`.pt2`, and this program's export): the program's graph,
+    /// which is not run, and its state dict (raw storages, or one pickle per tensor), which is read.
     TorchExport,
     /// `torch.jit.script(model).save(path)` or a traced module: a zip with `code/`.
     TorchScript,
@@ -146,7 +146,7 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<(NamedTensors, Vec<St
         // libtorch's unpickler cannot read state_dict()'s OrderedDict; ours names its errors.
         Format::TorchSave => Ok(torch_save_tensors(path, &mut notes)?),
         Format::TorchExport => {
-            let tensors = super::torch_export::read_weights(path).map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
+            let tensors = super::pt2::read_weights(path).map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
             notes.push(format!("{name}: a torch.export archive; its weights are read, its graph is not run"));
             Ok(tensors)
         }

@@ -111,7 +111,7 @@ def binary() -> Path:
 
 @pytest.fixture(scope="session")
 def rust_run(binary, mnist_dir, tmp_path_factory) -> Path:
-    """A run folder from a small `lenet5 train`: lenet5.{safetensors,json,pt,check.safetensors,onnx},
+    """A run folder from a small `lenet5 train`: lenet5.{safetensors,json,pt,check.safetensors,onnx,pt2},
     metrics.csv, metrics.jsonl."""
     out = tmp_path_factory.mktemp("rust-run")
     run([binary, "train", *RUST_TRAIN, "--threads", "2", "--data", mnist_dir, "--out", out])

@@ -116,7 +116,8 @@ def test_the_same_seed_initialises_as_pytorch_does():
 
 def test_save_writes_what_lenet5_export_writes(shipped, tmp_path, test_set):
     files = shipped.save(tmp_path / "m")
-    assert sorted(p.name for p in map(type(tmp_path), files)) == ["m.check.safetensors", "m.json", "m.onnx", "m.pt", "m.safetensors"]
+    assert sorted(p.name for p in map(type(tmp_path), files)) == [
+        "m.check.safetensors", "m.json", "m.onnx", "m.pt", "m.pt2", "m.safetensors"]
     exported = L.load_exported(tmp_path / "m")  # verifies the card's hashes and the check logits
     x = test_set[0][:16]
     with torch.no_grad():

@@ -24,7 +24,7 @@ def test_a_rust_training_run_passes_crosscheck(rust_run, mnist_dir):
 
 def test_lenet5_export_passes_crosscheck(binary, rust_run, mnist_dir, tmp_path, monkeypatch, capsys):
     run([binary, "export", "--model", rust_run / "lenet5.safetensors", "--data", mnist_dir, "--out", tmp_path / "m"])
-    assert {f.name for f in tmp_path.iterdir()} == {"m.pt", "m.safetensors", "m.json", "m.check.safetensors", "m.onnx"}
+    assert {f.name for f in tmp_path.iterdir()} == {"m.pt", "m.safetensors", "m.json", "m.check.safetensors", "m.onnx", "m.pt2"}
     monkeypatch.setattr("sys.argv", ["crosscheck", str(tmp_path / "m"), "--data", str(mnist_dir)])
     assert load_script("crosscheck").main() == 0, capsys.readouterr().out
 

@@ -66,8 +66,8 @@ def save(
     params: Sequence[torch.Tensor],
 ) -> list[str]:
     """Writes what `lenet5 export` writes for these parameters and card (JSON text):
-    PREFIX.pt (TorchScript), PREFIX.safetensors, PREFIX.check.safetensors, PREFIX.onnx, PREFIX.json;
-    returns their paths."""
+    PREFIX.pt (TorchScript), PREFIX.safetensors, PREFIX.check.safetensors, PREFIX.onnx,
+    PREFIX.pt2 (torch.export), PREFIX.json; returns their paths."""
 
 def evaluate(
     arch: Arch,

@@ -203,8 +203,8 @@ class LeNet5(nn.Module):
     def save(self, prefix, data=None):
         """Writes what `lenet5 export` writes, from the current Parameters: PREFIX.pt
         (TorchScript), PREFIX.safetensors, PREFIX.check.safetensors (logits of the first test
-        images of `data`, default data/mnist), PREFIX.onnx and PREFIX.json (the card); returns
-        their paths."""
+        images of `data`, default data/mnist), PREFIX.onnx, PREFIX.pt2 (torch.export) and PREFIX.json
+        (the card); returns their paths."""
         card = None if self.card is None else json.dumps(self.card)
         return _native.save(prefix, data, self.arch, self.head, card, self._tensors())
 
