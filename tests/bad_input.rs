@@ -78,7 +78,13 @@ fn weights_of_another_architecture_list_every_mismatch() {
     let changed: Vec<(String, tch::Tensor)> = tensors
         .into_iter()
         .filter(|(k, _)| k != "fc3.bias")
-        .map(|(k, t)| if k == "fc1.weight" { (k, tch::Tensor::zeros([120, 256], (tch::Kind::Float, tch::Device::Cpu))) } else { (k, t) })
+        .map(|(k, t)| {
+            if k == "fc1.weight" {
+                (k, tch::Tensor::zeros([120, 256], (tch::Kind::Float, tch::Device::Cpu)))
+            } else {
+                (k, t)
+            }
+        })
         .chain([("extra.weight".to_string(), tch::Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu)))])
         .collect();
     let path = d.join("other.safetensors");
@@ -86,7 +92,11 @@ fn weights_of_another_architecture_list_every_mismatch() {
     let out = lenet5(&["eval", "--model", s(&path), "--threads", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    for expected in ["missing fc3.bias [10]", "wrong shape for fc1.weight: expected [120, 400], got [120, 256]", "unexpected extra.weight [3]"] {
+    for expected in [
+        "missing fc3.bias [10]",
+        "wrong shape for fc1.weight: expected [120, 400], got [120, 256]",
+        "unexpected extra.weight [3]",
+    ] {
         assert!(stderr.contains(expected), "{expected:?} not in\n{stderr}");
     }
 }

@@ -29,15 +29,9 @@ fn dry_run_trains_saves_exports_and_eval_agrees() {
     let card = card(&out);
     assert_eq!(card["model"]["arch"], "modern");
     assert_eq!(card["parameters"], 61706);
-    let eval: serde_json::Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--model",
-        s(&out.join("lenet5.safetensors")),
-        "--json",
-        "--threads",
-        "1",
-    ]))
-    .unwrap();
+    let eval: serde_json::Value =
+        serde_json::from_str(&ok(&["eval", "--model", s(&out.join("lenet5.safetensors")), "--json", "--threads", "1"]))
+            .unwrap();
     // `eval` rebuilds the model from the card alone and must count the same images right.
     assert_eq!(eval["correct"], card["metrics"]["test_correct"]);
     assert_eq!(eval["total"], 10000);
@@ -52,7 +46,8 @@ fn the_direct_engine_counts_the_test_set_as_libtorch_does() {
     // far better than the 1e-4 allowed.
     let model = support::model();
     let eval = |engine: &str, threads: &str| -> serde_json::Value {
-        serde_json::from_str(&ok(&["eval", "--model", s(&model), "--engine", engine, "--threads", threads, "--json"])).unwrap()
+        serde_json::from_str(&ok(&["eval", "--model", s(&model), "--engine", engine, "--threads", threads, "--json"]))
+            .unwrap()
     };
     let reference = eval("libtorch", "1");
     assert_eq!(reference["engine"], "libtorch");
@@ -73,7 +68,21 @@ fn the_direct_engine_counts_the_test_set_as_libtorch_does() {
 fn a_seeded_cpu_run_repeats_exactly() {
     let run = |name| {
         let out = temp_dir(name);
-        ok(&["train", "--epochs", "2", "--limit-train", "1500", "--shift", "2", "--seed", "7", "--threads", "1", "--out", s(&out)]);
+        ok(&[
+            "train",
+            "--epochs",
+            "2",
+            "--limit-train",
+            "1500",
+            "--shift",
+            "2",
+            "--seed",
+            "7",
+            "--threads",
+            "1",
+            "--out",
+            s(&out),
+        ]);
         let metrics: Vec<String> = std::fs::read_to_string(out.join("metrics.csv"))
             .unwrap()
             .lines()
@@ -96,7 +105,19 @@ fn fashion_mnist_trains_with_its_own_classes() {
         return;
     }
     let out = temp_dir("fashion");
-    ok(&["train", "--dataset", "fashion-mnist", "--epochs", "2", "--limit-train", "5000", "--threads", "1", "--out", s(&out)]);
+    ok(&[
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--epochs",
+        "2",
+        "--limit-train",
+        "5000",
+        "--threads",
+        "1",
+        "--out",
+        s(&out),
+    ]);
     let card = card(&out);
     assert_eq!(card["dataset"], "fashion-mnist");
     assert_eq!(card["classes"][9], "Ankle boot");
@@ -107,7 +128,8 @@ fn fashion_mnist_trains_with_its_own_classes() {
 /// Writes the four MNIST files gzip'd (the torchvision layout) into `dir`.
 fn gzip_mnist(dir: &Path) {
     use std::io::Write;
-    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    {
         let bytes = std::fs::read(Path::new("data/mnist").join(f)).expect("MNIST in data/mnist: run scripts/setup");
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&bytes).unwrap();
@@ -123,7 +145,8 @@ fn gzipped_data_gives_the_same_result_and_broken_files_are_named() {
     let gz = temp_dir("gz-data");
     gzip_mnist(&gz);
     let eval = |data: &Path| -> serde_json::Value {
-        serde_json::from_str(&ok(&["eval", "--model", s(&weights), "--data", s(data), "--json", "--threads", "1"])).unwrap()
+        serde_json::from_str(&ok(&["eval", "--model", s(&weights), "--data", s(data), "--json", "--threads", "1"]))
+            .unwrap()
     };
     assert_eq!(eval(&gz)["correct"], eval(Path::new("data/mnist"))["correct"]);
 
@@ -230,7 +253,8 @@ fn export_writes_every_format_with_no_python_on_path_and_the_card_lists_each_wit
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap()).unwrap();
     let files = card["files"].as_object().unwrap();
     for (role, extension) in [
         ("weights", "safetensors"),

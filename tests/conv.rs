@@ -28,7 +28,11 @@ fn the_classic_walkthrough_writes_out_the_windows_and_explains_the_size() {
     // --explain all writes every window out; (0,2) is the one copies get wrong.
     let all = ok(&["conv", "--explain", "all"]);
     assert!(all.contains(&format!("  (0,2) rows 0-2, columns 2-4: {}", WINDOW_0_2.trim_start())), "{all}");
-    assert_eq!(all.lines().filter(|l| l.starts_with("  (") && l.contains("*")).count(), 10, "9 windows + the note's (0,2):\n{all}");
+    assert_eq!(
+        all.lines().filter(|l| l.starts_with("  (") && l.contains("*")).count(),
+        10,
+        "9 windows + the note's (0,2):\n{all}"
+    );
     let none = ok(&["conv", "--explain", "none"]);
     assert!(!none.contains("(1*1)") && none.contains("4 3 4\n2 4 3\n2 3 4\n"), "{none}");
 }
@@ -42,11 +46,19 @@ fn matrices_come_from_files_and_standard_input_with_stride_and_padding() {
     std::fs::write(&filter, "1 0\n-1 2\n").unwrap();
     let out = ok(&["conv", "--input", s(&input), "--filter", s(&filter), "--stride", "2", "--padding", "1"]);
     // Padded 6x7, 2x2 filter, stride 2: (4 + 2*1 - 2) / 2 + 1 = 3 rows, (5 + 2*1 - 2) / 2 + 1 = 3 columns.
-    assert!(out.contains("rows:    (4 + 2*1 - 2) / 2 + 1 = 3\n  columns: (5 + 2*1 - 2) / 2 + 1 = 3 (5/2 rounds down"), "{out}");
+    assert!(
+        out.contains("rows:    (4 + 2*1 - 2) / 2 + 1 = 3\n  columns: (5 + 2*1 - 2) / 2 + 1 = 3 (5/2 rounds down"),
+        "{out}"
+    );
     // out[0][0] sees padding except the bottom-right cell: 2 * input[0][0] = 2.
     assert!(out.contains("window (0,0) covers rows 0-1, columns 0-1 of the padded input"), "{out}");
     assert!(out.contains("  (0*1) + (0*0) + (0*-1) + (1*2) = 2\n"), "{out}");
-    let expected = conv::naive_conv2d(&conv::parse_matrix("1 2 0 -1 3\n0 1 1 0 2\n2 0 1 1 0\n1 1 0 2 1", "t").unwrap(), &vec![vec![1.0, 0.0], vec![-1.0, 2.0]], 2, 1);
+    let expected = conv::naive_conv2d(
+        &conv::parse_matrix("1 2 0 -1 3\n0 1 1 0 2\n2 0 1 1 0\n1 1 0 2 1", "t").unwrap(),
+        &vec![vec![1.0, 0.0], vec![-1.0, 2.0]],
+        2,
+        1,
+    );
     assert!(out.contains(&conv::format_matrix(&expected)), "{out}");
 
     // The compact form through standard input.
@@ -73,8 +85,14 @@ fn bad_matrices_get_an_error_at_their_row_and_column() {
     // Through the binary: one clean line, naming the flag, the file, the row and the column.
     let cases: Vec<(Vec<&str>, String)> = vec![
         (vec!["--input", s(&ragged)], format!("error: --input: {}: row 3: has 4 columns, but row 1 has 5", s(&ragged))),
-        (vec!["--filter", s(&compact)], format!("error: --filter: {}: row 2, column 2: 'a' is not a digit", s(&compact))),
-        (vec!["--filter", s(&big), "--input", s(&small)], "the 4x4 filter is larger than the 2x3 input padded by 0 (2x3)".into()),
+        (
+            vec!["--filter", s(&compact)],
+            format!("error: --filter: {}: row 2, column 2: 'a' is not a digit", s(&compact)),
+        ),
+        (
+            vec!["--filter", s(&big), "--input", s(&small)],
+            "the 4x4 filter is larger than the 2x3 input padded by 0 (2x3)".into(),
+        ),
         (vec!["--stride", "0"], "--stride 0: the stride must be at least 1".into()),
     ];
     for (args, message) in cases {
@@ -108,7 +126,11 @@ impl Lcg {
 
     fn matrix(&mut self, rows: usize, cols: usize, integers: bool) -> Matrix {
         (0..rows)
-            .map(|_| (0..cols).map(|_| if integers { self.next(19) as f64 - 9.0 } else { self.next(2001) as f64 / 1000.0 - 1.0 }).collect())
+            .map(|_| {
+                (0..cols)
+                    .map(|_| if integers { self.next(19) as f64 - 9.0 } else { self.next(2001) as f64 / 1000.0 - 1.0 })
+                    .collect()
+            })
             .collect()
     }
 }
@@ -156,7 +178,8 @@ fn a_preset_filters_a_real_digit_and_draws_it() {
     assert!(out.contains(&format!("picture: {}", s(&png))), "{out}");
 
     // The picture's output tile holds the convolution of the printed digit, gray = 0.
-    let digit_text: String = out.split("pixels scaled to 0-9:\n").nth(1).unwrap().split("\n\n").next().unwrap().to_string();
+    let digit_text: String =
+        out.split("pixels scaled to 0-9:\n").nth(1).unwrap().split("\n\n").next().unwrap().to_string();
     let digit = conv::parse_matrix(&digit_text, "printed digit").unwrap();
     assert_eq!((digit.len(), digit[0].len()), (28, 28));
     let filter = conv::Preset::Edge.filter();

@@ -7,11 +7,11 @@
 mod support;
 
 use lenet5::data::{self, DatasetKind, Splits};
+use lenet5::inference::Engine;
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
 use lenet5::training::schedule::ScheduleKind;
 use lenet5::training::{no_checkpoints, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
-use lenet5::inference::Engine;
 use support::*;
 use tch::nn::VarStore;
 use tch::Device;
@@ -52,7 +52,9 @@ fn train(splits: &Splits, model: ModelConfig, config: &TrainConfig) -> (f64, Vec
         checkpoint_every: None,
     };
     let mut opt = trainer.optimizer(&net, &vs).unwrap();
-    let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap() else {
+    let Outcome::Finished(history) =
+        trainer.run(&net, &vs, &mut opt, splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap()
+    else {
         panic!("nothing asked the run to stop")
     };
     let mut weights: Vec<(String, Vec<f32>)> =
@@ -70,7 +72,10 @@ fn a_short_direct_run_ends_within_0_15_points_of_libtorchs_at_the_same_seed() {
     // The engines round differently, and a run amplifies that like a change of seed: at seeds
     // 1-8 they ended 0.00-0.07 points apart (modern) and 0.00 (classic) here. A shorter run
     // (5,000 images, 3 epochs) ended up to 0.20 apart at 96-97 %: too close to chance.
-    for model in [ModelConfig { arch: Arch::Modern, head: Head::Softmax }, ModelConfig { arch: Arch::Classic, head: Head::Sigmoid }] {
+    for model in [
+        ModelConfig { arch: Arch::Modern, head: Head::Softmax },
+        ModelConfig { arch: Arch::Classic, head: Head::Sigmoid },
+    ] {
         let (libtorch, _) = train(&splits, model, &recipe(Engine::Libtorch));
         let (direct, _) = train(&splits, model, &recipe(Engine::Direct));
         assert!(libtorch > 0.85, "{model:?}: libtorch reached only {libtorch}");

@@ -5,9 +5,9 @@
 //! Bounded for CI (cases below); raise them with PROPTEST_CASES=N for a longer hunt.
 
 use lenet5::data::parse_idx;
-use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::formats::torch_pickle::Value;
 use lenet5::inference::{LoadOptions, Model};
+use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -83,12 +83,16 @@ fn samples() -> &'static Vec<(&'static str, Vec<u8>)> {
         vs.save(dir.join("m.ot")).unwrap();
         vs.freeze();
         let example = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
-        let traced = CModule::create_by_tracing("LeNet5", "forward", &[example], &mut |xs| vec![net.forward(&xs[0])]).unwrap();
+        let traced =
+            CModule::create_by_tracing("LeNet5", "forward", &[example], &mut |xs| vec![net.forward(&xs[0])]).unwrap();
         traced.save(dir.join("m.pt")).unwrap();
         // A checkpoint as torch.save lays it out, small so that most mutations hit the pickle
         // and the zip's records rather than tensor data.
         let conv1 = |k: &str| Value::Tensor(vs.variables()[k].shallow_clone());
-        let model = Value::Dict(vec![(Value::Str("conv1.bias".into()), conv1("conv1.bias")), (Value::Str("conv1.weight".into()), conv1("conv1.weight"))]);
+        let model = Value::Dict(vec![
+            (Value::Str("conv1.bias".into()), conv1("conv1.bias")),
+            (Value::Str("conv1.weight".into()), conv1("conv1.weight")),
+        ]);
         let checkpoint = Value::Dict(vec![
             (Value::Str("epoch".into()), Value::Int(3)),
             (Value::Str("model_state_dict".into()), model),
@@ -116,7 +120,10 @@ fn load_bytes(bytes: &[u8], case: usize) -> Result<(), TestCaseError> {
     std::fs::write(&path, bytes).unwrap();
     let result = Model::load(&path, &LoadOptions::default(), Device::Cpu);
     if let Err(e) = &result {
-        prop_assert!(format!("{e:#}").contains(path.to_str().unwrap()) || format!("{e:#}").contains("TorchScript"), "{e:#}");
+        prop_assert!(
+            format!("{e:#}").contains(path.to_str().unwrap()) || format!("{e:#}").contains("TorchScript"),
+            "{e:#}"
+        );
     }
     if let Ok(model) = result {
         // A file that loads must also run, or fail cleanly, on a real batch.
@@ -196,7 +203,9 @@ fn entries_of(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
 
 /// A small PNG of a digit-like blob, the base that image mutations start from.
 fn sample_png() -> Vec<u8> {
-    let img = image::GrayImage::from_fn(24, 30, |x, y| image::Luma([if (8..16).contains(&x) && (5..25).contains(&y) { 20 } else { 235 }]));
+    let img = image::GrayImage::from_fn(24, 30, |x, y| {
+        image::Luma([if (8..16).contains(&x) && (5..25).contains(&y) { 20 } else { 235 }])
+    });
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     png

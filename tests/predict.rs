@@ -23,7 +23,8 @@ fn digit(pixels: &[u8]) -> GrayImage {
 fn model_accuracy(model: &Path, n: usize) -> f64 {
     tch::set_num_threads(1);
     let classifier = lenet5::inference::Model::load(model, &Default::default(), tch::Device::Cpu).unwrap();
-    let norm = classifier.card().map(|c| c.input.normalization).unwrap_or(lenet5::data::DatasetKind::Mnist.normalization());
+    let norm =
+        classifier.card().map(|c| c.input.normalization).unwrap_or(lenet5::data::DatasetKind::Mnist.normalization());
     let test = lenet5::data::load_split(Path::new("data/mnist"), "t10k", norm).unwrap().take(n as i64);
     let logits = tch::no_grad(|| classifier.forward(&test.images)).unwrap();
     let correct = logits.argmax(-1, false).eq_tensor(&test.labels).sum(tch::Kind::Int64).int64_value(&[]);
@@ -80,7 +81,10 @@ fn mnist_digits_as_files_are_read_as_well_as_the_originals() {
         let right = (0..N).filter(|&i| predicted[k * N + i] == labels[i] as i64).count();
         let accuracy = right as f64 / N as f64;
         eprintln!("{name}: {accuracy:.3} on files; the model scores {expected:.3} on the tensors");
-        assert!((accuracy - expected).abs() <= TOLERANCE, "{name}: {accuracy:.3} on files vs {expected:.3} on the original tensors");
+        assert!(
+            (accuracy - expected).abs() <= TOLERANCE,
+            "{name}: {accuracy:.3} on files vs {expected:.3} on the original tensors"
+        );
     }
 }
 
@@ -91,7 +95,9 @@ fn every_format_gives_the_same_answer_and_the_saved_input_is_what_the_network_sa
     let dir = temp_dir("predict-formats");
     let n = 12;
     let mut files = vec![];
-    for (format, ext) in [(ImageFormat::Png, "png"), (ImageFormat::Bmp, "bmp"), (ImageFormat::Pnm, "pgm"), (ImageFormat::Jpeg, "jpg")] {
+    for (format, ext) in
+        [(ImageFormat::Png, "png"), (ImageFormat::Bmp, "bmp"), (ImageFormat::Pnm, "pgm"), (ImageFormat::Jpeg, "jpg")]
+    {
         for (i, pixels) in images.iter().take(n).enumerate() {
             // Dark ink on white paper, 4x larger: what a scan looks like.
             let paper = GrayImage::from_fn(28, 28, |x, y| Luma([255 - pixels[(y * 28 + x) as usize]]));
@@ -142,7 +148,9 @@ fn files_that_are_not_digits_get_one_clear_line_each() {
     GrayImage::from_pixel(40, 30, Luma([250])).save_with_format(&blank, ImageFormat::Png).unwrap();
     let truncated = dir.join("truncated.png");
     let mut png = Vec::new();
-    GrayImage::from_fn(64, 64, |x, y| Luma([((x * y) % 256) as u8])).write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png).unwrap();
+    GrayImage::from_fn(64, 64, |x, y| Luma([((x * y) % 256) as u8]))
+        .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
+        .unwrap();
     std::fs::write(&truncated, &png[..png.len() / 2]).unwrap();
     // A valid PNG header that claims 100,000 x 100,000 pixels (40 GB), and nothing else.
     let huge = dir.join("huge.png");
@@ -177,7 +185,11 @@ fn files_that_are_not_digits_get_one_clear_line_each() {
     ] {
         assert!(err.contains(message), "{message:?} not in {err}");
     }
-    assert_eq!(err.lines().filter(|l| l.starts_with("error: ")).count(), 7, "one line per bad file and a summary:\n{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        7,
+        "one line per bad file and a summary:\n{err}"
+    );
     // --json reports the same errors per file.
     args.insert(1, "--json");
     let json: serde_json::Value = serde_json::from_slice(&lenet5(&args).stdout).unwrap();
@@ -207,11 +219,14 @@ fn sixteen_bit_and_transparent_pngs_read_like_their_8_bit_originals() {
     for (i, pixels) in images.iter().take(20).enumerate() {
         let plain = digit(pixels);
         // 16-bit grayscale: every 8-bit value v becomes v * 257 (the same shade, full range).
-        let deep = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(28, 28, |x, y| Luma([plain.get_pixel(x, y).0[0] as u16 * 257]));
+        let deep = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(28, 28, |x, y| {
+            Luma([plain.get_pixel(x, y).0[0] as u16 * 257])
+        });
         // Black ink on a fully transparent background, the way drawing apps export a stroke:
         // transparency counts as white paper, so this reads as dark ink on light paper.
         let stroke = image::RgbaImage::from_fn(28, 28, |x, y| image::Rgba([0, 0, 0, plain.get_pixel(x, y).0[0]]));
-        let paths = [dir.join(format!("plain-{i}.png")), dir.join(format!("deep-{i}.png")), dir.join(format!("alpha-{i}.png"))];
+        let paths =
+            [dir.join(format!("plain-{i}.png")), dir.join(format!("deep-{i}.png")), dir.join(format!("alpha-{i}.png"))];
         plain.save_with_format(&paths[0], ImageFormat::Png).unwrap();
         deep.save_with_format(&paths[1], ImageFormat::Png).unwrap();
         stroke.save_with_format(&paths[2], ImageFormat::Png).unwrap();

@@ -14,8 +14,28 @@ const BIN: &str = env!("CARGO_BIN_EXE_lenet5");
 /// The default recipe (AdamW, OneCycleLR with beta1 cycling) on a small run; shifts exercise
 /// the per-step random streams, and checkpoints fall inside epochs as well as at their ends.
 const RECIPE: &[&str] = &[
-    "--epochs", "3", "--limit-train", "6000", "--batch-size", "64", "--shift", "1", "--seed", "5", "--threads", "1",
-    "--checkpoint-every", "10", "--optimizer", "adamw", "--lr", "3e-3", "--schedule", "onecycle", "--engine", "libtorch",
+    "--epochs",
+    "3",
+    "--limit-train",
+    "6000",
+    "--batch-size",
+    "64",
+    "--shift",
+    "1",
+    "--seed",
+    "5",
+    "--threads",
+    "1",
+    "--checkpoint-every",
+    "10",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--schedule",
+    "onecycle",
+    "--engine",
+    "libtorch",
 ];
 
 /// SGD's momentum buffers and a schedule that steps once per epoch.
@@ -125,7 +145,10 @@ fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
         assert!(stderr.contains(&format!("resume with: lenet5 train --resume {}", out.display())), "{stderr}");
         let resumed = resume(&out);
         assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-        assert!(std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(recipe), "{sig}: resumed weights differ");
+        assert!(
+            std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(recipe),
+            "{sig}: resumed weights differ"
+        );
     }
 }
 
@@ -145,7 +168,8 @@ fn sigkill_at_any_moment_leaves_a_loadable_run_that_resumes_exactly() {
         // A run that ended before the kill (exit 0) tests nothing: it must die by the signal.
         assert_eq!(status.signal(), Some(9), "kill {i}: the run was not killed ({status})\n{stderr}");
         // Whatever the moment, the checkpoint and the metrics in the folder are whole.
-        let (meta, saved) = lenet5::training::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
+        let (meta, saved) =
+            lenet5::training::checkpoint::load(&out.join("checkpoint.safetensors")).expect("checkpoint loads");
         assert_eq!(saved.weights.len(), 10);
         // AdamW's step, exp_avg and exp_avg_sq for each of the 10 parameters.
         assert_eq!(saved.optimizer.len(), 30, "{:?}", saved.optimizer.iter().map(|(k, _)| k).collect::<Vec<_>>());
@@ -154,7 +178,10 @@ fn sigkill_at_any_moment_leaves_a_loadable_run_that_resumes_exactly() {
         assert!(rows <= meta.state.history.len(), "metrics ahead of the checkpoint");
         let resumed = resume(&out);
         assert!(resumed.status.success(), "kill {i}: {}", String::from_utf8_lossy(&resumed.stderr));
-        assert!(std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(&[]), "kill {i}: resumed weights differ");
+        assert!(
+            std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(&[]),
+            "kill {i}: resumed weights differ"
+        );
         let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
         assert_eq!(csv.lines().count(), 4, "three epochs of metrics after resuming:\n{csv}");
     }

@@ -97,7 +97,8 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let stdout: Vec<String> = std::iter::from_fn(|| self.stdout.recv_timeout(Duration::from_secs(5)).ok()).collect();
+                let stdout: Vec<String> =
+                    std::iter::from_fn(|| self.stdout.recv_timeout(Duration::from_secs(5)).ok()).collect();
                 return (status, stdout.join("\n"), self.stderr());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -193,7 +194,8 @@ fn the_stages_are_what_a_plain_loop_computes_from_the_served_filters() {
     let answer = server.post("/api/predict?stages=true", "image/png", &png(&paper));
     assert_eq!(answer["inverted"], true);
     let stages = answer["stages"].as_array().unwrap();
-    let shapes: Vec<(String, Value)> = stages.iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["shape"].clone())).collect();
+    let shapes: Vec<(String, Value)> =
+        stages.iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["shape"].clone())).collect();
     let expected: Vec<(String, Value)> = [
         ("input", json!([1, 32, 32])),
         ("C1", json!([6, 28, 28])),
@@ -258,11 +260,17 @@ fn the_stages_are_what_a_plain_loop_computes_from_the_served_filters() {
     }
     let threes = server.get("/api/test-images?class=3&limit=5");
     let first_threes: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == 3).take(5).collect();
-    assert_eq!(threes["images"].as_array().unwrap().iter().map(|t| t["index"].as_u64().unwrap() as usize).collect::<Vec<_>>(), first_threes);
+    assert_eq!(
+        threes["images"].as_array().unwrap().iter().map(|t| t["index"].as_u64().unwrap() as usize).collect::<Vec<_>>(),
+        first_threes
+    );
     let eighteen = server.get("/api/test-images/18?stages=true");
     assert_eq!((eighteen["index"].clone(), eighteen["class"].clone()), (json!(18), json!(labels[18])));
     let seen = floats(&eighteen["seen"]);
-    assert_eq!(seen[2 * 32 + 2..2 * 32 + 30], images[18][..28].iter().map(|&v| (v as f32 / 255.0) as f64).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        seen[2 * 32 + 2..2 * 32 + 30],
+        images[18][..28].iter().map(|&v| (v as f32 / 255.0) as f64).collect::<Vec<_>>()[..]
+    );
 }
 
 #[test]
@@ -273,17 +281,32 @@ fn the_convolution_walkthrough_is_the_classic_example_and_any_matrices() {
     let windows = classic["windows"].as_array().unwrap();
     assert_eq!(windows.len(), 9);
     // Window (0,2): rows 0-2, columns 2-4 under 101/010/101, the one often printed as 3.
-    assert_eq!((windows[2]["row"].clone(), windows[2]["col"].clone(), windows[2]["sum"].clone()), (json!(0), json!(2), json!(4.0)));
-    let products: f64 = windows[2]["terms"].as_array().unwrap().iter().map(|t| t[0].as_f64().unwrap() * t[1].as_f64().unwrap()).sum();
+    assert_eq!(
+        (windows[2]["row"].clone(), windows[2]["col"].clone(), windows[2]["sum"].clone()),
+        (json!(0), json!(2), json!(4.0))
+    );
+    let products: f64 =
+        windows[2]["terms"].as_array().unwrap().iter().map(|t| t[0].as_f64().unwrap() * t[1].as_f64().unwrap()).sum();
     assert_eq!(products, 4.0);
 
     // The edge preset over a 7x6 matrix with stride 2 and padding 1, against the definition.
     let input: Vec<Vec<f64>> = (0..7).map(|i| (0..6).map(|j| ((i * 7 + j * 3) % 10) as f64).collect()).collect();
     let edge = [[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]];
-    let walk = server.post("/api/conv", "application/json", json!({ "input": input, "preset": "edge", "stride": 2, "padding": 1 }).to_string().as_bytes());
-    let at = |y: i64, x: i64| if (0..7).contains(&y) && (0..6).contains(&x) { input[y as usize][x as usize] } else { 0.0 };
+    let walk = server.post(
+        "/api/conv",
+        "application/json",
+        json!({ "input": input, "preset": "edge", "stride": 2, "padding": 1 }).to_string().as_bytes(),
+    );
+    let at =
+        |y: i64, x: i64| if (0..7).contains(&y) && (0..6).contains(&x) { input[y as usize][x as usize] } else { 0.0 };
     let expected: Vec<Vec<f64>> = (0..4)
-        .map(|i| (0..3).map(|j| (0..9).map(|k| edge[k / 3][k % 3] * at(2 * i - 1 + k as i64 / 3, 2 * j - 1 + k as i64 % 3)).sum()).collect())
+        .map(|i| {
+            (0..3)
+                .map(|j| {
+                    (0..9).map(|k| edge[k / 3][k % 3] * at(2 * i - 1 + k as i64 / 3, 2 * j - 1 + k as i64 % 3)).sum()
+                })
+                .collect()
+        })
         .collect();
     assert_eq!(walk["output"], json!(expected));
     assert_eq!(walk["libtorch_max_difference"], json!(0.0));
@@ -301,24 +324,70 @@ fn bad_input_gets_its_status_and_a_one_line_reason_and_the_server_carries_on() {
     let mut truncated = png(&GrayImage::from_fn(64, 64, |x, y| Luma([((x * y) % 256) as u8])));
     truncated.truncate(truncated.len() / 2);
     let too_big = vec![0u8; 8 * 1024 * 1024 + 1];
-    let grey = |rows: usize, cols: usize, v: f64| json!({ "pixels": vec![vec![v; cols]; rows] }).to_string().into_bytes();
+    let grey =
+        |rows: usize, cols: usize, v: f64| json!({ "pixels": vec![vec![v; cols]; rows] }).to_string().into_bytes();
     let conv = |v: Value| v.to_string().into_bytes();
     let cases: Vec<Case> = vec![
-        ("/api/predict", Some(("application/octet-stream", too_big)), 413, "the body is larger than the limit of 8388608 bytes"),
-        ("/api/predict", Some(("text/plain", b"this is not an image\n".to_vec())), 400, "the body: not an image this program reads (PNG, JPEG, BMP or PGM/PPM/PBM)"),
+        (
+            "/api/predict",
+            Some(("application/octet-stream", too_big)),
+            413,
+            "the body is larger than the limit of 8388608 bytes",
+        ),
+        (
+            "/api/predict",
+            Some(("text/plain", b"this is not an image\n".to_vec())),
+            400,
+            "the body: not an image this program reads (PNG, JPEG, BMP or PGM/PPM/PBM)",
+        ),
         ("/api/predict", Some(("image/png", vec![])), 400, "the body: empty (no image)"),
         ("/api/predict", Some(("image/png", blank)), 400, "the body: the image is blank"),
         ("/api/predict", Some(("image/png", truncated)), 400, "the body: cannot decode the Png image"),
-        ("/api/predict", Some(("application/json", b"{\"pixels\": ".to_vec())), 400, "the JSON body: EOF while parsing"),
-        ("/api/predict", Some(("application/json", grey(27, 28, 0.0))), 400, "pixels: 27 rows; expected 28 rows of 28 grey values (0-255)"),
+        (
+            "/api/predict",
+            Some(("application/json", b"{\"pixels\": ".to_vec())),
+            400,
+            "the JSON body: EOF while parsing",
+        ),
+        (
+            "/api/predict",
+            Some(("application/json", grey(27, 28, 0.0))),
+            400,
+            "pixels: 27 rows; expected 28 rows of 28 grey values (0-255)",
+        ),
         ("/api/predict", Some(("application/json", grey(28, 3, 0.0))), 400, "pixels: row 1 has 3 values; expected 28"),
-        ("/api/predict", Some(("application/json", grey(28, 28, -1.0))), 400, "pixels: row 1, column 1: -1 is outside 0-255"),
+        (
+            "/api/predict",
+            Some(("application/json", grey(28, 28, -1.0))),
+            400,
+            "pixels: row 1, column 1: -1 is outside 0-255",
+        ),
         ("/api/predict?stages=maybe", Some(("image/png", vec![1])), 400, "Failed to deserialize query string"),
         ("/api/predict", None, 405, "this route does not take that method"),
-        ("/api/conv", Some(("application/json", conv(json!({ "input": [[1, 2], [3]], "preset": "edge" })))), 400, "input: row 2 has 1 values, but row 1 has 2"),
-        ("/api/conv", Some(("application/json", conv(json!({ "input": [[1]], "preset": "emboss" })))), 400, "preset \"emboss\": not one of edge, sobel-x, sobel-y, sharpen, blur"),
-        ("/api/conv", Some(("application/json", conv(json!({ "input": [[1, 2], [3, 4]], "preset": "blur" })))), 400, "the 3x3 filter is larger than the 2x2 input"),
-        ("/api/conv", Some(("application/json", conv(json!({ "input": vec![vec![0; 65]; 3], "filter": [[1]] })))), 400, "input: 3x65; at most 64x64"),
+        (
+            "/api/conv",
+            Some(("application/json", conv(json!({ "input": [[1, 2], [3]], "preset": "edge" })))),
+            400,
+            "input: row 2 has 1 values, but row 1 has 2",
+        ),
+        (
+            "/api/conv",
+            Some(("application/json", conv(json!({ "input": [[1]], "preset": "emboss" })))),
+            400,
+            "preset \"emboss\": not one of edge, sobel-x, sobel-y, sharpen, blur",
+        ),
+        (
+            "/api/conv",
+            Some(("application/json", conv(json!({ "input": [[1, 2], [3, 4]], "preset": "blur" })))),
+            400,
+            "the 3x3 filter is larger than the 2x2 input",
+        ),
+        (
+            "/api/conv",
+            Some(("application/json", conv(json!({ "input": vec![vec![0; 65]; 3], "filter": [[1]] })))),
+            400,
+            "input: 3x65; at most 64x64",
+        ),
         ("/api/test-images/10000", None, 404, "test image 10000: the test set has images 0 to 9999"),
         ("/api/test-images/first", None, 400, "Cannot parse `first`"),
         ("/api/test-images?class=10", None, 400, "class 10: the classes are 0 to 9"),
@@ -346,23 +415,14 @@ type Answer = Result<(u16, String), String>;
 fn oversize_post(address: &str, len: usize, chunked: bool) -> Answer {
     use std::io::{Read, Write};
     const CHUNK: usize = 64 << 10;
-    let mut stream =
-        std::net::TcpStream::connect(address).map_err(|e| format!("connecting: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let framing = if chunked {
-        "Transfer-Encoding: chunked".to_string()
-    } else {
-        format!("Content-Length: {len}")
-    };
-    let head = format!("POST /api/predict HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/octet-stream\r\n{framing}\r\n\r\n");
-    stream
-        .write_all(head.as_bytes())
-        .map_err(|e| format!("writing the head: {e}"))?;
+    let mut stream = std::net::TcpStream::connect(address).map_err(|e| format!("connecting: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let framing = if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {len}") };
+    let head = format!(
+        "POST /api/predict HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/octet-stream\r\n{framing}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).map_err(|e| format!("writing the head: {e}"))?;
     let chunk = [0u8; CHUNK];
     let mut sent = 0;
     while sent < len {
@@ -379,9 +439,7 @@ fn oversize_post(address: &str, len: usize, chunked: bool) -> Answer {
         sent += n;
     }
     if chunked {
-        stream
-            .write_all(b"0\r\n\r\n")
-            .map_err(|e| format!("ending the chunked body: {e}"))?;
+        stream.write_all(b"0\r\n\r\n").map_err(|e| format!("ending the chunked body: {e}"))?;
     }
     // The answer: its head, then as many bytes as its Content-Length says.
     let mut answer = Vec::new();
@@ -390,23 +448,14 @@ fn oversize_post(address: &str, len: usize, chunked: bool) -> Answer {
         if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
             break at + 4;
         }
-        let n = stream
-            .read(&mut buf)
-            .map_err(|e| format!("reading the answer: {e}"))?;
+        let n = stream.read(&mut buf).map_err(|e| format!("reading the answer: {e}"))?;
         if n == 0 {
-            return Err(format!(
-                "the connection closed after {} bytes of answer",
-                answer.len()
-            ));
+            return Err(format!("the connection closed after {} bytes of answer", answer.len()));
         }
         answer.extend_from_slice(&buf[..n]);
     };
     let head = String::from_utf8_lossy(&answer[..split]).to_lowercase();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("no status in {head:?}"))?;
     let length: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
@@ -414,23 +463,14 @@ fn oversize_post(address: &str, len: usize, chunked: bool) -> Answer {
         .ok_or_else(|| format!("no content-length in {head:?}"))?;
     let mut body = answer[split..].to_vec();
     while body.len() < length {
-        let n = stream
-            .read(&mut buf)
-            .map_err(|e| format!("reading the answer's body: {e}"))?;
+        let n = stream.read(&mut buf).map_err(|e| format!("reading the answer's body: {e}"))?;
         if n == 0 {
-            return Err(format!(
-                "the connection closed after {} of {length} bytes of the answer's body",
-                body.len()
-            ));
+            return Err(format!("the connection closed after {} of {length} bytes of the answer's body", body.len()));
         }
         body.extend_from_slice(&buf[..n]);
     }
-    let json: Value = serde_json::from_slice(&body)
-        .map_err(|e| format!("the answer's body is not JSON ({e})"))?;
-    Ok((
-        status,
-        json["error"].as_str().unwrap_or_default().to_string(),
-    ))
+    let json: Value = serde_json::from_slice(&body).map_err(|e| format!("the answer's body is not JSON ({e})"))?;
+    Ok((status, json["error"].as_str().unwrap_or_default().to_string()))
 }
 
 #[test]
@@ -458,28 +498,13 @@ fn every_oversize_body_gets_its_413_though_the_client_is_still_sending_it() {
                 })
             })
             .collect();
-        clients
-            .into_iter()
-            .flat_map(|c| c.join().unwrap())
-            .collect()
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
     });
-    let reason = format!(
-        "the body is larger than the limit of {} bytes",
-        lenet5::serve::MAX_BODY_BYTES
-    );
+    let reason = format!("the body is larger than the limit of {} bytes", lenet5::serve::MAX_BODY_BYTES);
     let wrong: Vec<String> = answers
         .iter()
         .filter(|(_, answer)| !matches!(answer, Ok((413, r)) if *r == reason))
-        .map(|(i, answer)| {
-            format!(
-                "POST {i} ({}): {answer:?}",
-                if i % 2 == 1 {
-                    "chunked"
-                } else {
-                    "Content-Length"
-                }
-            )
-        })
+        .map(|(i, answer)| format!("POST {i} ({}): {answer:?}", if i % 2 == 1 { "chunked" } else { "Content-Length" }))
         .collect();
     assert_eq!(answers.len(), POSTS);
     assert!(
@@ -498,28 +523,17 @@ fn a_client_waiting_for_100_continue_gets_the_413_before_it_sends_the_body() {
     let server = Server::start(&model());
     let address = server.base.strip_prefix("http://").unwrap();
     let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let len = 2 * lenet5::serve::MAX_BODY_BYTES;
-    let head = format!("POST /api/predict HTTP/1.1\r\nHost: {address}\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n");
+    let head = format!(
+        "POST /api/predict HTTP/1.1\r\nHost: {address}\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
+    );
     stream.write_all(head.as_bytes()).unwrap();
     // No "100 Continue": the 413 itself, then the server closes the connection.
     let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .expect("the server answers and closes");
+    stream.read_to_string(&mut answer).expect("the server answers and closes");
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
-    assert!(
-        answer.to_lowercase().contains("\r\nconnection: close\r\n"),
-        "{answer}"
-    );
-    let reason = format!(
-        "the body is larger than the limit of {} bytes",
-        lenet5::serve::MAX_BODY_BYTES
-    );
-    assert!(
-        answer.ends_with(&json!({ "error": reason }).to_string()),
-        "{answer}"
-    );
+    assert!(answer.to_lowercase().contains("\r\nconnection: close\r\n"), "{answer}");
+    let reason = format!("the body is larger than the limit of {} bytes", lenet5::serve::MAX_BODY_BYTES);
+    assert!(answer.ends_with(&json!({ "error": reason }).to_string()), "{answer}");
 }

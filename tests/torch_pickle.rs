@@ -105,7 +105,10 @@ fn every_dtype_and_layout_equals_what_safetensors_holds() {
         let reference: BTreeMap<String, Tensor> =
             Tensor::read_safetensors(fixtures().join(format!("{name}.safetensors"))).unwrap().into_iter().collect();
         let names: Vec<&str> = ours.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names.iter().copied().collect::<std::collections::BTreeSet<_>>(), reference.keys().map(|k| k.as_str()).collect());
+        assert_eq!(
+            names.iter().copied().collect::<std::collections::BTreeSet<_>>(),
+            reference.keys().map(|k| k.as_str()).collect()
+        );
         // Exact equality: the bytes are copied, never converted.
         for (key, got) in &ours {
             let want = &reference[key];
@@ -119,7 +122,8 @@ fn every_dtype_and_layout_equals_what_safetensors_holds() {
         }
     }
     // The fixtures exercise what they claim: the dict order survives, and two tensors share a storage.
-    let names: Vec<String> = read_state_dict(&fixtures().join("state_dict.pt")).unwrap().into_iter().map(|(k, _)| k).collect();
+    let names: Vec<String> =
+        read_state_dict(&fixtures().join("state_dict.pt")).unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(names[..3], ["f64", "f16", "bf16"]); // a module's own buffers come before its children's
     let zip = zip::ZipArchive::new(std::fs::File::open(fixtures().join("state_dict.pt")).unwrap()).unwrap();
     let storages = zip.file_names().filter(|n| n.as_ref().is_ok_and(|n| n.contains("/data/"))).count();
@@ -152,7 +156,10 @@ fn a_checkpoint_holding_more_than_tensors_is_refused_with_its_keys() {
 #[test]
 fn globals_outside_the_allow_list_are_refused_and_never_run() {
     let err = error_of(&fixtures().join("custom.pt"));
-    assert!(err.contains("refuses to load __main__.Custom: only tensors, numbers, strings and containers of them are read"), "{err}");
+    assert!(
+        err.contains("refuses to load __main__.Custom: only tensors, numbers, strings and containers of them are read"),
+        "{err}"
+    );
     let err = error_of(&fixtures().join("evil.pt"));
     assert!(err.contains("refuses to load posix.system"), "{err}");
     assert!(!fixtures().join("pwned").exists(), "the pickle ran a command");

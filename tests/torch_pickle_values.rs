@@ -131,7 +131,9 @@ fn describe(v: &Value) -> Json {
         Value::Str(s) => json!({ "str": s }),
         Value::List(items) => json!({ "list": all(items) }),
         Value::Tuple(items) => json!({ "tuple": all(items) }),
-        Value::Dict(items) => json!({ "dict": items.iter().map(|(k, v)| json!([describe(k), describe(v)])).collect::<Vec<_>>() }),
+        Value::Dict(items) => {
+            json!({ "dict": items.iter().map(|(k, v)| json!([describe(k), describe(v)])).collect::<Vec<_>>() })
+        }
         Value::Tensor(t) => {
             let n = t.numel();
             let mut data = vec![0u8; n * t.kind().elt_size_in_bytes()];
@@ -162,7 +164,13 @@ fn a_value_written_in_rust_loads_in_pytorch_with_the_same_types_and_bits() {
     let value = Value::Dict(vec![
         (key("epoch"), Value::Int(3)),
         (key("step"), Value::Int(70_000)),
-        (key("model_state_dict"), Value::Dict(vec![(key("conv1.weight"), t(Tensor::randn([6, 1, 5, 5], cpu))), (key("conv1.bias"), t(Tensor::randn([6], cpu)))])),
+        (
+            key("model_state_dict"),
+            Value::Dict(vec![
+                (key("conv1.weight"), t(Tensor::randn([6, 1, 5, 5], cpu))),
+                (key("conv1.bias"), t(Tensor::randn([6], cpu))),
+            ]),
+        ),
         (
             key("optimizer_state_dict"),
             Value::Dict(vec![
@@ -194,9 +202,19 @@ fn a_value_written_in_rust_loads_in_pytorch_with_the_same_types_and_bits() {
             ]),
         ),
         (key("ints"), Value::Tuple([255, 256, 65536, -1, i64::MIN, i64::MAX].into_iter().map(Value::Int).collect())),
-        (key("floats"), Value::List([f64::NAN, f64::NEG_INFINITY, 1e300, -0.0].into_iter().map(Value::Float).collect())),
+        (
+            key("floats"),
+            Value::List([f64::NAN, f64::NEG_INFINITY, 1e300, -0.0].into_iter().map(Value::Float).collect()),
+        ),
         (Value::Int(-2), Value::Str("négatif ✓".into())),
-        (key("tuples"), Value::Tuple(vec![Value::Tuple(vec![]), Value::Tuple(vec![Value::None]), Value::Tuple((0..5).map(Value::Int).collect())])),
+        (
+            key("tuples"),
+            Value::Tuple(vec![
+                Value::Tuple(vec![]),
+                Value::Tuple(vec![Value::None]),
+                Value::Tuple((0..5).map(Value::Int).collect()),
+            ]),
+        ),
     ]);
     let dir = support::temp_dir("pickle-values");
     let path = dir.join("values.pt");

@@ -3,11 +3,11 @@
 //! sigmoid outputs). Needs MNIST in data/mnist (scripts/setup).
 
 use lenet5::data::{self, DatasetKind};
-use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
-use lenet5::training::schedule::ScheduleKind;
-use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
 use lenet5::inference::evaluate::evaluate;
 use lenet5::inference::Engine;
+use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
+use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
+use lenet5::training::schedule::ScheduleKind;
 use lenet5::training::{no_checkpoints, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
@@ -43,9 +43,20 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         let before = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
         let config = recipe();
-        let trainer = Trainer { config: &config, head, background: DatasetKind::Mnist.normalization().background(), batch_order: None, checkpoint_every: None };
+        let trainer = Trainer {
+            config: &config,
+            head,
+            background: DatasetKind::Mnist.normalization().background(),
+            batch_order: None,
+            checkpoint_every: None,
+        };
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
-        let Outcome::Finished(history) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap() else { panic!("nothing asked the run to stop") };
+        let Outcome::Finished(history) = trainer
+            .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
+            .unwrap()
+        else {
+            panic!("nothing asked the run to stop")
+        };
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > bar, "{arch:?}/{head:?}: {after} after 3 epochs of 5,000 images");
         assert_eq!(history.len(), 3);
@@ -74,10 +85,19 @@ fn a_stop_at_an_epochs_last_batch_takes_effect_after_the_epoch_and_one_inside_it
     for (stop_at, epoch, batch, epochs_done) in [(10, 2, 0, 1), (13, 2, 3, 1)] {
         let vs = VarStore::new(Device::Cpu);
         let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
-        let trainer = Trainer { config: &config, head: Head::Softmax, background: 0.0, batch_order: None, checkpoint_every: None };
+        let trainer = Trainer {
+            config: &config,
+            head: Head::Softmax,
+            background: 0.0,
+            batch_order: None,
+            checkpoint_every: None,
+        };
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
         let mut observer = StopAt { step: stop_at, asked: 0 };
-        let Outcome::Stopped(state) = trainer.run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut observer, &mut no_checkpoints).unwrap() else {
+        let Outcome::Stopped(state) = trainer
+            .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut observer, &mut no_checkpoints)
+            .unwrap()
+        else {
             panic!("a stop was asked for at step {stop_at}")
         };
         assert_eq!((state.step, state.epoch, state.batch, state.history.len()), (stop_at, epoch, batch, epochs_done));

@@ -29,16 +29,29 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 /// The documented scaling: `lo` black, `hi` white, round(255 (v - lo) / (hi - lo)).
 fn gray(v: f32, lo: f32, hi: f32) -> i32 {
-    if hi > lo { (255.0 * (v - lo) / (hi - lo)).round() as i32 } else { 0 }
+    if hi > lo {
+        (255.0 * (v - lo) / (hi - lo)).round() as i32
+    } else {
+        0
+    }
 }
 
 /// Checks every value of every map in a grid picture: the pixel in the middle of its
 /// `zoom x zoom` square must be gray at exactly the documented level (the binary and this test
 /// both compute on one CPU thread, so their floats agree to the bit).
-fn assert_tiles(png: &RgbImage, origins: &[(u32, u32)], maps: &[Vec<f32>], cols: u32, zoom: u32, signed: bool, what: &str) {
+fn assert_tiles(
+    png: &RgbImage,
+    origins: &[(u32, u32)],
+    maps: &[Vec<f32>],
+    cols: u32,
+    zoom: u32,
+    signed: bool,
+    what: &str,
+) {
     assert_eq!(origins.len(), maps.len(), "{what}: tile count");
     for (m, (map, &(x0, y0))) in maps.iter().zip(origins).enumerate() {
-        let (mut lo, mut hi) = map.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (mut lo, mut hi) =
+            map.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         if signed {
             (lo, hi) = (-lo.abs().max(hi.abs()), lo.abs().max(hi.abs()));
         }
@@ -47,7 +60,11 @@ fn assert_tiles(png: &RgbImage, origins: &[(u32, u32)], maps: &[Vec<f32>], cols:
             let p = png.get_pixel(x0 + c * zoom + zoom / 2, y0 + r * zoom + zoom / 2).0;
             assert!(p[0] == p[1] && p[1] == p[2], "{what} map {m} ({r},{c}) is not gray: {p:?}");
             let expected = gray(v, lo, hi);
-            assert!(p[0] as i32 == expected, "{what} map {m} ({r},{c}): pixel {} for value {v} in [{lo}, {hi}], expected {expected}", p[0]);
+            assert!(
+                p[0] as i32 == expected,
+                "{what} map {m} ({r},{c}): pixel {} for value {v} in [{lo}, {hi}], expected {expected}",
+                p[0]
+            );
         }
     }
 }
@@ -62,9 +79,11 @@ fn own_forward_pass(model: &Path) -> (Model, lenet5::data::Dataset, i64, HashMap
     let index = labels.iter().position(|&l| l == 3).unwrap() as i64;
     let mut stages = HashMap::new();
     let (_, net) = classifier.lenet5().expect("a safetensors model is native");
-    let _logits = tch::no_grad(|| net.forward_observed(&test.images.narrow(0, index, 1), &mut |name, t| {
-        stages.insert(name.to_string(), t.copy());
-    }));
+    let _logits = tch::no_grad(|| {
+        net.forward_observed(&test.images.narrow(0, index, 1), &mut |name, t| {
+            stages.insert(name.to_string(), t.copy());
+        })
+    });
     (classifier, test, index, stages)
 }
 
@@ -76,12 +95,23 @@ fn the_pictures_hold_the_activations_the_model_computes() {
 
     let predicted = stages["output"].argmax(-1, false).int64_value(&[0]);
     assert!(printed.starts_with(&format!("test image #{index}: predicted {predicted} (")), "{printed}");
-    for file in ["input.png", "conv1-filters.png", "c1.png", "s2.png", "c3.png", "s4.png", "probabilities.png", "confusion.png", "activations.safetensors"] {
+    for file in [
+        "input.png",
+        "conv1-filters.png",
+        "c1.png",
+        "s2.png",
+        "c3.png",
+        "s4.png",
+        "probabilities.png",
+        "confusion.png",
+        "activations.safetensors",
+    ] {
         assert!(printed.contains(&format!("{}  ", s(&out.join(file)))), "{file} not listed in\n{printed}");
     }
 
     // The saved activations are this test's own, stage by stage.
-    let saved: HashMap<String, Tensor> = Tensor::read_safetensors(out.join("activations.safetensors")).unwrap().into_iter().collect();
+    let saved: HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.join("activations.safetensors")).unwrap().into_iter().collect();
     for stage in lenet5::model::STAGES {
         let diff = (&saved[stage] - &stages[stage]).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{stage}: the saved activations differ by {diff}");
@@ -95,7 +125,11 @@ fn the_pictures_hold_the_activations_the_model_computes() {
         let rows = c.div_ceil(columns as u32);
         // Title band 36, each row of tiles H*zoom plus a 20-pixel caption, 12 between rows and below.
         assert_eq!(png.height(), 36 + rows * (h * zoom + 20) + (rows - 1) * 12 + 12, "{file} height");
-        assert!(png.width() >= 24 + columns as u32 * w * zoom + (columns as u32 - 1) * 12, "{file} width {}", png.width());
+        assert!(
+            png.width() >= 24 + columns as u32 * w * zoom + (columns as u32 - 1) * 12,
+            "{file} width {}",
+            png.width()
+        );
         // Where the tiles are comes from the library; what they show is checked against our numbers.
         let layout = lenet5::explain::visualize::stage_picture(stage, a, net.config).unwrap();
         assert_eq!(png.dimensions(), layout.image.dimensions(), "{file}");
@@ -128,7 +162,11 @@ fn the_confusion_matrix_and_the_mistakes_match_evaluation() {
 
     // Every cell of the heat map has the colour of its share of the true class.
     let heat = image::open(out.join("confusion.png")).unwrap().to_rgb8();
-    let (cell, left, top) = (lenet5::explain::pictures::HEAT_CELL, lenet5::explain::pictures::HEAT_LEFT, lenet5::explain::pictures::HEAT_TOP);
+    let (cell, left, top) = (
+        lenet5::explain::pictures::HEAT_CELL,
+        lenet5::explain::pictures::HEAT_LEFT,
+        lenet5::explain::pictures::HEAT_TOP,
+    );
     assert!(heat.width() >= left + 10 * cell && heat.height() >= top + 10 * cell);
     for (i, row) in m.confusion.iter().enumerate() {
         let total = row.iter().sum::<i64>() as f64;
@@ -139,8 +177,14 @@ fn the_confusion_matrix_and_the_mistakes_match_evaluation() {
         }
     }
     let wrong = m.total - m.correct;
-    assert!(printed.contains(&format!("confusion matrix: {} of {} test images right", m.correct, m.total)), "{printed}");
-    assert!(printed.contains(&format!("{} of the {wrong} test images the model gets wrong", wrong.min(36))), "{printed}");
+    assert!(
+        printed.contains(&format!("confusion matrix: {} of {} test images right", m.correct, m.total)),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("{} of the {wrong} test images the model gets wrong", wrong.min(36))),
+        "{printed}"
+    );
     let mistakes = image::open(out.join("mistakes.png")).unwrap().to_rgb8();
     let rows = (wrong.min(36) as u32).div_ceil(9);
     assert_eq!(mistakes.height(), 36 + rows * (28 * 3 + 20) + (rows - 1) * 12 + 12);
@@ -159,7 +203,10 @@ fn torchscript_is_refused_and_your_own_image_can_be_followed() {
     let script = model.with_extension("pt");
     assert!(script.is_file(), "train and export write {} beside the weights", script.display());
     let err = fails(&["visualize", "--model", s(&script), "--out", s(&dir)]);
-    assert!(err.contains(&format!("{}: a TorchScript module", s(&script))) && err.contains("feature maps cannot be read"), "{err}");
+    assert!(
+        err.contains(&format!("{}: a TorchScript module", s(&script))) && err.contains("feature maps cannot be read"),
+        "{err}"
+    );
     let err = fails(&["visualize", "--model", s(&model), "--index", "10000", "--out", s(&dir)]);
     assert!(err.contains("--index 10000: the test set has images 0 to 9999"), "{err}");
 

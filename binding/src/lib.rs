@@ -23,7 +23,9 @@ use lenet5::formats::card::ModelCard;
 use lenet5::formats::weights::{self, detect, first_line, Format};
 use lenet5::inference::evaluate::evaluate as evaluate_model;
 use lenet5::inference::{card_beside, model_file, Engine, LoadOptions, Model};
-use lenet5::model::{forward_with, parameter_names, Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS};
+use lenet5::model::{
+    forward_with, parameter_names, Arch, Head, LeNet5, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS,
+};
 use lenet5::setting::Suggestion;
 use lenet5::training::checkpoint::CheckpointMeta;
 use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
@@ -75,7 +77,10 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, value: &str, choices: &str)
 }
 
 fn parse_config(arch: &str, head: &str) -> PyResult<ModelConfig> {
-    Ok(ModelConfig { arch: parse("arch", arch, "'modern', 'classic'")?, head: parse("head", head, "'softmax', 'sigmoid'")? })
+    Ok(ModelConfig {
+        arch: parse("arch", arch, "'modern', 'classic'")?,
+        head: parse("head", head, "'softmax', 'sigmoid'")?,
+    })
 }
 
 /// A `torch.Tensor` argument that libtorch can compute on here: dense (strided) and on the CPU
@@ -85,16 +90,21 @@ struct Dense(Tensor);
 
 impl<'py> FromPyObject<'py> for Dense {
     fn extract_bound(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        let tensor: PyTensor = obj
-            .extract()
-            .map_err(|_| PyTypeError::new_err(format!("expected a torch.Tensor, got {}", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default())))?;
+        let tensor: PyTensor = obj.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "expected a torch.Tensor, got {}",
+                obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            ))
+        })?;
         let layout = obj.getattr("layout")?.str()?.to_string();
         if layout != "torch.strided" {
             return Err(PyValueError::new_err(format!("a {layout} tensor: pass a dense one (.to_dense())")));
         }
         let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
         if device != "cpu" && device != "cuda" {
-            return Err(PyValueError::new_err(format!("a tensor on the {device} device: lenet5 computes on cpu or cuda")));
+            return Err(PyValueError::new_err(format!(
+                "a tensor on the {device} device: lenet5 computes on cpu or cuda"
+            )));
         }
         Ok(Dense(tensor.0))
     }
@@ -148,13 +158,20 @@ fn check_batch(x: &Tensor, device: Device) -> PyResult<()> {
 /// checked before libtorch sees them: dense, float32, LeNet-5's shapes, all on one device.
 fn model_parameters(params: &[Bound<'_, PyAny>]) -> PyResult<Vec<Tensor>> {
     if params.len() != PARAMETERS.len() {
-        return Err(PyValueError::new_err(format!("expected LeNet-5's {} parameters, got {}", PARAMETERS.len(), params.len())));
+        return Err(PyValueError::new_err(format!(
+            "expected LeNet-5's {} parameters, got {}",
+            PARAMETERS.len(),
+            params.len()
+        )));
     }
     let mut tensors: Vec<Tensor> = Vec::with_capacity(PARAMETERS.len());
     for (obj, (name, shape)) in params.iter().zip(PARAMETERS) {
         let t = named_tensor(obj, name)?;
         if t.kind() != Kind::Float {
-            return Err(PyTypeError::new_err(format!("{name} is {:?}: lenet5 computes in float32 (model.float())", t.kind())));
+            return Err(PyTypeError::new_err(format!(
+                "{name} is {:?}: lenet5 computes in float32 (model.float())",
+                t.kind()
+            )));
         }
         if t.size() != shape {
             return Err(PyValueError::new_err(format!("{name} has shape {:?}; LeNet-5's is {shape:?}", t.size())));
@@ -272,7 +289,12 @@ enum Runner<'a> {
 
 impl Runner<'_> {
     /// The runner for `direct` (None: libtorch), checking that the direct engine's model is on the CPU.
-    fn new<'a>(arch: Arch, params: &[Bound<'_, PyAny>], tensors: &[Tensor], direct: Option<&'a Bound<'_, DirectEngine>>) -> PyResult<Runner<'a>> {
+    fn new<'a>(
+        arch: Arch,
+        params: &[Bound<'_, PyAny>],
+        tensors: &[Tensor],
+        direct: Option<&'a Bound<'_, DirectEngine>>,
+    ) -> PyResult<Runner<'a>> {
         let Some(engine) = direct else { return Ok(Runner::Libtorch(arch)) };
         if tensors[0].device() != Device::Cpu {
             return Err(PyValueError::new_err(format!(
@@ -296,7 +318,13 @@ impl Runner<'_> {
 /// them), or the direct engine's loops on its copy of them.
 #[pyfunction]
 #[pyo3(signature = (x, arch, params, direct = None))]
-fn forward(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny>>, direct: Option<Bound<'_, DirectEngine>>) -> PyResult<PyTensor> {
+fn forward(
+    py: Python<'_>,
+    x: Dense,
+    arch: &str,
+    params: Vec<Bound<'_, PyAny>>,
+    direct: Option<Bound<'_, DirectEngine>>,
+) -> PyResult<PyTensor> {
     let arch = parse("arch", arch, "'modern', 'classic'")?;
     let tensors = model_parameters(&params)?;
     check_batch(&x, tensors[0].device())?;
@@ -307,7 +335,12 @@ fn forward(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny>>, 
 
 /// Every stage of the libtorch forward pass (input, C1, S2, C3, S4, F5, F6, output), by name.
 #[pyfunction]
-fn activations(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<(String, PyTensor)>> {
+fn activations(
+    py: Python<'_>,
+    x: Dense,
+    arch: &str,
+    params: Vec<Bound<'_, PyAny>>,
+) -> PyResult<Vec<(String, PyTensor)>> {
     let arch = parse("arch", arch, "'modern', 'classic'")?;
     let tensors = model_parameters(&params)?;
     check_batch(&x, tensors[0].device())?;
@@ -315,7 +348,8 @@ fn activations(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny
     let stages = py
         .allow_threads(move || {
             let mut stages = vec![];
-            forward_with(arch, refs(&tensors), &x, &mut |name, t| stages.push((name.to_string(), t.shallow_clone()))).map(|_| stages)
+            forward_with(arch, refs(&tensors), &x, &mut |name, t| stages.push((name.to_string(), t.shallow_clone())))
+                .map(|_| stages)
         })
         .py()?;
     Ok(stages.into_iter().map(|(name, t)| (name, PyTensor(t))).collect())
@@ -326,10 +360,14 @@ fn activations(py: Python<'_>, x: Dense, arch: &str, params: Vec<Bound<'_, PyAny
 /// wrong shape or dtype or, `strict`, when one is missing or unexpected. Returns the missing
 /// and unexpected names.
 #[pyfunction]
-fn check_state_dict(items: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>, strict: bool) -> PyResult<(Vec<String>, Vec<String>)> {
+fn check_state_dict(
+    items: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
+    strict: bool,
+) -> PyResult<(Vec<String>, Vec<String>)> {
     let mut given = BTreeMap::new();
     for (k, v) in items {
-        let name: String = k.extract().map_err(|_| PyTypeError::new_err(format!("state_dict key {k}: not a string")))?;
+        let name: String =
+            k.extract().map_err(|_| PyTypeError::new_err(format!("state_dict key {k}: not a string")))?;
         let t = named_tensor(&v, &format!("state_dict[{name:?}]"))?;
         given.insert(name, t);
     }
@@ -346,13 +384,20 @@ fn check_state_dict(items: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>, strict: bo
 }
 
 /// A model as Python's `LeNet5` is built from it: arch, head, card, device and its tensors.
-fn model_parts<'py>(py: Python<'py>, config: ModelConfig, card: Option<&ModelCard>, net: &LeNet5, device: Device) -> PyResult<Bound<'py, PyDict>> {
+fn model_parts<'py>(
+    py: Python<'py>,
+    config: ModelConfig,
+    card: Option<&ModelCard>,
+    net: &LeNet5,
+    device: Device,
+) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
     out.set_item("arch", config.arch.to_string())?;
     out.set_item("head", config.head.to_string())?;
     out.set_item("card", card.map(|c| to_python(py, c)).transpose()?)?;
     out.set_item("device", lenet5::device::name(device))?;
-    let tensors: Vec<(String, PyTensor)> = net.parameters().into_iter().map(|(n, t)| (n, PyTensor(t.detach()))).collect();
+    let tensors: Vec<(String, PyTensor)> =
+        net.parameters().into_iter().map(|(n, t)| (n, PyTensor(t.detach()))).collect();
     out.set_item("tensors", tensors)?;
     out.set_item("torchscript", false)?;
     Ok(out)
@@ -364,7 +409,14 @@ fn model_parts<'py>(py: Python<'py>, config: ModelConfig, card: Option<&ModelCar
 /// card, if one is beside it): Python reads its tensors.
 #[pyfunction]
 #[pyo3(signature = (path, arch = None, head = None, engine = "libtorch", device = "cpu"))]
-fn read<'py>(py: Python<'py>, path: PathBuf, arch: Option<&str>, head: Option<&str>, engine: &str, device: &str) -> PyResult<Bound<'py, PyDict>> {
+fn read<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    arch: Option<&str>,
+    head: Option<&str>,
+    engine: &str,
+    device: &str,
+) -> PyResult<Bound<'py, PyDict>> {
     let options = LoadOptions {
         arch: arch.map(|a| parse::<Arch>("arch", a, "'modern', 'classic'")).transpose()?,
         head: head.map(|h| parse::<Head>("head", h, "'softmax', 'sigmoid'")).transpose()?,
@@ -452,7 +504,8 @@ fn save(
 /// checked; `what` names them in messages ("images", "test_images").
 fn tensors_dataset(images: Dense, labels: Dense, what: &str, device: Device) -> PyResult<Dataset> {
     let n = images.size().first().copied().unwrap_or(0);
-    check_batch(&images, device).map_err(|e| Python::with_gil(|py| PyValueError::new_err(format!("{what}: {}", e.value(py)))))?;
+    check_batch(&images, device)
+        .map_err(|e| Python::with_gil(|py| PyValueError::new_err(format!("{what}: {}", e.value(py)))))?;
     let labels_name = what.replace("images", "labels");
     if labels.size() != [n] || labels.kind() != Kind::Int64 {
         return Err(PyValueError::new_err(format!(
@@ -466,7 +519,9 @@ fn tensors_dataset(images: Dense, labels: Dense, what: &str, device: Device) -> 
     }
     let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
     if lo < 0 || hi >= NUM_CLASSES {
-        return Err(PyValueError::new_err(format!("{labels_name} must be classes 0..{NUM_CLASSES}, found {lo}..={hi}")));
+        return Err(PyValueError::new_err(format!(
+            "{labels_name} must be classes 0..{NUM_CLASSES}, found {lo}..={hi}"
+        )));
     }
     Ok(Dataset { images: images.0, labels: labels.0.to_device(device) })
 }
@@ -540,9 +595,15 @@ fn recipe(overrides: Option<&Bound<'_, PyDict>>) -> PyResult<TrainConfig> {
             let mut known: Vec<&String> = fields.keys().collect();
             known.sort();
             let known: Vec<&str> = known.iter().map(|k| k.as_str()).collect();
-            return Err(PyTypeError::new_err(format!("train() got an unexpected keyword argument {key:?}; the recipe's are {}", known.join(", "))));
+            return Err(PyTypeError::new_err(format!(
+                "train() got an unexpected keyword argument {key:?}; the recipe's are {}",
+                known.join(", ")
+            )));
         }
-        let text: String = json_module.as_ref().expect("set when there are overrides").call_method1("dumps", (&value,))
+        let text: String = json_module
+            .as_ref()
+            .expect("set when there are overrides")
+            .call_method1("dumps", (&value,))
             .and_then(|t| t.extract())
             .map_err(|_| PyTypeError::new_err(format!("{key}={value}: not a number, string, bool, list or None")))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -552,15 +613,21 @@ fn recipe(overrides: Option<&Bound<'_, PyDict>>) -> PyResult<TrainConfig> {
             (serde_json::Value::Number(_), v) => v.is_number(),
             (serde_json::Value::Bool(_), v) => v.is_boolean(),
             (serde_json::Value::String(_), v) => v.is_string(),
-            (serde_json::Value::Array(d), serde_json::Value::Array(v)) => d.len() == v.len() && v.iter().all(|x| x.is_number()),
+            (serde_json::Value::Array(d), serde_json::Value::Array(v)) => {
+                d.len() == v.len() && v.iter().all(|x| x.is_number())
+            }
             _ => false,
         };
         if !fits {
-            return Err(PyTypeError::new_err(format!("{key}={text}: expected {} like the default {default}", kind_of(default))));
+            return Err(PyTypeError::new_err(format!(
+                "{key}={text}: expected {} like the default {default}",
+                kind_of(default)
+            )));
         }
         fields.insert(key, value);
     }
-    let config: TrainConfig = serde_json::from_value(json).map_err(|e| PyValueError::new_err(format!("recipe: {e}")))?;
+    let config: TrainConfig =
+        serde_json::from_value(json).map_err(|e| PyValueError::new_err(format!("recipe: {e}")))?;
     config.validate().py()?;
     Ok(config)
 }
@@ -661,7 +728,9 @@ fn train<'py>(
     let mut plan = match &resume {
         Some(path) => {
             if recipe_overrides.is_some_and(|d| !d.is_empty()) || init.is_some() {
-                return Err(PyValueError::new_err("resume= continues a run with its saved recipe; it takes no recipe arguments or init="));
+                return Err(PyValueError::new_err(
+                    "resume= continues a run with its saved recipe; it takes no recipe arguments or init=",
+                ));
             }
             RunPlan::resume(path, out).py()?
         }
@@ -723,13 +792,22 @@ fn matrix(value: &Bound<'_, PyAny>, what: &str) -> PyResult<walkthrough::Matrix>
     } else {
         let rows: Vec<Vec<f64>> = match value.extract::<Dense>() {
             Ok(t) if t.dim() == 2 => Vec::<Vec<f64>>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double)).py()?,
-            Ok(t) => return Err(PyValueError::new_err(format!("{what}: a 2-D tensor is needed, got shape {:?}", t.size()))),
-            Err(e) if e.is_instance_of::<PyValueError>(value.py()) => return Err(PyValueError::new_err(format!("{what}: {}", e.value(value.py())))),
-            Err(_) => value.extract().map_err(|_| PyTypeError::new_err(format!("{what}: expected a string, a list of rows of numbers or a 2-D tensor")))?,
+            Ok(t) => {
+                return Err(PyValueError::new_err(format!("{what}: a 2-D tensor is needed, got shape {:?}", t.size())))
+            }
+            Err(e) if e.is_instance_of::<PyValueError>(value.py()) => {
+                return Err(PyValueError::new_err(format!("{what}: {}", e.value(value.py()))))
+            }
+            Err(_) => value.extract().map_err(|_| {
+                PyTypeError::new_err(format!("{what}: expected a string, a list of rows of numbers or a 2-D tensor"))
+            })?,
         };
         // Through the text form, so every check (and its message) is `lenet5 conv`'s own;
         // Rust prints floats so that they parse back exactly.
-        rows.iter().map(|r| r.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n")
+        rows.iter()
+            .map(|r| r.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     walkthrough::parse_matrix(&text, what).py()
 }

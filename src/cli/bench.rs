@@ -12,9 +12,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lenet5::data::{self, Splits};
-use lenet5::model::{Arch, LeNet5, ModelConfig};
 use lenet5::inference::evaluate::evaluate;
 use lenet5::inference::{Engine, LoadOptions, Model};
+use lenet5::model::{Arch, LeNet5, ModelConfig};
 use lenet5::training::{no_checkpoints, EpochMetrics, Outcome, TrainConfig, TrainState, Trainer, Watcher};
 
 use super::{DataArgs, RuntimeArgs};
@@ -136,7 +136,8 @@ fn sync(device: Device) {
 /// This process's peak resident memory (`VmHWM`, as the Python side reads it), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib / 1024.0)
 }
 
@@ -148,7 +149,10 @@ fn setup_training(args: &BenchArgs, device: Device) -> Result<(TrainConfig, Spli
     let data = data.to_device(device);
     tch::manual_seed(args.seed.unwrap_or(recipe.seed));
     let vs = VarStore::new(device);
-    let net = LeNet5::new(&vs.root(), ModelConfig { arch: args.arch.unwrap_or(ModelConfig::DEFAULT.arch), ..ModelConfig::DEFAULT });
+    let net = LeNet5::new(
+        &vs.root(),
+        ModelConfig { arch: args.arch.unwrap_or(ModelConfig::DEFAULT.arch), ..ModelConfig::DEFAULT },
+    );
     Ok((recipe, data, vs, net))
 }
 
@@ -195,8 +199,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
         batch_order: Some(order),
         checkpoint_every: None,
     };
-    let mut clock =
-        StepClock { warmup, steps, device, taken: 0, started: None, seconds: 0.0 };
+    let mut clock = StepClock { warmup, steps, device, taken: 0, started: None, seconds: 0.0 };
     let mut opt = trainer.optimizer(&net, &vs)?;
     match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut clock, &mut no_checkpoints)? {
         Outcome::Stopped(_) => {}
@@ -211,7 +214,8 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
 }
 
 fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Model)> {
-    let default = if args.what == Measure::LatencyScript { "models/mnist/lenet5.pt" } else { "models/mnist/lenet5.safetensors" };
+    let default =
+        if args.what == Measure::LatencyScript { "models/mnist/lenet5.pt" } else { "models/mnist/lenet5.safetensors" };
     let path = args.model.clone().unwrap_or_else(|| PathBuf::from(default));
     let classifier = Model::load(&path, &LoadOptions::default(), device)?.with_engine(args.compute.engine)?;
     if args.what == Measure::LatencyScript && classifier.lenet5().is_some() {
@@ -222,7 +226,8 @@ fn load_model(args: &BenchArgs, device: Device) -> Result<(PathBuf, Model)> {
 
 fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, warmup: usize) -> Result<Value> {
     let (path, classifier) = load_model(args, device)?;
-    let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?.to_device(device);
+    let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?
+        .to_device(device);
     let forward = |xs: &Tensor| classifier.forward(xs);
     for _ in 0..warmup {
         evaluate(&forward, classifier.head(), &test, batch)?;
@@ -244,7 +249,8 @@ fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, 
 
 fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: usize) -> Result<Value> {
     let (path, classifier) = load_model(args, device)?;
-    let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?.to_device(device);
+    let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?
+        .to_device(device);
     let inputs: Vec<Tensor> = (0..LATENCY_IMAGES.min(test.len() / batch).max(1))
         .map(|i| test.images.narrow(0, i * batch, batch)) // (batch, 1, 32, 32)
         .collect();
@@ -328,14 +334,20 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     recipe.validate()?;
     let config = recipe;
     let norm = args.data.dataset.normalization();
-    let trainer =
-        Trainer { config: &config, head: net.config.head, background: norm.background(), batch_order: None, checkpoint_every: None };
+    let trainer = Trainer {
+        config: &config,
+        head: net.config.head,
+        background: norm.background(),
+        batch_order: None,
+        checkpoint_every: None,
+    };
     let mut observer = StopAtAccuracy { target: args.target, reached: None };
     let mut opt = trainer.optimizer(&net, &vs)?;
-    let history = match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut observer, &mut no_checkpoints)? {
-        Outcome::Finished(history) => history,
-        Outcome::Stopped(state) => state.history,
-    };
+    let history =
+        match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut observer, &mut no_checkpoints)? {
+            Outcome::Finished(history) => history,
+            Outcome::Stopped(state) => state.history,
+        };
     let last = history.last().context("training ran no epoch")?;
     let row = observer.reached.as_ref().unwrap_or(last);
     Ok(json!({

@@ -4,7 +4,10 @@
 use anyhow::{ensure, Context, Result};
 use std::path::PathBuf;
 
-use lenet5::explain::conv::{mnist_digit, naive_conv2d, parse_compact, picture, read_matrix, walkthrough, Explain, Preset, CLASSIC_FILTER, CLASSIC_INPUT};
+use lenet5::explain::conv::{
+    mnist_digit, naive_conv2d, parse_compact, picture, read_matrix, walkthrough, Explain, Preset, CLASSIC_FILTER,
+    CLASSIC_INPUT,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct ConvArgs {
@@ -38,7 +41,6 @@ pub struct ConvArgs {
     pub png: Option<PathBuf>,
 }
 
-
 pub fn run(args: &ConvArgs) -> Result<()> {
     ensure!(args.stride > 0, "--stride 0: the stride must be at least 1");
     let (input, filter, input_name, png) = match args.preset {
@@ -71,4 +73,3 @@ pub fn run(args: &ConvArgs) -> Result<()> {
     }
     Ok(())
 }
-

@@ -89,8 +89,11 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// clap's parser for one of the library's named enums (`named::<Arch>(Arch::NAMES)`): its
 /// values are listed in `--help` and in clap's error for any other.
-pub fn named<T: FromStr + Clone + Send + Sync + 'static>(names: &'static [&'static str]) -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(names).map(|s| s.parse::<T>().unwrap_or_else(|_| unreachable!("{s:?} is one of the listed names")))
+pub fn named<T: FromStr + Clone + Send + Sync + 'static>(
+    names: &'static [&'static str],
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(names)
+        .map(|s| s.parse::<T>().unwrap_or_else(|_| unreachable!("{s:?} is one of the listed names")))
 }
 
 /// The flag that sets a library setting, where its spelling differs from `--name-with-dashes`.

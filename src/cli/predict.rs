@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use tch::Tensor;
 
 use lenet5::data::handwriting::{self, Prepared};
-use lenet5::inference::predict::predict;
 use lenet5::inference::card_path;
+use lenet5::inference::predict::predict;
 
 use super::{EngineArgs, ModelArgs, RuntimeArgs};
 
@@ -33,7 +33,6 @@ pub struct PredictArgs {
     pub save_preprocessed: Option<PathBuf>,
 }
 
-
 /// `DIR/STEM.png` for each image, with `-2`, `-3`... when two images share a stem.
 fn preprocessed_names(images: &[PathBuf]) -> Vec<String> {
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -43,7 +42,11 @@ fn preprocessed_names(images: &[PathBuf]) -> Vec<String> {
             let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
             let n = seen.entry(stem.clone()).or_insert(0);
             *n += 1;
-            if *n == 1 { format!("{stem}.png") } else { format!("{stem}-{n}.png") }
+            if *n == 1 {
+                format!("{stem}.png")
+            } else {
+                format!("{stem}-{n}.png")
+            }
         })
         .collect()
 }
@@ -57,7 +60,11 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         Some(c) => Some(c.clone()),
         None => {
             let path = card_path(classifier.path().context("a loaded model has its file")?);
-            if path.is_file() { Some(lenet5::formats::card::ModelCard::read(&path)?) } else { None }
+            if path.is_file() {
+                Some(lenet5::formats::card::ModelCard::read(&path)?)
+            } else {
+                None
+            }
         }
     };
     let dataset = card.as_ref().map(|c| c.dataset).unwrap_or(lenet5::data::DatasetKind::Mnist);
@@ -103,21 +110,28 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                     row.insert("inverted".into(), json!(p.inverted));
                     json_rows.push(serde_json::Value::Object(row));
                 } else {
-                    let top3: Vec<String> = r.ranked.iter().take(3).map(|&c| format!("{} {:.1}%", classes[c], 100.0 * r.probabilities[c])).collect();
+                    let top3: Vec<String> = r
+                        .ranked
+                        .iter()
+                        .take(3)
+                        .map(|&c| format!("{} {:.1}%", classes[c], 100.0 * r.probabilities[c]))
+                        .collect();
                     println!("{file}: {}   ({})", classes[best], top3.join(", "));
                 }
             }
         }
     }
     if args.json {
-        println!("{}", json!({ "model": args.model.model, "engine": classifier.engine().as_str(), "predictions": json_rows }));
+        println!(
+            "{}",
+            json!({ "model": args.model.model, "engine": classifier.engine().as_str(), "predictions": json_rows })
+        );
     }
     if failures > 0 {
         bail!("{failures} of {} images could not be read", args.images.len());
     }
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests {

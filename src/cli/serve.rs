@@ -45,10 +45,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         eprintln!("note: {note}");
     }
     let router = serve::router(Arc::new(app));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async {
         let (host, port) = (args.host.as_str(), args.port);
         let listener = tokio::net::TcpListener::bind((host, port))
@@ -56,16 +54,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {host} port {port}"))?;
         let address = listener.local_addr().context("the address listened on")?;
         let mut stdout = std::io::stdout();
-        writeln!(
-            stdout,
-            "serving {} on http://{address}/ (Ctrl-C stops)",
-            args.model.model.display()
-        )
-        .context("printing the address")?;
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("the server failed")?;
+        writeln!(stdout, "serving {} on http://{address}/ (Ctrl-C stops)", args.model.model.display())
+            .context("printing the address")?;
+        axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.context("the server failed")?;
         // The work is done; a stdout closed meanwhile (println! would panic) is no reason to fail.
         let _ = writeln!(stdout, "stopped");
         Ok(())

@@ -6,8 +6,8 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
-use lenet5::training::checkpoint::CheckpointMeta;
 use lenet5::model::{Arch, Head, ModelConfig};
+use lenet5::training::checkpoint::CheckpointMeta;
 use lenet5::training::optim::{Implementation, OptimizerConfig, OptimizerKind};
 use lenet5::training::run::{self, RunEnd, RunPlan, Start, CHECKPOINT_FILE};
 use lenet5::training::schedule::ScheduleKind;
@@ -117,7 +117,6 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
 }
 
-
 impl TrainArgs {
     /// The recipe these flags give, checked.
     fn config(&self) -> Result<TrainConfig> {
@@ -180,12 +179,21 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     // A new run takes its recipe from the flags; a resumed one from its checkpoint.
     let mut plan = match &args.resume {
         Some(path) => {
-            ensure!(args.init.is_none() && args.batch_order.is_none(), "--resume continues a run as it was; it takes no --init or --batch-order");
+            ensure!(
+                args.init.is_none() && args.batch_order.is_none(),
+                "--resume continues a run as it was; it takes no --init or --batch-order"
+            );
             RunPlan::resume(path, args.out.clone())?
         }
         None => {
             let model = ModelConfig { arch: args.arch, head: args.head };
-            let meta = CheckpointMeta::new(model, args.data.dataset, args.data.data.clone(), args.config()?, args.checkpoint_every);
+            let meta = CheckpointMeta::new(
+                model,
+                args.data.dataset,
+                args.data.data.clone(),
+                args.config()?,
+                args.checkpoint_every,
+            );
             let start = args.init.clone().map_or(Start::Fresh, Start::Init);
             RunPlan::new(meta, start, args.out.clone())?
         }

@@ -4,8 +4,8 @@ use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
-use lenet5::model::STAGES;
 use lenet5::explain::visualize::{self, VisualizeConfig};
+use lenet5::model::STAGES;
 
 use super::{DataArgs, ModelArgs, RuntimeArgs};
 
@@ -48,7 +48,10 @@ pub fn run(args: &VisualizeArgs) -> Result<()> {
     }
     println!("{}  the activations of every stage ({})", report.activations.display(), STAGES.join(", "));
     if let Some(missing) = report.missing_metrics {
-        eprintln!("note: no training curves: {} does not exist (train writes it into the run folder)", missing.display());
+        eprintln!(
+            "note: no training curves: {} does not exist (train writes it into the run folder)",
+            missing.display()
+        );
     }
     Ok(())
 }

@@ -46,7 +46,11 @@ pub struct Gray {
 
 impl Gray {
     pub fn from_fn(width: u32, height: u32, f: impl Fn(u32, u32) -> f32) -> Gray {
-        Gray { width, height, pixels: (0..height).flat_map(|y| (0..width).map(move |x| (x, y))).map(|(x, y)| f(x, y)).collect() }
+        Gray {
+            width,
+            height,
+            pixels: (0..height).flat_map(|y| (0..width).map(move |x| (x, y))).map(|(x, y)| f(x, y)).collect(),
+        }
     }
 
     /// The median of the outermost ring of pixels: the paper's shade.
@@ -135,8 +139,12 @@ fn decode_gray<R: std::io::BufRead + std::io::Seek>(source: R, name: &str) -> Re
         let mut source = reader.into_inner();
         let mut head = [0u8; 4];
         // Only for the message: bytes that cannot be re-read are left out of it.
-        let n = std::io::Seek::rewind(&mut source).and_then(|()| std::io::Read::read(&mut source, &mut head)).unwrap_or(0);
-        bail!("{name}: not an image this program reads (PNG, JPEG, BMP or PGM/PPM/PBM); it starts with bytes {:02x?}", &head[..n]);
+        let n =
+            std::io::Seek::rewind(&mut source).and_then(|()| std::io::Read::read(&mut source, &mut head)).unwrap_or(0);
+        bail!(
+            "{name}: not an image this program reads (PNG, JPEG, BMP or PGM/PPM/PBM); it starts with bytes {:02x?}",
+            &head[..n]
+        );
     };
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -149,7 +157,12 @@ fn decode_gray<R: std::io::BufRead + std::io::Seek>(source: R, name: &str) -> Re
         }
         e => anyhow::anyhow!("{name}: cannot decode the {format:?} image ({e})"),
     })?;
-    ensure!(image.width() > 0 && image.height() > 0, "{name}: the image has no pixels ({}x{})", image.width(), image.height());
+    ensure!(
+        image.width() > 0 && image.height() > 0,
+        "{name}: the image has no pixels ({}x{})",
+        image.width(),
+        image.height()
+    );
     let (width, height) = (image.width(), image.height());
     let pixels = match image {
         DynamicImage::ImageLuma8(g) => g.as_raw().iter().map(|&v| v as f32 / 255.0).collect(),
@@ -181,17 +194,28 @@ pub fn prepare(g: &Gray, name: &str) -> Result<Prepared> {
     // 3. Crop to the ink's bounding box.
     let (mut x0, mut y0, mut x1, mut y1) = (w, h, 0, 0);
     for (y, row) in ink.pixels.chunks(w as usize).enumerate() {
-        if let (Some(first), Some(last)) = (row.iter().position(|&v| v >= INK_THRESHOLD), row.iter().rposition(|&v| v >= INK_THRESHOLD)) {
+        if let (Some(first), Some(last)) =
+            (row.iter().position(|&v| v >= INK_THRESHOLD), row.iter().rposition(|&v| v >= INK_THRESHOLD))
+        {
             (x0, x1) = (x0.min(first as u32), x1.max(last as u32));
             (y0, y1) = (y0.min(y as u32), y1.max(y as u32));
         }
     }
     let (bw, bh) = (x1 + 1 - x0, y1 + 1 - y0); // the peak pixel is ink, so the box is not empty
-    let cropped: Vec<f32> = ink.pixels.chunks(w as usize).skip(y0 as usize).take(bh as usize).flat_map(|row| &row[x0 as usize..(x0 + bw) as usize]).copied().collect();
-    let cropped = ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(bw, bh, cropped).context("the crop holds bw * bh pixels")?;
+    let cropped: Vec<f32> = ink
+        .pixels
+        .chunks(w as usize)
+        .skip(y0 as usize)
+        .take(bh as usize)
+        .flat_map(|row| &row[x0 as usize..(x0 + bw) as usize])
+        .copied()
+        .collect();
+    let cropped =
+        ImageBuffer::<Luma<f32>, Vec<f32>>::from_raw(bw, bh, cropped).context("the crop holds bw * bh pixels")?;
     // 4. Scale to fit 20x20, keeping the aspect ratio; stretch so the strongest ink is 1 again.
     let scale = BOX as f32 / bw.max(bh) as f32;
-    let (sw, sh) = (((bw as f32 * scale).round() as u32).clamp(1, BOX), ((bh as f32 * scale).round() as u32).clamp(1, BOX));
+    let (sw, sh) =
+        (((bw as f32 * scale).round() as u32).clamp(1, BOX), ((bh as f32 * scale).round() as u32).clamp(1, BOX));
     let mut boxed = imageops::resize(&cropped, sw, sh, FilterType::Triangle).into_raw(); // (sh, sw)
     let top = boxed.iter().copied().fold(0.0f32, f32::max);
     if top > 0.0 {
@@ -243,7 +267,8 @@ mod tests {
         let at = |y: usize, x: usize| p.digit[y * 28 + x];
         // 40 rows scale to 20, 6 columns to 3. The scaled box's centre of mass is at row 9.5,
         // column 1, so it moves round(14 - 9.5) = 5 rows down and 14 - 1 = 13 columns right.
-        let lit: Vec<(usize, usize)> = (0..28).flat_map(|y| (0..28).map(move |x| (y, x))).filter(|&(y, x)| at(y, x) > 0.5).collect();
+        let lit: Vec<(usize, usize)> =
+            (0..28).flat_map(|y| (0..28).map(move |x| (y, x))).filter(|&(y, x)| at(y, x) > 0.5).collect();
         let rows: Vec<usize> = lit.iter().map(|p| p.0).collect();
         let cols: Vec<usize> = lit.iter().map(|p| p.1).collect();
         assert_eq!((*rows.iter().min().unwrap(), *rows.iter().max().unwrap()), (5, 24), "{lit:?}");
@@ -260,7 +285,9 @@ mod tests {
 
     #[test]
     fn normalisation_matches_the_data_set() {
-        let p = prepare(&gray(28, 28, |x, y| if (10..18).contains(&x) && (4..24).contains(&y) { 1.0 } else { 0.0 }), "x").unwrap();
+        let p =
+            prepare(&gray(28, 28, |x, y| if (10..18).contains(&x) && (4..24).contains(&y) { 1.0 } else { 0.0 }), "x")
+                .unwrap();
         let norm = Normalization { mean: 0.1307, std: 0.3081 };
         let t = p.tensor(norm);
         assert_eq!(t.size(), [1, 1, 32, 32]);

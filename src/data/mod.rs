@@ -45,8 +45,16 @@ impl DatasetKind {
         let names: &[&str] = match self {
             DatasetKind::Mnist => &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
             DatasetKind::FashionMnist => &[
-                "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                "Bag", "Ankle boot",
+                "T-shirt/top",
+                "Trouser",
+                "Pullover",
+                "Dress",
+                "Coat",
+                "Sandal",
+                "Shirt",
+                "Sneaker",
+                "Bag",
+                "Ankle boot",
             ],
         };
         names.iter().map(|s| s.to_string()).collect()
@@ -154,10 +162,8 @@ pub fn parse_idx(bytes: &[u8], expected_magic: u32, name: &str) -> Result<Idx> {
     let ndims = (magic & 0xff) as usize;
     let header = 4 + 4 * ndims;
     ensure!(bytes.len() >= header, "{name}: truncated inside its header ({} bytes)", bytes.len());
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        bytes[4..header].chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")) as usize).collect();
     let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let expected = match expected {
         Some(n) if n as u64 <= MAX_IDX_BYTES => n,
@@ -181,9 +187,7 @@ pub fn parse_idx(bytes: &[u8], expected_magic: u32, name: &str) -> Result<Idx> {
 pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut raw = Vec::new();
-    file.take(MAX_IDX_BYTES + 1)
-        .read_to_end(&mut raw)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    file.take(MAX_IDX_BYTES + 1).read_to_end(&mut raw).with_context(|| format!("{}: cannot read", path.display()))?;
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
@@ -223,11 +227,7 @@ pub fn load_split(dir: &Path, prefix: &str, norm: Normalization) -> Result<Datas
         "{images_name}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
     );
     ensure!(n > 0, "{images_name}: holds no images");
-    ensure!(
-        labels.dims[0] == n,
-        "{labels_name}: {} labels for the {n} images in {images_name}",
-        labels.dims[0]
-    );
+    ensure!(labels.dims[0] == n, "{labels_name}: {} labels for the {n} images in {images_name}", labels.dims[0]);
     if let Some((i, &label)) = labels.data.iter().enumerate().find(|(_, &l)| l > 9) {
         bail!("{labels_name}: label {label} at index {i} is out of range 0..=9");
     }
@@ -238,8 +238,8 @@ pub fn load_split(dir: &Path, prefix: &str, norm: Normalization) -> Result<Datas
 pub fn to_tensors(pixels: &[u8], labels: &[u8], norm: Normalization) -> Dataset {
     let n = labels.len() as i64;
     let raw = Tensor::from_slice(pixels).view([n, 1, IMAGE_SIZE, IMAGE_SIZE]); // (N, 1, 28, 28) u8
-    // One statement, so each float copy of the 60,000 images is freed as soon as it is used:
-    // the training set is 245 MB at 32x32, and the loading's peak sets the process's.
+                                                                               // One statement, so each float copy of the 60,000 images is freed as soon as it is used:
+                                                                               // the training set is 245 MB at 32x32, and the loading's peak sets the process's.
     let padded = (raw.to_kind(Kind::Float) / 255.0).constant_pad_nd([PAD, PAD, PAD, PAD]); // (N, 1, 32, 32)
     Dataset { images: normalize_in_place(padded, norm), labels: Tensor::from_slice(labels).to_kind(Kind::Int64) }
 }

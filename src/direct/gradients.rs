@@ -98,7 +98,12 @@ impl DirectTraining {
     /// The engine for the LeNet-5 in `vs` (on the CPU), splitting batches across up to
     /// `threads` threads.
     pub fn new(vs: &VarStore, config: ModelConfig, threads: usize) -> Result<DirectTraining> {
-        crate::check_setting!(vs.device() == Device::Cpu, "device", format!("{:?}", vs.device()), "the direct engine trains on the CPU");
+        crate::check_setting!(
+            vs.device() == Device::Cpu,
+            "device",
+            format!("{:?}", vs.device()),
+            "the direct engine trains on the CPU"
+        );
         Ok(DirectTraining { net: DirectNet::new(vs, config, threads)?, scratch: vec![] })
     }
 
@@ -133,8 +138,14 @@ impl DirectTraining {
         let mut logits = vec![0f32; images * CLASSES];
         let net = &self.net;
         let by_output = &*conv2_by_output(&net.weights);
-        let shares = pixels.chunks(per_thread * PIXELS).zip(labels.chunks(per_thread)).zip(logits.chunks_mut(per_thread * CLASSES)).zip(&mut self.scratch);
-        let losses = net.on_threads(shares, |(((pixels, labels), logits), scratch)| share(net, by_output, pixels, labels, scale, logits, scratch));
+        let shares = pixels
+            .chunks(per_thread * PIXELS)
+            .zip(labels.chunks(per_thread))
+            .zip(logits.chunks_mut(per_thread * CLASSES))
+            .zip(&mut self.scratch);
+        let losses = net.on_threads(shares, |(((pixels, labels), logits), scratch)| {
+            share(net, by_output, pixels, labels, scale, logits, scratch)
+        });
         let loss_sum: f64 = losses.into_iter().sum();
         let (total, rest) = self.scratch.split_at_mut(1);
         let mut total = total[0].sums.arrays_mut();
@@ -162,7 +173,15 @@ impl DirectNet {
     /// One thread's share: logits into `logits`, gradients (each image's output gradient
     /// scaled by `scale`) into `scratch.sums`, which it zeroes first; returns the sum of the
     /// losses.
-    fn share(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+    fn share(
+        &self,
+        by_output: &Conv2ByOutput,
+        pixels: &[f32],
+        labels: &[i64],
+        scale: f32,
+        logits: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> f64 {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: the CPU has the features `share_avx512` is compiled for.
@@ -179,7 +198,15 @@ impl DirectNet {
     /// `share_with` compiled for AVX2 and FMA, as `run_avx2`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn share_avx2(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+    unsafe fn share_avx2(
+        &self,
+        by_output: &Conv2ByOutput,
+        pixels: &[f32],
+        labels: &[i64],
+        scale: f32,
+        logits: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> f64 {
         self.share_with::<avx2::Avx2, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
     }
 
@@ -187,7 +214,15 @@ impl DirectNet {
     /// conv2's backward pass sixteen wide, conv1's eight wide (AVX2).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn share_avx512(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
+    unsafe fn share_avx512(
+        &self,
+        by_output: &Conv2ByOutput,
+        pixels: &[f32],
+        labels: &[i64],
+        scale: f32,
+        logits: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> f64 {
         self.share_with::<avx512::Avx512, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
     }
 
@@ -196,14 +231,29 @@ impl DirectNet {
     /// backwards; in `L` lanes (eight or sixteen wide) but for conv1's backward pass, in
     /// `Eight` lanes: its kernel rows are padded to eight floats and lie a row apart.
     #[inline(always)]
-    fn share_with<L: Lanes, Eight: Lanes>(&self, by_output: &Conv2ByOutput, pixels: &[f32], labels: &[i64], scale: f32, logits: &mut [f32], scratch: &mut Scratch) -> f64 {
-        const { assert!(Eight::WIDTH == LANES && (L::WIDTH == LANES || L::WIDTH == 2 * LANES), "lanes eight or sixteen wide") };
+    fn share_with<L: Lanes, Eight: Lanes>(
+        &self,
+        by_output: &Conv2ByOutput,
+        pixels: &[f32],
+        labels: &[i64],
+        scale: f32,
+        logits: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> f64 {
+        const {
+            assert!(
+                Eight::WIDTH == LANES && (L::WIDTH == LANES || L::WIDTH == 2 * LANES),
+                "lanes eight or sixteen wide"
+            )
+        };
         let Scratch { sums, kept, rows } = scratch;
         for array in sums.arrays_mut() {
             array.fill(0.0);
         }
         let mut loss = 0f64;
-        for ((pixels, labels), logits) in pixels.chunks(MICRO * PIXELS).zip(labels.chunks(MICRO)).zip(logits.chunks_mut(MICRO * CLASSES)) {
+        for ((pixels, labels), logits) in
+            pixels.chunks(MICRO * PIXELS).zip(labels.chunks(MICRO)).zip(logits.chunks_mut(MICRO * CLASSES))
+        {
             let kept = &mut kept[..labels.len()];
             for ((kept, input), flat) in kept.iter_mut().zip(pixels.chunks_exact(PIXELS)).zip(&mut rows.flat) {
                 self.convolutions_forward::<L>(input, kept, flat);
@@ -250,7 +300,9 @@ impl DirectNet {
         activate_rows(arch, f6);
         dense_rows(&w.fc3, &w.fc3_bias, f6, out);
         let mut loss = 0f64;
-        for (((out, &label), logits), d_out) in out.iter().zip(labels).zip(logits.chunks_exact_mut(CLASSES)).zip(d_out.iter_mut()) {
+        for (((out, &label), logits), d_out) in
+            out.iter().zip(labels).zip(logits.chunks_exact_mut(CLASSES)).zip(d_out.iter_mut())
+        {
             logits.copy_from_slice(&out[..CLASSES]);
             let (image_loss, d) = loss_gradient(self.config.head, out, label as usize, scale);
             loss += image_loss as f64;
@@ -267,14 +319,23 @@ impl DirectNet {
     /// S4 to C1 of one image backwards from S4's gradient `d_flat` (PyTorch's flatten order),
     /// adding conv2's and conv1's weight and bias gradients into `g`.
     #[inline(always)]
-    fn convolutions_backward<L: Lanes, Eight: Lanes>(&self, by_output: &Conv2ByOutput, kept: &Kept, d_flat: &[f32; FLAT], g: &mut Weights) {
+    fn convolutions_backward<L: Lanes, Eight: Lanes>(
+        &self,
+        by_output: &Conv2ByOutput,
+        kept: &Kept,
+        d_flat: &[f32; FLAT],
+        g: &mut Weights,
+    ) {
         let arch = self.config.arch;
-        let d4: &Maps<C3_MAPS, S4_SIDE, S4_SIDE> = d_flat.as_chunks::<S4_SIDE>().0.as_chunks::<S4_SIDE>().0.try_into().expect("16 x 5 x 5 values");
+        let d4: &Maps<C3_MAPS, S4_SIDE, S4_SIDE> =
+            d_flat.as_chunks::<S4_SIDE>().0.as_chunks::<S4_SIDE>().0.try_into().expect("16 x 5 x 5 values");
         let d3: Maps<C3_MAPS, C3_SIDE, C3_SIDE> = subsample_backward(arch, &kept.c3, &kept.s4, d4);
         let d2 = conv2_backward::<L>(by_output, &kept.s2, &d3, g);
         match arch {
             Arch::Modern => conv1_backward_routed::<Eight>(&kept.image, &kept.c1, &kept.s2, &d2, g),
-            Arch::Classic => conv1_backward::<Eight>(&kept.image, &subsample_backward(arch, &kept.c1, &kept.s2, &d2), g),
+            Arch::Classic => {
+                conv1_backward::<Eight>(&kept.image, &subsample_backward(arch, &kept.c1, &kept.s2, &d2), g)
+            }
         }
     }
 }
@@ -285,11 +346,31 @@ impl DirectNet {
 fn gemm(m: usize, k: usize, n: usize, a: (&[f32], [usize; 2]), b: (&[f32], [usize; 2]), beta: f32, c: &mut [f32]) {
     let last = |rows: usize, cols: usize, [row, col]: [usize; 2]| (rows - 1) * row + (cols - 1) * col;
     assert!(m > 0 && k > 0 && n > 0);
-    assert!(last(m, k, a.1) < a.0.len() && last(k, n, b.1) < b.0.len() && m * n <= c.len(), "a matrix outside its slice");
+    assert!(
+        last(m, k, a.1) < a.0.len() && last(k, n, b.1) < b.0.len() && m * n <= c.len(),
+        "a matrix outside its slice"
+    );
     let [rsa, csa, rsb, csb] = [a.1[0], a.1[1], b.1[0], b.1[1]].map(|s| s as isize);
     // SAFETY: every element of the three matrices lies inside its slice (checked above), and
     // `c`'s elements, dense, have distinct addresses.
-    unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.0.as_ptr(), rsa, csa, b.0.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.0.as_ptr(),
+            rsa,
+            csa,
+            b.0.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        )
+    }
 }
 
 /// A linear layer for a row of inputs per image: `y = x W + b`, weights stored (in, out).
@@ -301,7 +382,14 @@ fn dense_rows<const I: usize, const O: usize>(w: &[[f32; O]; I], bias: &[f32; O]
 /// [`dense_rows`] backwards from the outputs' gradient `d`: adds `x^T d` into the weight
 /// gradient `gw` and the column sums of `d` into `gb`, and sets the inputs' gradient
 /// `dx = d W^T`.
-fn dense_rows_backward<const I: usize, const O: usize>(w: &[[f32; O]; I], x: &[[f32; I]], d: &[[f32; O]], gw: &mut [[f32; O]; I], gb: &mut [f32; O], dx: &mut [[f32; I]]) {
+fn dense_rows_backward<const I: usize, const O: usize>(
+    w: &[[f32; O]; I],
+    x: &[[f32; I]],
+    d: &[[f32; O]],
+    gw: &mut [[f32; O]; I],
+    gb: &mut [f32; O],
+    dx: &mut [[f32; I]],
+) {
     for row in d {
         gb.iter_mut().zip(row).for_each(|(g, d)| *g += d);
     }
@@ -379,14 +467,16 @@ fn subsample_backward<const C: usize, const N: usize, const W: usize, const S: u
                     Arch::Modern => {
                         // The first of the four values equal to the maximum, if it is above 0:
                         // without branches, which the data would mispredict one time in two.
-                        let hits = [kept_top[l] == max, kept_top[r] == max, kept_bottom[l] == max, kept_bottom[r] == max];
+                        let hits =
+                            [kept_top[l] == max, kept_top[r] == max, kept_bottom[l] == max, kept_bottom[r] == max];
                         let mut open = max > 0.0;
                         let mut route = |hit: bool| {
                             let take = open & hit;
                             open &= !take;
                             d * f32::from(u8::from(take))
                         };
-                        (top[l], top[r], bottom[l], bottom[r]) = (route(hits[0]), route(hits[1]), route(hits[2]), route(hits[3]));
+                        (top[l], top[r], bottom[l], bottom[r]) =
+                            (route(hits[0]), route(hits[1]), route(hits[2]), route(hits[3]));
                     }
                     Arch::Classic => {
                         let quarter = d / 4.0;
@@ -457,7 +547,8 @@ fn conv2_backward<L: Lanes>(
     }
     // 16 values in lane vectors: two eight wide, or one sixteen wide (the second left zero).
     let parts = C3_MAPS / L::WIDTH;
-    let load_maps = |at: &[f32]| -> [L; 2] { array_of(|h| if h < parts { L::load(&at[h * L::WIDTH..]) } else { L::splat(0.0) }) };
+    let load_maps =
+        |at: &[f32]| -> [L; 2] { array_of(|h| if h < parts { L::load(&at[h * L::WIDTH..]) } else { L::splat(0.0) }) };
     let store_maps = |v: [L; 2], at: &mut [f32]| (0..parts).for_each(|h| v[h].store(&mut at[h * L::WIDTH..]));
     let mut bias = load_maps(&g.conv2_bias);
     for d in by_position.as_flattened() {
@@ -648,7 +739,12 @@ mod tests {
         let [fast, portable] = [DirectNet::share as Share, DirectNet::share_with::<Portable, Portable>].map(|share| {
             let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
             let lens: Vec<i64> = (0..PARAMETERS.len()).map(|p| parameter_len(p) as i64).collect();
-            let gradients = step.gradient.split_with_sizes(&lens, 0).into_iter().zip(PARAMETERS).map(|(g, (_, shape))| g.view(shape));
+            let gradients = step
+                .gradient
+                .split_with_sizes(&lens, 0)
+                .into_iter()
+                .zip(PARAMETERS)
+                .map(|(g, (_, shape))| g.view(shape));
             gradients.chain([step.logits, step.loss]).collect::<Vec<_>>()
         });
         let relative = |got: &Tensor, want: &Tensor| {
@@ -659,7 +755,17 @@ mod tests {
             .iter()
             .zip(&double)
             .enumerate()
-            .map(|(i, ((name, f), (_, d)))| (name.clone(), [relative(&fast[i], f), relative(&portable[i], f), relative(&fast[i], d), relative(&portable[i], d)]))
+            .map(|(i, ((name, f), (_, d)))| {
+                (
+                    name.clone(),
+                    [
+                        relative(&fast[i], f),
+                        relative(&portable[i], f),
+                        relative(&fast[i], d),
+                        relative(&portable[i], d),
+                    ],
+                )
+            })
             .collect()
     }
 
@@ -669,14 +775,22 @@ mod tests {
         // (most of it libtorch's own rounding: against float64 autograd the direct engine is
         // within 3e-6, libtorch's float32 within 5e-6). 1e-5 is the bound; a wrong
         // index, a missing 1/B or a misrouted max-pool gradient gives 1e-2 or more.
-        let against = ["this CPU's loops vs float32", "portable loops vs float32", "this CPU's loops vs float64", "portable loops vs float64"];
+        let against = [
+            "this CPU's loops vs float32",
+            "portable loops vs float32",
+            "this CPU's loops vs float64",
+            "portable loops vs float64",
+        ];
         for arch in [Arch::Modern, Arch::Classic] {
             for head in [Head::Softmax, Head::Sigmoid] {
                 // 70 images: two threads' shares (35 each, above the 32-image minimum).
                 for (batch, seed) in [(1, 11), (70, 12)] {
                     for (name, diffs) in relative_differences(arch, head, batch, seed) {
                         for (what, diff) in against.into_iter().zip(diffs) {
-                            assert!(diff <= 1e-5, "{arch:?}/{head:?}, batch {batch}, {name}, {what}: relative difference {diff:e}");
+                            assert!(
+                                diff <= 1e-5,
+                                "{arch:?}/{head:?}, batch {batch}, {name}, {what}: relative difference {diff:e}"
+                            );
                         }
                     }
                 }
@@ -700,11 +814,16 @@ mod tests {
             let ys = Tensor::randint(10, [70], (Kind::Int64, Device::Cpu));
             let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
             // SAFETY (both): has_avx512 (which includes AVX2 and FMA) said the CPU has them.
-            let avx2: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe { net.share_avx2(by_output, pixels, labels, scale, logits, scratch) };
-            let avx512: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe { net.share_avx512(by_output, pixels, labels, scale, logits, scratch) };
+            let avx2: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe {
+                net.share_avx2(by_output, pixels, labels, scale, logits, scratch)
+            };
+            let avx512: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe {
+                net.share_avx512(by_output, pixels, labels, scale, logits, scratch)
+            };
             let [a, b] = [avx2, avx512].map(|share| {
                 let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
-                [step.gradient, step.logits.view(-1), step.loss.view(-1)].map(|t| Vec::<f32>::try_from(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+                [step.gradient, step.logits.view(-1), step.loss.view(-1)]
+                    .map(|t| Vec::<f32>::try_from(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
             });
             assert!(a == b, "{arch:?}: the gradient, logits or loss differ");
         }

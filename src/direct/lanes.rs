@@ -169,7 +169,10 @@ pub(super) mod avx2 {
                 // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then the middle 64-bit
                 // pairs swapped: a0 a2 a4 a6 b0 b2 b4 b6.
                 let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
-                (Avx2(order(_mm256_shuffle_ps::<0b10_00_10_00>(a.0, b.0))), Avx2(order(_mm256_shuffle_ps::<0b11_01_11_01>(a.0, b.0))))
+                (
+                    Avx2(order(_mm256_shuffle_ps::<0b10_00_10_00>(a.0, b.0))),
+                    Avx2(order(_mm256_shuffle_ps::<0b11_01_11_01>(a.0, b.0))),
+                )
             }
         }
     }

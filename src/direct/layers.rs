@@ -9,7 +9,11 @@ pub(super) const C1_GROUP: usize = 2;
 /// 25 shifted input rows, 32 wide. (Into a place rather than returned: the training pass
 /// keeps C1, and a returned 21 KB array was copied there.)
 #[inline(always)]
-pub(super) fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE], maps: &mut Maps<C1_MAPS, C1_SIDE, C1_WIDE>) {
+pub(super) fn conv1<L: Lanes>(
+    w: &Weights,
+    image: &[[f32; IMAGE_WIDE]; SIDE],
+    maps: &mut Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
+) {
     const MOST: usize = C1_WIDE / LANES; // vectors per row, at the narrowest lanes
     let vectors = C1_WIDE / L::WIDTH;
     for c0 in (0..C1_MAPS).step_by(C1_GROUP) {
@@ -18,7 +22,13 @@ pub(super) fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE], ma
             for ky in 0..KERNEL {
                 let input = &image[y + ky];
                 for kx in 0..KERNEL {
-                    let xs: [L; MOST] = std::array::from_fn(|j| if j < vectors { L::load(&input[kx + j * L::WIDTH..]) } else { L::splat(0.0) });
+                    let xs: [L; MOST] = std::array::from_fn(|j| {
+                        if j < vectors {
+                            L::load(&input[kx + j * L::WIDTH..])
+                        } else {
+                            L::splat(0.0)
+                        }
+                    });
                     for (g, a) in acc.iter_mut().enumerate() {
                         let k = L::splat(w.conv1[c0 + g][ky][kx]);
                         for (a, &x) in a[..vectors].iter_mut().zip(&xs) {
@@ -41,7 +51,12 @@ pub(super) fn conv1<L: Lanes>(w: &Weights, image: &[[f32; IMAGE_WIDE]; SIDE], ma
 /// the whole row's ten positions at a time, so each weight vector loaded serves ten running
 /// sums (ten, a weight vector and a broadcast input take 12 of AVX2's 16 registers).
 #[inline(always)]
-pub(super) fn conv2_row<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, y: usize, half: usize) -> [L; C3_SIDE] {
+pub(super) fn conv2_row<L: Lanes>(
+    w: &Weights,
+    s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    y: usize,
+    half: usize,
+) -> [L; C3_SIDE] {
     let mut acc = [L::load(&w.conv2_bias[half..]); C3_SIDE];
     for (map, kernel) in s2.iter().zip(&w.conv2) {
         for (ky, kernel_row) in kernel.iter().enumerate() {
@@ -59,7 +74,13 @@ pub(super) fn conv2_row<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SI
 
 /// Stores the vector of maps `half..` at position (y, x) of `maps`.
 #[inline(always)]
-pub(super) fn scatter<L: Lanes, const H: usize, const W: usize>(v: L, maps: &mut Maps<C3_MAPS, H, W>, half: usize, y: usize, x: usize) {
+pub(super) fn scatter<L: Lanes, const H: usize, const W: usize>(
+    v: L,
+    maps: &mut Maps<C3_MAPS, H, W>,
+    half: usize,
+    y: usize,
+    x: usize,
+) {
     let mut values = [0f32; C3_MAPS];
     v.store(&mut values);
     for (map, &v) in maps[half..].iter_mut().zip(&values[..L::WIDTH]) {
@@ -69,7 +90,11 @@ pub(super) fn scatter<L: Lanes, const H: usize, const W: usize>(v: L, maps: &mut
 
 /// C3 before its activation into `maps` (every value written, as [`conv1`]), row by row.
 #[inline(always)]
-pub(super) fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, maps: &mut Maps<C3_MAPS, C3_SIDE, C3_SIDE>) {
+pub(super) fn conv2<L: Lanes>(
+    w: &Weights,
+    s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    maps: &mut Maps<C3_MAPS, C3_SIDE, C3_SIDE>,
+) {
     for half in (0..C3_MAPS).step_by(L::WIDTH) {
         for y in 0..C3_SIDE {
             for (x, v) in conv2_row::<L>(w, s2, y, half).into_iter().enumerate() {
@@ -84,7 +109,11 @@ pub(super) fn conv2<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
 /// lane by lane, the same values as [`subsample`] of [`conv2`] (as [`max_pool_c1`]), with a
 /// quarter of the scattering into maps.
 #[inline(always)]
-pub(super) fn conv2_max_pooled<L: Lanes>(w: &Weights, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>, s4: &mut Maps<C3_MAPS, S4_SIDE, S4_SIDE>) {
+pub(super) fn conv2_max_pooled<L: Lanes>(
+    w: &Weights,
+    s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    s4: &mut Maps<C3_MAPS, S4_SIDE, S4_SIDE>,
+) {
     for half in (0..C3_MAPS).step_by(L::WIDTH) {
         for y in 0..S4_SIDE {
             let (top, bottom) = (conv2_row::<L>(w, s2, 2 * y, half), conv2_row::<L>(w, s2, 2 * y + 1, half));
@@ -125,7 +154,11 @@ pub(super) fn max_pool_c1<L: Lanes>(c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &m
 /// values stay in `maps`, where the backward pass reads them (tanh's derivative is
 /// `1 - tanh^2`).
 #[inline(always)]
-pub(super) fn subsample<const C: usize, const N: usize, const W: usize, const S: usize>(arch: Arch, maps: &mut Maps<C, N, W>, out: &mut Maps<C, S, S>) {
+pub(super) fn subsample<const C: usize, const N: usize, const W: usize, const S: usize>(
+    arch: Arch,
+    maps: &mut Maps<C, N, W>,
+    out: &mut Maps<C, S, S>,
+) {
     if arch == Arch::Classic {
         tanh_in_place(maps.as_flattened_mut().as_flattened_mut()); // padding columns too: never read
     }
@@ -169,7 +202,11 @@ pub(super) fn tanh_in_place(xs: &mut [f32]) {
 /// PyTorch, where `f32::max` would drop it.
 #[inline(always)]
 pub(super) fn max_keeping_nan(a: f32, b: f32) -> f32 {
-    if a.is_nan() || a > b { a } else { b }
+    if a.is_nan() || a > b {
+        a
+    } else {
+        b
+    }
 }
 
 #[inline(always)]
@@ -200,7 +237,11 @@ pub(super) const DENSE_VECTORS: usize = 4;
 /// ReLU, are skipped along with their rows ([`nonzero`]). Two running sums per output, over
 /// alternate inputs, keep the multiply-adds independent.
 #[inline(always)]
-pub(super) fn dense<L: Lanes, const I: usize, const O: usize>(w: &[[f32; O]; I], bias: &[f32; O], x: &[f32; I]) -> [f32; O] {
+pub(super) fn dense<L: Lanes, const I: usize, const O: usize>(
+    w: &[[f32; O]; I],
+    bias: &[f32; O],
+    x: &[f32; I],
+) -> [f32; O] {
     let (nonzero, n) = nonzero(x);
     // An odd count takes the next entry along, whose value is 0.0: I is even, so there is one.
     const { assert!(I.is_multiple_of(2)) };

@@ -193,7 +193,12 @@ impl DirectNet {
         let threads = threads.max(1);
         let workers = match threads {
             1 => None,
-            _ => Some(rayon::ThreadPoolBuilder::new().num_threads(threads - 1).build().context("starting the direct engine's threads")?),
+            _ => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads - 1)
+                    .build()
+                    .context("starting the direct engine's threads")?,
+            ),
         };
         Ok(DirectNet { weights, config, threads, workers })
     }
@@ -242,7 +247,10 @@ impl DirectNet {
     /// on up to `self.threads` threads.
     pub fn run(&self, pixels: &[f32], logits: &mut [f32]) {
         let images = pixels.len() / PIXELS;
-        assert!(pixels.len().is_multiple_of(PIXELS) && logits.len() == images * CLASSES, "32x32 pixels and 10 logits per image");
+        assert!(
+            pixels.len().is_multiple_of(PIXELS) && logits.len() == images * CLASSES,
+            "32x32 pixels and 10 logits per image"
+        );
         if images == 0 {
             return; // an empty batch (and `chunks` takes no size 0)
         }
@@ -385,7 +393,8 @@ mod tests {
         // rounding seen (2e-7 to 5e-7), and far below what a wrong weight layout gives (0.17).
         for arch in [Arch::Modern, Arch::Classic] {
             for (batch, seed) in [(1, 1), (7, 2), (200, 3)] {
-                for (loops, diff) in ["this CPU's", "portable"].into_iter().zip(relative_differences(arch, batch, seed)) {
+                for (loops, diff) in ["this CPU's", "portable"].into_iter().zip(relative_differences(arch, batch, seed))
+                {
                     assert!(diff < 1e-5, "{arch:?}, batch {batch}, {loops} loops: relative difference {diff:e}");
                 }
             }
@@ -396,7 +405,9 @@ mod tests {
     #[test]
     fn the_avx512_loops_give_the_avx2_loops_logits_bit_for_bit() {
         if !has_avx512() {
-            eprintln!("skipped: this CPU has no AVX-512, so its forward pass runs the AVX2 loops that the other tests check");
+            eprintln!(
+                "skipped: this CPU has no AVX-512, so its forward pass runs the AVX2 loops that the other tests check"
+            );
             return;
         }
         for arch in [Arch::Modern, Arch::Classic] {
@@ -424,13 +435,21 @@ mod tests {
 
     /// The bits of each value, every NaN as one.
     fn canonical<const C: usize, const H: usize, const W: usize>(maps: &Maps<C, H, W>) -> Vec<u32> {
-        maps.as_flattened().as_flattened().iter().map(|x| if x.is_nan() { f32::NAN.to_bits() } else { x.to_bits() }).collect()
+        maps.as_flattened()
+            .as_flattened()
+            .iter()
+            .map(|x| if x.is_nan() { f32::NAN.to_bits() } else { x.to_bits() })
+            .collect()
     }
 
     /// S2 from `c1` and S4 from `s2` in the modern variant, as the lanes compute them
     /// ([`max_pool_c1`], [`conv2_max_pooled`]) and as [`subsample`] does one value at a time.
     #[inline(always)]
-    fn pooled_both_ways<L: Lanes>(w: &Weights, c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> [[Vec<u32>; 2]; 2] {
+    fn pooled_both_ways<L: Lanes>(
+        w: &Weights,
+        c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
+        s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+    ) -> [[Vec<u32>; 2]; 2] {
         let mut pooled_c1 = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
         max_pool_c1::<L>(c1, &mut pooled_c1);
         let (mut s4, mut c3) = ([[[0f32; S4_SIDE]; S4_SIDE]; C3_MAPS], [[[0f32; C3_SIDE]; C3_SIDE]; C3_MAPS]);
@@ -465,11 +484,19 @@ mod tests {
         {
             type Pooled = [[Vec<u32>; 2]; 2];
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn in_avx2(w: &Weights, c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Pooled {
+            unsafe fn in_avx2(
+                w: &Weights,
+                c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
+                s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+            ) -> Pooled {
                 pooled_both_ways::<avx2::Avx2>(w, c1, s2)
             }
             #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn in_avx512(w: &Weights, c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>) -> Pooled {
+            unsafe fn in_avx512(
+                w: &Weights,
+                c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
+                s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+            ) -> Pooled {
                 pooled_both_ways::<avx512::Avx512>(w, c1, s2)
             }
             if has_avx2() {
@@ -491,7 +518,11 @@ mod tests {
         let together = direct.forward(&xs).unwrap();
         for i in [0, 2 * MIN_IMAGES_PER_THREAD as i64, xs.size()[0] - 1] {
             let alone = direct.forward(&xs.narrow(0, i, 1)).unwrap();
-            assert_eq!(Vec::<f32>::try_from(together.get(i)).unwrap(), Vec::<f32>::try_from(alone.get(0)).unwrap(), "image {i}");
+            assert_eq!(
+                Vec::<f32>::try_from(together.get(i)).unwrap(),
+                Vec::<f32>::try_from(alone.get(0)).unwrap(),
+                "image {i}"
+            );
         }
     }
 
@@ -518,7 +549,8 @@ mod tests {
         let xs = Tensor::rand([3, 1, 32, 32], (Kind::Float, Device::Cpu));
         let before = direct.forward(&xs).unwrap();
         tch::no_grad(|| {
-            let _ = net.tensors()[9].shallow_clone().f_add_scalar_(1.0).unwrap(); // fc3.bias
+            let _ = net.tensors()[9].shallow_clone().f_add_scalar_(1.0).unwrap();
+            // fc3.bias
         });
         assert!(direct.forward(&xs).unwrap().equal(&before), "a copy: unchanged until reloaded");
         direct.reload(net.tensors()).unwrap();

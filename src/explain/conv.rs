@@ -119,7 +119,10 @@ pub fn parse_matrix(text: &str, source: &str) -> Result<Matrix> {
         rows.push(row);
         ensure!(rows.len() <= MAX_SIDE, "{source}: more than {MAX_SIDE} rows");
     }
-    ensure!(!rows.is_empty() && !rows[0].is_empty(), "{source}: no numbers found (expected rows like `1 0 1` or `101/010/101`)");
+    ensure!(
+        !rows.is_empty() && !rows[0].is_empty(),
+        "{source}: no numbers found (expected rows like `1 0 1` or `101/010/101`)"
+    );
     Ok(rows)
 }
 
@@ -157,7 +160,15 @@ pub fn check_shapes(input: &Matrix, filter: &Matrix, stride: usize, padding: usi
          use a smaller filter or more --padding"
     );
     let (oh, ow) = (output_size(n, k, stride, padding), output_size(m, l, stride, padding));
-    ensure!(oh <= MAX_SIDE && ow <= MAX_SIDE, "{}", crate::setting::invalid("padding", padding, format!("the output would be {oh}x{ow}; at most {MAX_SIDE}x{MAX_SIDE} is allowed")));
+    ensure!(
+        oh <= MAX_SIDE && ow <= MAX_SIDE,
+        "{}",
+        crate::setting::invalid(
+            "padding",
+            padding,
+            format!("the output would be {oh}x{ow}; at most {MAX_SIDE}x{MAX_SIDE} is allowed")
+        )
+    );
     Ok(())
 }
 
@@ -189,8 +200,10 @@ pub fn windows(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) -
     let mut out = Vec::with_capacity(oh * ow);
     for i in 0..oh {
         for j in 0..ow {
-            let terms: Vec<(f64, f64)> =
-                (0..k).flat_map(|a| (0..l).map(move |b| (a, b))).map(|(a, b)| (input[i * stride + a][j * stride + b], filter[a][b])).collect();
+            let terms: Vec<(f64, f64)> = (0..k)
+                .flat_map(|a| (0..l).map(move |b| (a, b)))
+                .map(|(a, b)| (input[i * stride + a][j * stride + b], filter[a][b]))
+                .collect();
             let sum = terms.iter().map(|(x, w)| x * w).sum();
             out.push(Window { row: i, col: j, terms, sum });
         }
@@ -236,14 +249,16 @@ pub fn format_matrix(m: &Matrix) -> String {
 }
 
 fn format_matrix_with(m: &Matrix, decimals: usize) -> String {
-    let cells: Vec<Vec<String>> = m.iter().map(|row| row.iter().map(|&v| format_number(v, decimals)).collect()).collect();
+    let cells: Vec<Vec<String>> =
+        m.iter().map(|row| row.iter().map(|&v| format_number(v, decimals)).collect()).collect();
     let width = cells.iter().flatten().map(String::len).max().unwrap_or(1);
     cells.iter().map(|row| row.iter().map(|c| format!("{c:>width$}")).collect::<Vec<_>>().join(" ") + "\n").collect()
 }
 
 /// `(1*1) + (1*0) + ... = 4`: a window written out term by term.
 pub fn expansion(w: &Window) -> String {
-    let terms: Vec<String> = w.terms.iter().map(|&(x, f)| format!("({}*{})", format_number(x, 4), format_number(f, 4))).collect();
+    let terms: Vec<String> =
+        w.terms.iter().map(|&(x, f)| format!("({}*{})", format_number(x, 4), format_number(f, 4))).collect();
     format!("{} = {}", terms.join(" + "), format_number(w.sum, 4))
 }
 
@@ -265,14 +280,28 @@ fn is_classic(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) ->
 }
 
 /// The whole walkthrough as text; fails if libtorch and the plain loop disagree.
-pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usize, explain: Explain, input_name: &str) -> Result<String> {
+pub fn walkthrough(
+    input: &Matrix,
+    filter: &Matrix,
+    stride: usize,
+    padding: usize,
+    explain: Explain,
+    input_name: &str,
+) -> Result<String> {
     check_shapes(input, filter, stride, padding)?;
     let (n, m, k, l) = (input.len(), input[0].len(), filter.len(), filter[0].len());
     let (oh, ow) = (output_size(n, k, stride, padding), output_size(m, l, stride, padding));
-    let mut s = String::from("Convolution as deep learning computes it (cross-correlation: the filter slides over the input unflipped).\n\n");
+    let mut s = String::from(
+        "Convolution as deep learning computes it (cross-correlation: the filter slides over the input unflipped).\n\n",
+    );
     s += &format!("input ({n}x{m}){input_name}:\n{}\n", format_matrix(input));
     if padding > 0 {
-        s += &format!("input padded with {padding} ring(s) of zeros ({}x{}); windows are placed on this:\n{}\n", n + 2 * padding, m + 2 * padding, format_matrix(&padded(input, padding)));
+        s += &format!(
+            "input padded with {padding} ring(s) of zeros ({}x{}); windows are placed on this:\n{}\n",
+            n + 2 * padding,
+            m + 2 * padding,
+            format_matrix(&padded(input, padding))
+        );
     }
     s += &format!("filter ({k}x{l}), stride {stride}, padding {padding}:\n{}\n", format_matrix(filter));
 
@@ -291,7 +320,11 @@ pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usiz
         );
         if all.len() > 1 {
             let cells = |what: &str| if stride == 1 { format!("1 {what}") } else { format!("{stride} {what}s") };
-            s += &format!("then the filter moves {} right, and at the end of a row {} down:\n", cells("column"), cells("row"));
+            s += &format!(
+                "then the filter moves {} right, and at the end of a row {} down:\n",
+                cells("column"),
+                cells("row")
+            );
             if explain == Explain::All {
                 for w in &all[1..] {
                     s += &format!("  ({},{}) {}: {}\n", w.row, w.col, place(w), expansion(w));
@@ -301,7 +334,10 @@ pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usiz
                     s += &format!("  ({},{}) {} = {}\n", w.row, w.col, place(w), format_number(w.sum, 4));
                 }
             } else {
-                s += &format!("  ({} more windows: their sums are the output below; explain = all writes each out)\n", all.len() - 1);
+                s += &format!(
+                    "  ({} more windows: their sums are the output below; explain = all writes each out)\n",
+                    all.len() - 1
+                );
                 let strongest = all.iter().max_by(|a, b| a.sum.abs().total_cmp(&b.sum.abs())).unwrap_or(first);
                 s += &format!(
                     "the strongest response, window ({},{}), covers {}:\n  {}\n",
@@ -336,7 +372,11 @@ pub fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usiz
     if n == m && k == l {
         s += &format!("  rows and columns: {}\n", size_formula(n, k, stride, padding));
     } else {
-        s += &format!("  rows:    {}\n  columns: {}\n", size_formula(n, k, stride, padding), size_formula(m, l, stride, padding));
+        s += &format!(
+            "  rows:    {}\n  columns: {}\n",
+            size_formula(n, k, stride, padding),
+            size_formula(m, l, stride, padding)
+        );
     }
     let diff = naive.iter().flatten().zip(torch.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     let scale = naive.iter().flatten().map(|v| v.abs()).fold(1.0, f64::max);
@@ -383,11 +423,16 @@ pub fn picture(input: &Matrix, filter: &Matrix, output: &Matrix, title: &str) ->
 
 /// An MNIST test digit as a 28x28 matrix of 0-9 (pixel / 255 * 9, rounded), with its label.
 pub fn mnist_digit(data: Option<&std::path::Path>, index: Option<i64>) -> Result<(Matrix, i64, i64)> {
-    let test = crate::data::load_test(crate::data::DatasetKind::Mnist, data, crate::data::Normalization { mean: 0.0, std: 1.0 })?;
+    let test = crate::data::load_test(
+        crate::data::DatasetKind::Mnist,
+        data,
+        crate::data::Normalization { mean: 0.0, std: 1.0 },
+    )?;
     let index = super::pick_index(&test, index)?;
     let pad = crate::data::PAD;
     let image = test.images.get(index).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28) in [0, 1]
-    let values = Vec::<f32>::try_from((image * 9.0).round().flatten(0, -1).to_kind(Kind::Float)).context("reading the digit")?;
+    let values =
+        Vec::<f32>::try_from((image * 9.0).round().flatten(0, -1).to_kind(Kind::Float)).context("reading the digit")?;
     let label = test.labels.int64_value(&[index]);
     Ok((values.chunks(28).map(|r| r.iter().map(|&v| v as f64).collect()).collect(), index, label))
 }
@@ -409,13 +454,19 @@ mod tests {
         let input: Matrix = (0..7).map(|i| (0..6).map(|j| ((i * 7 + j * 3) % 5) as f64 - 2.0).collect()).collect();
         let filter = parse_compact("120/031/102");
         for (stride, padding) in [(1, 0), (2, 0), (1, 1), (2, 2), (3, 1)] {
-            assert_eq!(torch_conv2d(&input, &filter, stride, padding).unwrap(), naive_conv2d(&input, &filter, stride, padding), "s{stride} p{padding}");
+            assert_eq!(
+                torch_conv2d(&input, &filter, stride, padding).unwrap(),
+                naive_conv2d(&input, &filter, stride, padding),
+                "s{stride} p{padding}"
+            );
         }
     }
 
     #[test]
     fn both_text_forms_parse_to_the_same_matrix() {
-        let spaced = parse_matrix("# the classic input\n1 1 1 0 0\n0,1,1,1,0\n\n0 0 1 1 1\n0 0 1 1 0\n0 1 1 0 0\n", "f").unwrap();
+        let spaced =
+            parse_matrix("# the classic input\n1 1 1 0 0\n0,1,1,1,0\n\n0 0 1 1 1\n0 0 1 1 0\n0 1 1 0 0\n", "f")
+                .unwrap();
         assert_eq!(spaced, parse_compact(CLASSIC_INPUT));
         assert_eq!(parse_matrix("11100\n01110/00111\n00110/01100", "f").unwrap(), spaced);
         assert_eq!(parse_matrix("-1 0.5\n2e1 3", "f").unwrap(), vec![vec![-1.0, 0.5], vec![20.0, 3.0]]);

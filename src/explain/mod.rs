@@ -16,14 +16,22 @@ pub const DEFAULT_CLASS: i64 = 3;
 pub fn pick_index(test: &Dataset, index: Option<i64>) -> Result<i64> {
     match index {
         Some(i) => {
-            crate::check_setting!((0..test.len()).contains(&i), "index", i, "the test set has images 0 to {}", test.len() - 1);
+            crate::check_setting!(
+                (0..test.len()).contains(&i),
+                "index",
+                i,
+                "the test set has images 0 to {}",
+                test.len() - 1
+            );
             Ok(i)
         }
         None => {
             let hits = test.labels.eq(DEFAULT_CLASS).nonzero(); // (K, 1)
-            ensure!(hits.size()[0] > 0, "the test set holds no image of class {DEFAULT_CLASS}; choose one by its index");
+            ensure!(
+                hits.size()[0] > 0,
+                "the test set holds no image of class {DEFAULT_CLASS}; choose one by its index"
+            );
             Ok(hits.int64_value(&[0, 0]))
         }
     }
 }
-

@@ -122,10 +122,21 @@ impl DrawingBackend for Canvas<'_> {
     fn draw_pixel(&mut self, point: BackendCoord, color: BackendColor) -> Result<(), CanvasError> {
         self.inner.draw_pixel(point, color)
     }
-    fn draw_line<S: plotters_backend::BackendStyle>(&mut self, from: BackendCoord, to: BackendCoord, style: &S) -> Result<(), CanvasError> {
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> Result<(), CanvasError> {
         self.inner.draw_line(from, to, style)
     }
-    fn draw_rect<S: plotters_backend::BackendStyle>(&mut self, upper_left: BackendCoord, bottom_right: BackendCoord, style: &S, fill: bool) -> Result<(), CanvasError> {
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: BackendCoord,
+        bottom_right: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> Result<(), CanvasError> {
         self.inner.draw_rect(upper_left, bottom_right, style, fill)
     }
     fn blit_bitmap(&mut self, pos: BackendCoord, size: (u32, u32), src: &[u8]) -> Result<(), CanvasError> {
@@ -163,7 +174,13 @@ impl DrawingBackend for Canvas<'_> {
 }
 
 /// Draws `text` with its top edge centred on `(x, y)`.
-fn centred_text(area: &DrawingArea<Canvas, Shift>, text: &str, size: f64, (x, y): (i32, i32), bold: bool) -> Result<()> {
+fn centred_text(
+    area: &DrawingArea<Canvas, Shift>,
+    text: &str,
+    size: f64,
+    (x, y): (i32, i32),
+    bold: bool,
+) -> Result<()> {
     let mut desc = font(size);
     if bold {
         desc = desc.style(FontStyle::Bold);
@@ -252,11 +269,22 @@ pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>> {
 pub fn grid(title: &str, tiles: &[Tile], columns: usize) -> Result<Picture> {
     ensure!(!tiles.is_empty() && columns > 0, "{title}: nothing to draw");
     for t in tiles {
-        ensure!(t.values.len() == t.rows * t.cols && t.zoom > 0, "{title}: tile {:?} holds {} values for {}x{}", t.caption, t.values.len(), t.rows, t.cols);
+        ensure!(
+            t.values.len() == t.rows * t.cols && t.zoom > 0,
+            "{title}: tile {:?} holds {} values for {}x{}",
+            t.caption,
+            t.values.len(),
+            t.rows,
+            t.cols
+        );
     }
     let columns = columns.min(tiles.len());
     let rows = tiles.len().div_ceil(columns);
-    let cell_w = tiles.iter().map(|t| (t.cols as u32 * t.zoom).max(text_width(&t.caption, CAPTION_SIZE, false) + 4)).max().unwrap_or(1);
+    let cell_w = tiles
+        .iter()
+        .map(|t| (t.cols as u32 * t.zoom).max(text_width(&t.caption, CAPTION_SIZE, false) + 4))
+        .max()
+        .unwrap_or(1);
     let cell_h = tiles.iter().map(|t| t.rows as u32 * t.zoom).max().unwrap_or(1);
     let grid_w = columns as u32 * cell_w + (columns as u32 - 1) * GAP;
     let width = 2 * MARGIN + grid_w.max(text_width(title, TITLE_SIZE, true));
@@ -271,7 +299,8 @@ pub fn grid(title: &str, tiles: &[Tile], columns: usize) -> Result<Picture> {
     let mut rgb = vec![255u8; (width * height * 3) as usize];
     {
         let area = Canvas::new(&mut rgb, (width, height)).into_drawing_area();
-        let style = TextStyle::from(font(TITLE_SIZE).style(FontStyle::Bold)).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Top));
+        let style =
+            TextStyle::from(font(TITLE_SIZE).style(FontStyle::Bold)).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Top));
         area.draw_text(title, &style, (MARGIN as i32, 8)).map_err(|e| anyhow!("drawing the title {title:?}: {e}"))?;
         for (i, t) in tiles.iter().enumerate() {
             let (x, y) = cell_origin(i);
@@ -344,7 +373,12 @@ const TEST: RGBColor = RGBColor(0xd6, 0x27, 0x28);
 
 /// A bar per class with its probability written above it; the most likely class stands out.
 pub fn bar_chart(title: &str, labels: &[String], probabilities: &[f64]) -> Result<Picture> {
-    ensure!(labels.len() == probabilities.len() && !labels.is_empty(), "{title}: {} labels for {} bars", labels.len(), probabilities.len());
+    ensure!(
+        labels.len() == probabilities.len() && !labels.is_empty(),
+        "{title}: {} labels for {} bars",
+        labels.len(),
+        probabilities.len()
+    );
     let n = labels.len();
     let best = (0..n).max_by(|&a, &b| probabilities[a].total_cmp(&probabilities[b])).unwrap_or(0);
     let top = probabilities.iter().copied().fold(1.0f64, f64::max) * 1.1;
@@ -364,7 +398,11 @@ pub fn bar_chart(title: &str, labels: &[String], probabilities: &[f64]) -> Resul
             .x_labels(n)
             .x_label_formatter(&|x| {
                 let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n { labels[i as usize].clone() } else { String::new() }
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                    labels[i as usize].clone()
+                } else {
+                    String::new()
+                }
             })
             .x_desc("class")
             .y_desc("probability")
@@ -381,7 +419,11 @@ pub fn bar_chart(title: &str, labels: &[String], probabilities: &[f64]) -> Resul
         let label = TextStyle::from(font(12.0)).pos(Pos::new(HPos::Center, VPos::Bottom));
         chart
             .draw_series((0..n).map(|i| {
-                Text::new(format!("{:.1}%", 100.0 * probabilities[i]), (i as f64, probabilities[i] + 0.01 * top), label.clone())
+                Text::new(
+                    format!("{:.1}%", 100.0 * probabilities[i]),
+                    (i as f64, probabilities[i] + 0.01 * top),
+                    label.clone(),
+                )
             }))
             .map_err(&err)?;
         Ok(())
@@ -405,7 +447,10 @@ pub fn curves(title: &str, loss: &[Series], accuracy: &[Series]) -> Result<Pictu
         let area = area.titled(title, font(TITLE_SIZE).style(FontStyle::Bold)).map_err(&err)?;
         let panels = area.split_evenly((1, 2));
         // Loss falls and accuracy rises: each legend goes in the corner its lines leave empty.
-        let panels_content = [(loss, "loss", SeriesLabelPosition::UpperRight), (accuracy, "accuracy (%)", SeriesLabelPosition::LowerRight)];
+        let panels_content = [
+            (loss, "loss", SeriesLabelPosition::UpperRight),
+            (accuracy, "accuracy (%)", SeriesLabelPosition::LowerRight),
+        ];
         for (panel, (series, what, corner)) in panels.iter().zip(panels_content) {
             let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
             let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
@@ -478,8 +523,10 @@ pub fn heat_map(title: &str, labels: &[String], counts: &[Vec<i64>]) -> Result<P
             for (j, &count) in row.iter().enumerate() {
                 let (x, y) = ((left + j as u32 * cell) as i32, (top + i as u32 * cell) as i32);
                 let share = count as f64 / total;
-                area.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], heat_colour(share).filled())).map_err(&err)?;
-                area.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], BLACK.mix(0.15))).map_err(&err)?;
+                area.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], heat_colour(share).filled()))
+                    .map_err(&err)?;
+                area.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], BLACK.mix(0.15)))
+                    .map_err(&err)?;
                 let ink = if share.sqrt() > 0.55 { WHITE } else { BLACK };
                 let style = TextStyle::from(font(13.0)).color(&ink).pos(Pos::new(HPos::Center, VPos::Center));
                 area.draw_text(&count.to_string(), &style, (x + cell as i32 / 2, y + cell as i32 / 2)).map_err(&err)?;
@@ -488,9 +535,18 @@ pub fn heat_map(title: &str, labels: &[String], counts: &[Vec<i64>]) -> Result<P
             centred_text(area, &labels[i], 14.0, (left as i32 - 16, y), false)?;
             centred_text(area, &labels[i], 14.0, ((left + i as u32 * cell + cell / 2) as i32, top as i32 - 20), false)?;
         }
-        let style = TextStyle::from(font(14.0)).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center)).transform(FontTransform::Rotate270);
+        let style = TextStyle::from(font(14.0))
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Center))
+            .transform(FontTransform::Rotate270);
         area.draw_text("true", &style, (24, (top + n as u32 * cell / 2) as i32)).map_err(&err)?;
-        centred_text(area, "colour: share of the true class (square-root scale)", 12.0, (middle, (top + n as u32 * cell + 14) as i32), false)?;
+        centred_text(
+            area,
+            "colour: share of the true class (square-root scale)",
+            12.0,
+            (middle, (top + n as u32 * cell + 14) as i32),
+            false,
+        )?;
         Ok(())
     })
 }
@@ -511,7 +567,8 @@ mod tests {
 
     #[test]
     fn grid_tiles_are_nearest_neighbour_blocks_at_their_origins() {
-        let tile = |v: Vec<f32>| Tile { rows: 2, cols: 2, zoom: 5, shading: Shading::Stretch, caption: "t".into(), values: v };
+        let tile =
+            |v: Vec<f32>| Tile { rows: 2, cols: 2, zoom: 5, shading: Shading::Stretch, caption: "t".into(), values: v };
         let pic = grid("two tiles", &[tile(vec![0.0, 1.0, 2.0, 3.0]), tile(vec![3.0, 2.0, 1.0, 0.0])], 2).unwrap();
         assert_eq!(pic.tile_origins.len(), 2);
         for (t, &(x0, y0)) in pic.tile_origins.iter().enumerate() {
@@ -529,7 +586,8 @@ mod tests {
     #[test]
     fn text_is_drawn_with_the_embedded_font() {
         // A title must put dark pixels into the title band: proof the font loaded and renders.
-        let tile = Tile { rows: 1, cols: 1, zoom: 4, shading: Shading::Stretch, caption: String::new(), values: vec![1.0] };
+        let tile =
+            Tile { rows: 1, cols: 1, zoom: 4, shading: Shading::Stretch, caption: String::new(), values: vec![1.0] };
         let pic = grid("Hello", &[tile], 1).unwrap();
         let dark = (0..pic.image.width())
             .flat_map(|x| (0..TITLE_BAND).map(move |y| (x, y)))
@@ -552,7 +610,12 @@ mod tests {
         assert!(heat.image.get_pixel(92, 72).0[0] < 60);
         assert!(heat.image.get_pixel(90 + 44 + 2, 72).0[0] > 150);
         let s = |name, pts: Vec<(f64, f64)>| Series { name, points: pts };
-        let c = curves("run", &[s("train", vec![(1.0, 0.5), (2.0, 0.2)]), s("test", vec![(1.0, 0.4), (2.0, 0.3)])], &[s("train", vec![(1.0, 90.0), (2.0, 95.0)])]).unwrap();
+        let c = curves(
+            "run",
+            &[s("train", vec![(1.0, 0.5), (2.0, 0.2)]), s("test", vec![(1.0, 0.4), (2.0, 0.3)])],
+            &[s("train", vec![(1.0, 90.0), (2.0, 95.0)])],
+        )
+        .unwrap();
         assert_eq!(c.image.dimensions(), (960, 420));
         assert_eq!(short_number(2.50, 2), "2.5");
         assert_eq!(short_number(-0.001, 2), "0");

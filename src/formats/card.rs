@@ -83,7 +83,13 @@ impl Provenance {
 }
 
 impl ModelCard {
-    pub fn new(model: ModelConfig, dataset: DatasetKind, parameters: i64, seed: Option<i64>, invocation: Vec<String>) -> ModelCard {
+    pub fn new(
+        model: ModelConfig,
+        dataset: DatasetKind,
+        parameters: i64,
+        seed: Option<i64>,
+        invocation: Vec<String>,
+    ) -> ModelCard {
         ModelCard {
             format: "lenet5-model".into(),
             format_version: CARD_VERSION,
@@ -101,8 +107,8 @@ impl ModelCard {
 
     pub fn read(path: &Path) -> Result<ModelCard> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let card: ModelCard = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a lenet5 model card", path.display()))?;
+        let card: ModelCard =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a lenet5 model card", path.display()))?;
         anyhow::ensure!(
             card.format == "lenet5-model" && card.format_version == CARD_VERSION,
             "{}: model card format {} v{} is not lenet5-model v{CARD_VERSION}",

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use tch::nn::{Module, VarStore};
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::formats::card::{sha256_file, FileEntry, ModelCard, Provenance};
 use crate::data::DatasetKind;
-use crate::model::{parameter_count, LeNet5, INPUT_SIZE};
+use crate::formats::card::{sha256_file, FileEntry, ModelCard, Provenance};
 use crate::formats::weights::save_safetensors;
 use crate::inference::Model;
+use crate::model::{parameter_count, LeNet5, INPUT_SIZE};
 
 /// `DIR/NAME` + `.ext`, keeping any dots already in NAME.
 pub fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
@@ -44,8 +44,10 @@ pub fn export_loaded(
     let (vs, net) = model.require_lenet5("export needs weights (safetensors, state dict or .ot)")?;
     let card = model.card();
     let dataset = card.map(|c| c.dataset).unwrap_or(dataset);
-    let check_inputs = crate::data::load_test(dataset, data_dir, dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
-    let mut card = card.cloned().unwrap_or_else(|| ModelCard::new(net.config, dataset, parameter_count(vs), None, vec![]));
+    let check_inputs =
+        crate::data::load_test(dataset, data_dir, dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
+    let mut card =
+        card.cloned().unwrap_or_else(|| ModelCard::new(net.config, dataset, parameter_count(vs), None, vec![]));
     card.provenance = Provenance { seed: card.provenance.seed, ..Provenance::here(None, invocation) };
     card.files.clear();
     export(vs, net, &card, prefix, &check_inputs, ot)
@@ -56,7 +58,14 @@ pub const CHECK_BATCH: i64 = 64;
 
 /// Writes the export files for `prefix` and returns the card, which it also writes.
 /// `check_inputs` is a normalised batch `(B, 1, 32, 32)` whose logits go into the check file.
-pub fn export(vs: &VarStore, net: &LeNet5, card: &ModelCard, prefix: &Path, check_inputs: &Tensor, ot: bool) -> Result<ModelCard> {
+pub fn export(
+    vs: &VarStore,
+    net: &LeNet5,
+    card: &ModelCard,
+    prefix: &Path,
+    check_inputs: &Tensor,
+    ot: bool,
+) -> Result<ModelCard> {
     let (cpu_vs, cpu_net) = cpu_copy(vs, net)?;
     let mut card = card.clone();
     // Collected apart from `card`, which writers read (the ONNX file's metadata).

@@ -8,11 +8,11 @@ use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-use crate::training::checkpoint::{CheckpointMeta, Saved};
+use crate::formats::torch_pickle::Value;
 use crate::model::{parameter_names, ModelConfig};
+use crate::training::checkpoint::{CheckpointMeta, Saved};
 use crate::training::optim::{Hyper, OptimizerKind, STATE_FIELDS};
 use crate::training::schedule::{onecycle_lrs, ScheduleKind, ScheduleState, BASE_MOMENTUM, MAX_MOMENTUM, PCT_START};
-use crate::formats::torch_pickle::Value;
 use crate::training::{TrainConfig, TrainState};
 
 fn str(s: &str) -> Value {
@@ -44,13 +44,22 @@ fn to_json(value: &Value, what: &str) -> Result<serde_json::Value> {
         Value::None => J::Null,
         Value::Bool(b) => J::Bool(*b),
         Value::Int(i) => J::from(*i),
-        Value::Float(f) => serde_json::Number::from_f64(*f).map(J::Number).with_context(|| format!("{what}: {f} is not a number JSON holds"))?,
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(J::Number)
+            .with_context(|| format!("{what}: {f} is not a number JSON holds"))?,
         Value::Str(s) => J::String(s.clone()),
-        Value::List(items) | Value::Tuple(items) => J::Array(items.iter().map(|v| to_json(v, what)).collect::<Result<_>>()?),
+        Value::List(items) | Value::Tuple(items) => {
+            J::Array(items.iter().map(|v| to_json(v, what)).collect::<Result<_>>()?)
+        }
         Value::Dict(items) => J::Object(
             items
                 .iter()
-                .map(|(k, v)| Ok((k.as_str().with_context(|| format!("{what}: a key that is not a string"))?.to_string(), to_json(v, what)?)))
+                .map(|(k, v)| {
+                    Ok((
+                        k.as_str().with_context(|| format!("{what}: a key that is not a string"))?.to_string(),
+                        to_json(v, what)?,
+                    ))
+                })
                 .collect::<Result<_>>()?,
         ),
         Value::Tensor(_) => bail!("{what}: holds a tensor where plain values belong"),
@@ -65,8 +74,11 @@ fn scheduler_group_keys(c: &TrainConfig) -> Vec<(&'static str, Value)> {
         ScheduleKind::Step | ScheduleKind::Cosine => vec![("initial_lr", Value::Float(lr))],
         ScheduleKind::Onecycle => {
             let (initial, min) = onecycle_lrs(lr);
-            let mut keys =
-                vec![("initial_lr", Value::Float(initial)), ("max_lr", Value::Float(lr)), ("min_lr", Value::Float(min))];
+            let mut keys = vec![
+                ("initial_lr", Value::Float(initial)),
+                ("max_lr", Value::Float(lr)),
+                ("min_lr", Value::Float(min)),
+            ];
             if c.cycle_momentum {
                 keys.push(("max_momentum", Value::Float(MAX_MOMENTUM)));
                 keys.push(("base_momentum", Value::Float(BASE_MOMENTUM)));
@@ -176,11 +188,13 @@ fn scheduler_state_dict(meta: &CheckpointMeta, position: ScheduleState) -> Value
 /// A run's checkpoint as a PyTorch training checkpoint.
 pub fn to_torch(meta: &CheckpointMeta, saved: &Saved) -> Result<Value> {
     let s = &meta.state;
-    let position = s.schedule.context("the checkpoint was written before the first step: there is nothing to continue")?;
+    let position =
+        s.schedule.context("the checkpoint was written before the first step: there is nothing to continue")?;
     let order = parameter_names();
     let mut weights = vec![];
     for name in &order {
-        let t = saved.weights.iter().find(|(k, _)| k == name).with_context(|| format!("the checkpoint has no {name}"))?;
+        let t =
+            saved.weights.iter().find(|(k, _)| k == name).with_context(|| format!("the checkpoint has no {name}"))?;
         weights.push((str(name), Value::Tensor(t.1.shallow_clone())));
     }
     let mut recipe = serde_json::to_value(&meta.config).expect("a recipe always serialises");
@@ -239,8 +253,8 @@ pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     let parse = |key: &str| -> Result<serde_json::Value> {
         recipe.get(key).cloned().with_context(|| format!("{source}: the recipe has no '{key}'"))
     };
-    let config: TrainConfig =
-        serde_json::from_value(recipe.clone()).with_context(|| format!("{source}: the recipe is not lenet5 train's"))?;
+    let config: TrainConfig = serde_json::from_value(recipe.clone())
+        .with_context(|| format!("{source}: the recipe is not lenet5 train's"))?;
     let model: ModelConfig = ModelConfig {
         arch: serde_json::from_value(parse("arch")?).with_context(|| format!("{source}: recipe 'arch'"))?,
         head: serde_json::from_value(parse("head")?).with_context(|| format!("{source}: recipe 'head'"))?,
@@ -262,7 +276,10 @@ pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     ensure!(groups.len() == 1, "{source}: the optimizer has {} param groups; lenet5 trains one", groups.len());
     let group = &groups[0];
     let float = |key: &str| -> Result<f64> {
-        group.get(key).and_then(Value::as_float).with_context(|| format!("{source}: the optimizer's param group has no float '{key}'"))
+        group
+            .get(key)
+            .and_then(Value::as_float)
+            .with_context(|| format!("{source}: the optimizer's param group has no float '{key}'"))
     };
     let adam = group.get("betas").is_some();
     let kind = match (adam, group.get("decoupled_weight_decay").and_then(Value::as_bool)) {
@@ -278,7 +295,10 @@ pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     );
     let momentum = if adam {
         let betas = group.get("betas").and_then(Value::as_list).unwrap_or_default();
-        betas.first().and_then(Value::as_float).with_context(|| format!("{source}: the param group's 'betas' is not a pair of floats"))?
+        betas
+            .first()
+            .and_then(Value::as_float)
+            .with_context(|| format!("{source}: the param group's 'betas' is not a pair of floats"))?
     } else {
         float("momentum")?
     };
@@ -293,9 +313,12 @@ pub fn read(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     let mut state_tensors = vec![];
     for (index, fields) in entry(optimizer, "state", &source)?.as_dict().unwrap_or_default() {
         let i = index.as_int().filter(|i| (0..names.len() as i64).contains(i));
-        let i = i.with_context(|| format!("{source}: optimizer state for parameter {} of {}", index.key_repr(), names.len()))?;
+        let i = i.with_context(|| {
+            format!("{source}: optimizer state for parameter {} of {}", index.key_repr(), names.len())
+        })?;
         for (field, t) in fields.as_dict().with_context(|| format!("{source}: optimizer state {i} is not a dict"))? {
-            let field = field.as_str().with_context(|| format!("{source}: optimizer state {i}: a key that is not a string"))?;
+            let field =
+                field.as_str().with_context(|| format!("{source}: optimizer state {i}: a key that is not a string"))?;
             match t {
                 Value::None => {} // an SGD momentum buffer not yet made
                 Value::Tensor(t) => state_tensors.push((format!("{}.{field}", names[i as usize]), t.shallow_clone())),

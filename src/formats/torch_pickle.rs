@@ -299,7 +299,11 @@ enum Node {
     /// A global outside the allow-list (only with [`Objects::Inert`]): `module.name`.
     Class(String),
     /// What calling a `Class` would have made: never made, only described.
-    Object { class: String, args: usize, state: Option<usize> },
+    Object {
+        class: String,
+        args: usize,
+        state: Option<usize>,
+    },
 }
 
 impl Node {
@@ -325,7 +329,9 @@ fn global(module: &str, name: &str) -> Option<Global> {
     let kind = match (module, name) {
         ("collections", "OrderedDict") => return Some(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => return Some(Global::RebuildTensor),
-        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => return Some(Global::RebuildParameter),
+        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
+            return Some(Global::RebuildParameter)
+        }
         ("torch", "Size") => return Some(Global::Size),
         ("torch", storage) => STORAGES.iter().find(|(n, _)| *n == storage)?.1,
         _ => return None,
@@ -502,66 +508,82 @@ impl<'a> Unpickler<'a> {
                 b'(' => self.marks.push(self.stack.len()),                      // MARK
                 b'N' => self.push(Node::None),
                 0x88 | 0x89 => self.push(Node::Bool(op == 0x88)), // NEWTRUE, NEWFALSE
-                b'G' => { // BINFLOAT: big-endian, unlike every other number in a pickle
+                b'G' => {
+                    // BINFLOAT: big-endian, unlike every other number in a pickle
                     let bytes: [u8; 8] = self.take(8)?.try_into().context("8 bytes")?;
                     self.push(Node::Float(f64::from_be_bytes(bytes)))
                 }
                 b'J' => self.uint(4).map(|v| self.push(Node::Int(v as u32 as i32 as i64)))?, // BININT
-                b'K' | b'M' => { // BININT1, BININT2: unsigned
+                b'K' | b'M' => {
+                    // BININT1, BININT2: unsigned
                     let v = self.uint(if op == b'K' { 1 } else { 2 })?;
                     self.push(Node::Int(v as i64))
                 }
-                0x8a => { // LONG1: n bytes of little-endian two's complement
+                0x8a => {
+                    // LONG1: n bytes of little-endian two's complement
                     let n = self.len(1)?;
                     ensure!(n <= 8, "an integer of {n} bytes, beyond 64 bits");
                     let shift = 64 - 8 * n as u32;
                     let v = self.uint(n)?.checked_shl(shift).map_or(0, |v| (v as i64) >> shift);
                     self.push(Node::Int(v))
                 }
-                b'X' | 0x8c | 0x8d => { // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-                    let s = self.string(match op { b'X' => 4, 0x8c => 1, _ => 8 })?;
+                b'X' | 0x8c | 0x8d => {
+                    // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+                    let s = self.string(match op {
+                        b'X' => 4,
+                        0x8c => 1,
+                        _ => 8,
+                    })?;
                     self.push(Node::Str(s))
                 }
-                b')' => self.push(Node::Tuple(Vec::new())),                  // EMPTY_TUPLE
+                b')' => self.push(Node::Tuple(Vec::new())), // EMPTY_TUPLE
                 b't' => self.pop_mark().map(|t| self.push(Node::Tuple(t)))?, // TUPLE
-                0x85..=0x87 => { // TUPLE1, TUPLE2, TUPLE3
+                0x85..=0x87 => {
+                    // TUPLE1, TUPLE2, TUPLE3
                     let mut items = (0x85..=op).map(|_| self.pop()).collect::<Result<Vec<_>>>()?;
                     items.reverse();
                     self.push(Node::Tuple(items))
                 }
                 b']' => self.push(Node::List(Vec::new())), // EMPTY_LIST
-                b'a' | b'e' => { // APPEND, APPENDS
+                b'a' | b'e' => {
+                    // APPEND, APPENDS
                     let items = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
                     let Node::List(list) = self.top()? else { bail!("APPEND to a non-list") };
                     list.extend(items)
                 }
                 b'}' => self.push(Node::Dict(Vec::new())), // EMPTY_DICT
-                b's' => { // SETITEM
+                b's' => {
+                    // SETITEM
                     let (v, k) = (self.pop()?, self.pop()?);
                     self.set_items(vec![k, v])?
                 }
                 b'u' => self.pop_mark().and_then(|items| self.set_items(items))?, // SETITEMS
                 b'q' | b'r' => self.uint(width(b'q')).and_then(|i| self.memoize(i as u32))?, // BINPUT, LONG_BINPUT
-                0x94 => self.memoize(self.memo.len() as u32)?,                              // MEMOIZE
-                b'h' | b'j' => { // BINGET, LONG_BINGET
+                0x94 => self.memoize(self.memo.len() as u32)?,                    // MEMOIZE
+                b'h' | b'j' => {
+                    // BINGET, LONG_BINGET
                     let i = self.uint(width(b'h'))? as u32;
                     let id = *self.memo.get(&i).with_context(|| format!("memo {i} read before it was written"))?;
                     self.stack.push(id)
                 }
-                b'c' => { // GLOBAL: "module\nname\n"
+                b'c' => {
+                    // GLOBAL: "module\nname\n"
                     let (module, name) = (self.line()?, self.line()?);
                     self.global(&module, &name)?
                 }
-                0x93 => { // STACK_GLOBAL
+                0x93 => {
+                    // STACK_GLOBAL
                     let (name, module) = (self.pop()?, self.pop()?);
                     let (module, name) = (self.str(module)?.to_string(), self.str(name)?.to_string());
                     self.global(&module, &name)?
                 }
-                b'R' | 0x81 => { // REDUCE, NEWOBJ
+                b'R' | 0x81 => {
+                    // REDUCE, NEWOBJ
                     let (args, func) = (self.pop()?, self.pop()?);
                     self.call(func, args)?
                 }
-                0x92 => { // NEWOBJ_EX: the keyword arguments are kept by no allowed call
+                0x92 => {
+                    // NEWOBJ_EX: the keyword arguments are kept by no allowed call
                     let (_kwargs, args, class) = (self.pop()?, self.pop()?, self.pop()?);
                     self.call(class, args)?
                 }
@@ -616,7 +638,11 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
                         Node::Int(i) => Value::Int(*i),
                         other => bail!("a dict key that is {}: only string and int keys are read", other.type_name()),
                     };
-                    ensure!(seen.insert((key.as_str().is_some(), key.key_repr())), "the key {} appears twice", key.key_repr());
+                    ensure!(
+                        seen.insert((key.as_str().is_some(), key.key_repr())),
+                        "the key {} appears twice",
+                        key.key_repr()
+                    );
                     dict.push((key, self.value(v, depth + 1)?));
                 }
                 Value::Dict(dict)
@@ -632,7 +658,9 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
                 None if depth == 0 => bail!("holds a {class} object, not a state dict or an nn.Module"),
                 None => Value::None, // never built, so never run: only modules hold weights
             },
-            Node::Global(_) | Node::Class(_) | Node::Storage(_) => bail!("holds {} as a value", u.nodes[id].type_name()),
+            Node::Global(_) | Node::Class(_) | Node::Storage(_) => {
+                bail!("holds {} as a value", u.nodes[id].type_name())
+            }
         })
     }
 
@@ -651,10 +679,20 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
 
     /// What `module.state_dict()` returns, from a pickled module's `__dict__`: its parameters,
     /// its persistent buffers, then each submodule's, prefixed by the path to it.
-    fn module_tensors(&mut self, state: usize, prefix: &str, out: &mut Vec<(String, Tensor)>, depth: usize) -> Result<()> {
+    fn module_tensors(
+        &mut self,
+        state: usize,
+        prefix: &str,
+        out: &mut Vec<(String, Tensor)>,
+        depth: usize,
+    ) -> Result<()> {
         ensure!(depth <= MAX_DEPTH, "modules nested more than {MAX_DEPTH} deep");
         let u = self.u;
-        let at = if prefix.is_empty() { "the top module".to_string() } else { format!("module {}", prefix.trim_end_matches('.')) };
+        let at = if prefix.is_empty() {
+            "the top module".to_string()
+        } else {
+            format!("module {}", prefix.trim_end_matches('.'))
+        };
         // `_non_persistent_buffers_set` is a pickled set(): an inert object holding its list.
         let skipped: Vec<&str> = match self.attribute(state, "_non_persistent_buffers_set").map(|id| &u.nodes[id]) {
             Some(Node::Object { args, .. }) => match u.tuple(*args).ok().map(|a| a.first().map(|&l| &u.nodes[l])) {
@@ -678,13 +716,17 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
                 }
             }
         }
-        let Some(Node::Dict(children)) = self.attribute(state, "_modules").map(|id| &u.nodes[id]) else { return Ok(()) };
+        let Some(Node::Dict(children)) = self.attribute(state, "_modules").map(|id| &u.nodes[id]) else {
+            return Ok(());
+        };
         for &(k, v) in children {
             let name = u.str(k).with_context(|| format!("{at}: a submodule name that is not a string"))?;
             match &u.nodes[v] {
                 Node::None => {}
                 Node::Object { state: child, class, .. } => {
-                    let child = self.module_state(*child).with_context(|| format!("{at}: submodule {name:?} is a {class}, not an nn.Module"))?;
+                    let child = self
+                        .module_state(*child)
+                        .with_context(|| format!("{at}: submodule {name:?} is a {class}, not an nn.Module"))?;
                     self.module_tensors(child, &format!("{prefix}{name}."), out, depth + 1)?
                 }
                 other => bail!("{at}: submodule {name:?} is {}", other.type_name()),
@@ -698,13 +740,16 @@ impl<R: Read + Seek> Builder<'_, '_, R> {
         if let Some(t) = self.tensors.get(&id) {
             return Ok(t.shallow_clone());
         }
-        let Node::Tensor(view) = &self.u.nodes[id] else { bail!("expected a tensor, found {}", self.u.nodes[id].type_name()) };
+        let Node::Tensor(view) = &self.u.nodes[id] else {
+            bail!("expected a tensor, found {}", self.u.nodes[id].type_name())
+        };
         let s = &view.storage;
         if let Some(seen) = self.described.get(&s.key) {
             // Each view was checked against its own description of the storage: they must agree.
             ensure!(seen == s, "storage {} is described as both {:?} and {:?}", s.key, seen, s);
         } else {
-            let bytes = (s.numel as u64).checked_mul(s.kind.elt_size_in_bytes() as u64).context("a storage too large")?;
+            let bytes =
+                (s.numel as u64).checked_mul(s.kind.elt_size_in_bytes() as u64).context("a storage too large")?;
             let data = read_entry(self.zip, &format!("{}/data/{}", self.prefix, s.key), bytes)?;
             let (key, got) = (&s.key, data.len());
             ensure!(got as u64 == bytes, "storage {key} holds {got} bytes, not {bytes} ({} x {:?})", s.numel, s.kind);
@@ -725,13 +770,17 @@ fn check_view(label: &str, numel: i64, size: &[i64], stride: &[i64], offset: i64
     ensure!(offset >= 0 && size.iter().chain(stride).all(|&x| x >= 0), "a negative size, stride or offset");
     let items = size.iter().try_fold(1i64, |n, &s| n.checked_mul(s));
     // The last element a view reads: offset + sum((size - 1) * stride).
-    let last = size.iter().zip(stride).try_fold(offset, |end, (&n, &s)| end.checked_add((n - 1).max(0).checked_mul(s)?));
+    let last =
+        size.iter().zip(stride).try_fold(offset, |end, (&n, &s)| end.checked_add((n - 1).max(0).checked_mul(s)?));
     let inside = match (items, last) {
         (Some(0), _) => offset <= numel, // an empty tensor reads nothing
         (Some(_), Some(last)) => last < numel,
         _ => false,
     };
-    ensure!(inside, "a tensor of size {size:?}, stride {stride:?}, offset {offset} lies outside {label} ({numel} items)");
+    ensure!(
+        inside,
+        "a tensor of size {size:?}, stride {stride:?}, offset {offset} lies outside {label} ({numel} items)"
+    );
     Ok(())
 }
 
@@ -749,7 +798,11 @@ impl Storages {
     /// Adds the storage named `label` (`storage 0`), little-endian items of `kind`.
     pub fn insert(&mut self, label: &str, kind: Kind, data: &[u8]) -> Result<()> {
         let size = kind.elt_size_in_bytes();
-        ensure!(data.len().is_multiple_of(size), "{label} holds {} bytes, not a whole number of {kind:?} items", data.len());
+        ensure!(
+            data.len().is_multiple_of(size),
+            "{label} holds {} bytes, not a whole number of {kind:?} items",
+            data.len()
+        );
         ensure!(kind != Kind::Bool || data.iter().all(|&b| b <= 1), "{label} holds bools not 0 or 1");
         // from_data_size copies numel * element-size bytes without looking: that is data.len().
         let storage = Tensor::f_from_data_size(data, &[(data.len() / size) as i64], kind)?;
@@ -770,7 +823,11 @@ impl Storages {
         let kind = storage.kind();
         let items: i64 = size.iter().product(); // check_view proved it does not overflow
         self.copied += items as u64 * kind.elt_size_in_bytes() as u64;
-        ensure!(self.copied <= 2 * self.stored + (1 << 20), "tensor views that copy far more than the {} bytes stored", self.stored);
+        ensure!(
+            self.copied <= 2 * self.stored + (1 << 20),
+            "tensor views that copy far more than the {} bytes stored",
+            self.stored
+        );
         let strided = storage.f_as_strided(size, stride, offset)?;
         let mut owned = Tensor::f_empty(size, (kind, Device::Cpu))?;
         owned.f_copy_(&strided)?;
@@ -897,7 +954,9 @@ impl Pickler {
                 // LONG1: the fewest little-endian two's-complement bytes that keep the sign.
                 let bytes = i.to_le_bytes();
                 let mut n = 8;
-                while n > 1 && ((bytes[n - 1] == 0 && bytes[n - 2] < 0x80) || (bytes[n - 1] == 0xff && bytes[n - 2] >= 0x80)) {
+                while n > 1
+                    && ((bytes[n - 1] == 0 && bytes[n - 2] < 0x80) || (bytes[n - 1] == 0xff && bytes[n - 2] >= 0x80))
+                {
                     n -= 1;
                 }
                 self.out.extend([0x8a, n as u8]);
@@ -955,7 +1014,11 @@ impl Pickler {
                 if !items.is_empty() {
                     self.out.push(b'(');
                     for (k, v) in items {
-                        ensure!(matches!(k, Value::Str(_) | Value::Int(_)), "a dict key that is {}: keys are strings or ints", k.type_name());
+                        ensure!(
+                            matches!(k, Value::Str(_) | Value::Int(_)),
+                            "a dict key that is {}: keys are strings or ints",
+                            k.type_name()
+                        );
                         self.value(k, depth + 1)?;
                         self.value(v, depth + 1)?;
                     }
@@ -971,7 +1034,11 @@ impl Pickler {
     /// contiguous stride, False, OrderedDict())`, as torch.save writes a CPU tensor.
     fn tensor(&mut self, t: &Tensor) -> Result<()> {
         let kind = t.f_kind()?;
-        let class = STORAGES.iter().find(|(_, k)| *k == kind).with_context(|| format!("a {kind:?} tensor, which torch.save files here do not hold"))?.0;
+        let class = STORAGES
+            .iter()
+            .find(|(_, k)| *k == kind)
+            .with_context(|| format!("a {kind:?} tensor, which torch.save files here do not hold"))?
+            .0;
         let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
         let numel = t.numel();
         let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
@@ -1075,8 +1142,14 @@ mod tests {
         }
         doubling.push(b'.');
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            (state_dict_pickle(3, "torch._utils", "_rebuild_tensor_v2"), "a tensor of size [2], stride [1], offset 3 lies outside storage 0 (4 items)"),
-            (state_dict_pickle(0, "os", "system"), "refuses to load os.system: only tensors, numbers, strings and containers of them"),
+            (
+                state_dict_pickle(3, "torch._utils", "_rebuild_tensor_v2"),
+                "a tensor of size [2], stride [1], offset 3 lies outside storage 0 (4 items)",
+            ),
+            (
+                state_dict_pickle(0, "os", "system"),
+                "refuses to load os.system: only tensors, numbers, strings and containers of them",
+            ),
             (b"\x80\x02}q\x00\xff".to_vec(), "unsupported pickle opcode 0xff at byte 5"),
             (b"\x80\x02}X\x00\x00\x00\x80".to_vec(), "data.pkl is truncated or damaged at byte 8"),
             (b"\x80\x02}(K\x01K\x02K\x01K\x03u.".to_vec(), "the key 1 appears twice"),
@@ -1089,7 +1162,10 @@ mod tests {
             let err = format!("{:#}", read_pickle(&pkl, Objects::Refused).unwrap_err());
             assert!(err.contains(expected), "{expected:?} not in {err:?}");
         }
-        for (pkl, expected) in [(&b"\x80\x02K\x01."[..], "holds an int, not a dict of tensors"), (b"\x80\x02(}t.", "holds a tuple, not a dict of tensors")] {
+        for (pkl, expected) in [
+            (&b"\x80\x02K\x01."[..], "holds an int, not a dict of tensors"),
+            (b"\x80\x02(}t.", "holds a tuple, not a dict of tensors"),
+        ] {
             let err = state_dict(read_pickle(pkl, Objects::Refused).unwrap()).unwrap_err().to_string();
             assert!(err.contains(expected), "{expected:?} not in {err:?}");
         }
@@ -1189,7 +1265,21 @@ mod tests {
     #[test]
     fn every_kind_of_value_round_trips_through_a_file() {
         let cpu = Device::Cpu;
-        let ints = [0, 1, 255, 256, 65535, 65536, -1, -256, i32::MIN as i64, i32::MAX as i64 + 1, -(1 << 40), i64::MIN, i64::MAX];
+        let ints = [
+            0,
+            1,
+            255,
+            256,
+            65535,
+            65536,
+            -1,
+            -256,
+            i32::MIN as i64,
+            i32::MAX as i64 + 1,
+            -(1 << 40),
+            i64::MIN,
+            i64::MAX,
+        ];
         let tensors = [
             Tensor::randn([2, 3], (Kind::Float, cpu)),
             Tensor::randn([4], (Kind::Double, cpu)),
@@ -1197,22 +1287,39 @@ mod tests {
             Tensor::from_slice(&[0u8, 7, 255]),
             Tensor::from_slice(&[true, false, true]),
             Tensor::from_slice(&[i32::MIN, 0, i32::MAX]).reshape([3, 1]),
-            Tensor::from(2.5f32),                                          // 0-dim
+            Tensor::from(2.5f32),                                        // 0-dim
             Tensor::arange(12, (Kind::Float, cpu)).reshape([3, 4]).tr(), // non-contiguous
-            Tensor::zeros([0, 3], (Kind::Float, cpu)),                    // empty
+            Tensor::zeros([0, 3], (Kind::Float, cpu)),                   // empty
         ];
         let value = Value::Dict(vec![
             (Value::Str("epoch".into()), Value::Int(3)),
             (Value::Str("ints".into()), Value::List(ints.iter().map(|&i| Value::Int(i)).collect())),
             (
                 Value::Str("floats".into()),
-                Value::Tuple([0.1, -0.0, 1e-8, f64::INFINITY, f64::NAN, f64::MIN_POSITIVE].into_iter().map(Value::Float).collect()),
+                Value::Tuple(
+                    [0.1, -0.0, 1e-8, f64::INFINITY, f64::NAN, f64::MIN_POSITIVE]
+                        .into_iter()
+                        .map(Value::Float)
+                        .collect(),
+                ),
             ),
             (Value::Str("flags".into()), Value::Tuple(vec![Value::Bool(true), Value::Bool(false), Value::None])),
             (Value::Str("héllo ✓".into()), Value::Str(String::new())),
-            (Value::Int(0), Value::Dict(vec![(Value::Int(-5), Value::Tuple(vec![])), (Value::Str("0".into()), Value::List(vec![]))])),
-            (Value::Str("tuples".into()), Value::List((0..6).map(|n| Value::Tuple((0..n).map(Value::Int).collect())).collect())),
-            (Value::Str("tensors".into()), Value::List(tensors.iter().map(|t| Value::Tensor(t.shallow_clone())).collect())),
+            (
+                Value::Int(0),
+                Value::Dict(vec![
+                    (Value::Int(-5), Value::Tuple(vec![])),
+                    (Value::Str("0".into()), Value::List(vec![])),
+                ]),
+            ),
+            (
+                Value::Str("tuples".into()),
+                Value::List((0..6).map(|n| Value::Tuple((0..n).map(Value::Int).collect())).collect()),
+            ),
+            (
+                Value::Str("tensors".into()),
+                Value::List(tensors.iter().map(|t| Value::Tensor(t.shallow_clone())).collect()),
+            ),
             (Value::Str("empty".into()), Value::Dict(vec![])),
         ]);
         let dir = std::env::temp_dir().join(format!("lenet5-pickle-unit-{}", std::process::id()));
@@ -1221,11 +1328,25 @@ mod tests {
         write(&path, &value).unwrap();
         let back = read(&path).unwrap();
         assert!(same(&value, &back), "{value:?}\nread back as\n{back:?}");
-        assert!(back.get("tensors").and_then(Value::as_list).unwrap().iter().all(|t| t.as_tensor().unwrap().is_contiguous()));
+        assert!(back
+            .get("tensors")
+            .and_then(Value::as_list)
+            .unwrap()
+            .iter()
+            .all(|t| t.as_tensor().unwrap().is_contiguous()));
         // Every record starts on a 64-byte boundary, as torch.save's do.
         let mut zip = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
         let names: Vec<String> = zip.file_names().map(|n| n.unwrap().to_string()).collect();
-        assert_eq!(names[..5], ["values/data.pkl", "values/.format_version", "values/.storage_alignment", "values/byteorder", "values/data/0"]);
+        assert_eq!(
+            names[..5],
+            [
+                "values/data.pkl",
+                "values/.format_version",
+                "values/.storage_alignment",
+                "values/byteorder",
+                "values/data/0"
+            ]
+        );
         assert_eq!(names[names.len() - 2..], ["values/version", "values/.data/serialization_id"]);
         for (i, name) in names.iter().enumerate() {
             assert_eq!(zip.by_index(i).unwrap().data_start().unwrap() % 64, 0, "{name}");

@@ -82,7 +82,9 @@ pub fn detect(path: &Path) -> Result<Format> {
     if find("data.pkl").is_none() {
         bail!("{name}: a zip file, but not a PyTorch one (no data.pkl inside)");
     }
-    let Some(code): Option<String> = find("code/__torch__.py").or_else(|| entries.iter().find(|e| e.contains("/code/"))).cloned() else {
+    let Some(code): Option<String> =
+        find("code/__torch__.py").or_else(|| entries.iter().find(|e| e.contains("/code/"))).cloned()
+    else {
         return Ok(Format::TorchSave); // torch.save: pickle and tensor data only
     };
     // tch's VarStore::save writes a libtorch serialize::OutputArchive: a TorchScript
@@ -146,7 +148,8 @@ pub fn read_tensors(path: &Path, format: Format) -> Result<(NamedTensors, Vec<St
         // libtorch's unpickler cannot read state_dict()'s OrderedDict; ours names its errors.
         Format::TorchSave => Ok(torch_save_tensors(path, &mut notes)?),
         Format::TorchExport => {
-            let tensors = super::pt2::read_weights(path).map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
+            let tensors = super::pt2::read_weights(path)
+                .map_err(|e| anyhow::anyhow!("{name}: cannot read the torch.export archive: {e:#}"))?;
             notes.push(format!("{name}: a torch.export archive; its weights are read, its graph is not run"));
             Ok(tensors)
         }
@@ -182,7 +185,9 @@ fn torch_save_tensors(path: &Path, notes: &mut Vec<String>) -> Result<Vec<(Strin
     let value = match value.into_state_dict() {
         Ok(tensors) => {
             if let Some(class) = modules.first() {
-                notes.push(format!("{name}: a whole pickled {class}; its parameters and buffers read as data, nothing in it run"));
+                notes.push(format!(
+                    "{name}: a whole pickled {class}; its parameters and buffers read as data, nothing in it run"
+                ));
             }
             return Ok(tensors);
         }
@@ -192,9 +197,15 @@ fn torch_save_tensors(path: &Path, notes: &mut Vec<String>) -> Result<Vec<(Strin
         bail!("{name}: holds {}, not a state dict, a checkpoint dict or a pickled module", value.type_name())
     };
     for key in CHECKPOINT_KEYS {
-        let Some(i) = items.iter().position(|(k, v)| k.as_str() == Some(key) && v.as_state_dict().is_some()) else { continue };
+        let Some(i) = items.iter().position(|(k, v)| k.as_str() == Some(key) && v.as_state_dict().is_some()) else {
+            continue;
+        };
         notes.push(format!("{name}: weights from its '{key}' entry"));
-        return items.swap_remove(i).1.into_state_dict().map_err(|v| anyhow::anyhow!("{name}: '{key}' holds {}", v.type_name()));
+        return items
+            .swap_remove(i)
+            .1
+            .into_state_dict()
+            .map_err(|v| anyhow::anyhow!("{name}: '{key}' holds {}", v.type_name()));
     }
     let keys: Vec<String> = items.iter().take(12).map(|(k, _)| k.key_repr()).collect();
     bail!(
@@ -204,7 +215,6 @@ fn torch_save_tensors(path: &Path, notes: &mut Vec<String>) -> Result<Vec<(Strin
         if items.len() > keys.len() { ", …" } else { "" }
     )
 }
-
 
 /// libtorch errors carry a C++ backtrace (and TorchScript ones a script traceback) after
 /// the reason; users need only the reason: the `...Error: ` line if there is one, else the
@@ -247,7 +257,12 @@ pub struct StateDictFit {
 /// not fit in a few lines: missing and unexpected tensors grouped, the first wrongly shaped or
 /// typed ones in full. Otherwise it returns the missing and unexpected names (PyTorch's
 /// `load_state_dict(strict=False)` reports them).
-pub fn check_state_dict(wanted: &[(String, Vec<i64>)], given: &BTreeMap<String, Tensor>, strict: bool, source: &str) -> Result<StateDictFit> {
+pub fn check_state_dict(
+    wanted: &[(String, Vec<i64>)],
+    given: &BTreeMap<String, Tensor>,
+    strict: bool,
+    source: &str,
+) -> Result<StateDictFit> {
     let mut wanted: Vec<&(String, Vec<i64>)> = wanted.iter().collect();
     wanted.sort_by(|a, b| a.0.cmp(&b.0));
     let (mut missing, mut wrong) = (Vec::new(), Vec::new());
@@ -271,7 +286,11 @@ pub fn check_state_dict(wanted: &[(String, Vec<i64>)], given: &BTreeMap<String, 
     const SHOWN: usize = 4; // names per line, and wrongly shaped or typed tensors in full
     let mut lines = Vec::new();
     if strict && !fit.missing.is_empty() {
-        let shown: Vec<String> = fit.missing.iter().map(|k| format!("{k} {:?}", wanted.iter().find(|(w, _)| w == k).expect("a wanted name").1)).collect();
+        let shown: Vec<String> = fit
+            .missing
+            .iter()
+            .map(|k| format!("{k} {:?}", wanted.iter().find(|(w, _)| w == k).expect("a wanted name").1))
+            .collect();
         lines.push(group("missing", &shown, SHOWN));
     }
     if strict && !fit.unexpected.is_empty() {
@@ -308,7 +327,8 @@ fn group(what: &str, items: &[String], shown: usize) -> String {
     match items {
         [one] => format!("{what} {one}"),
         _ => {
-            let more = if items.len() > shown { format!(" … and {} more", items.len() - shown) } else { String::new() };
+            let more =
+                if items.len() > shown { format!(" … and {} more", items.len() - shown) } else { String::new() };
             format!("{what} {} tensors: {}{more}", items.len(), items[..items.len().min(shown)].join(", "))
         }
     }
@@ -337,7 +357,8 @@ mod tests {
 
     #[test]
     fn key_maps_rename_whole_components() {
-        let maps: Vec<KeyMap> = ["model=", "features.0=conv1", "classifier.4.=fc3"].iter().map(|s| s.parse().unwrap()).collect();
+        let maps: Vec<KeyMap> =
+            ["model=", "features.0=conv1", "classifier.4.=fc3"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(rename("model.conv1.weight", &maps), "conv1.weight");
         assert_eq!(rename("features.0.bias", &maps), "conv1.bias");
         assert_eq!(rename("features.01.bias", &maps), "features.01.bias");
@@ -353,8 +374,7 @@ mod tests {
         let mut vs = VarStore::new(Device::Cpu);
         let _net = LeNet5::new(&vs.root(), config);
         let before = vs.variables()["conv1.weight"].copy();
-        let mut tensors: Vec<(String, Tensor)> =
-            vs.variables().into_iter().map(|(k, t)| (k, t.zeros_like())).collect();
+        let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.zeros_like())).collect();
         tensors.retain(|(k, _)| k != "fc2.bias");
         for (k, t) in tensors.iter_mut() {
             if k == "fc1.weight" {
@@ -381,7 +401,8 @@ mod tests {
 
     #[test]
     fn a_loose_check_reports_missing_and_unexpected_names_but_refuses_wrong_shapes() {
-        let wanted: Vec<(String, Vec<i64>)> = crate::model::PARAMETERS.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
+        let wanted: Vec<(String, Vec<i64>)> =
+            crate::model::PARAMETERS.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect();
         let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
         let mut given: BTreeMap<String, Tensor> = wanted.iter().map(|(n, s)| (n.clone(), zeros(s))).collect();
         given.remove("fc2.bias");
@@ -392,7 +413,10 @@ mod tests {
         assert!(strict.contains("missing fc2.bias [84]") && strict.contains("unexpected extra.weight [2]"), "{strict}");
         given.insert("fc1.bias".into(), zeros(&[7]));
         let loose = check_state_dict(&wanted, &given, false, "d").unwrap_err().to_string();
-        assert_eq!(loose, "d: the state dict does not fit LeNet-5:\n  wrong shape for fc1.bias: expected [120], got [7]");
+        assert_eq!(
+            loose,
+            "d: the state dict does not fit LeNet-5:\n  wrong shape for fc1.bias: expected [120], got [7]"
+        );
     }
 
     #[test]
@@ -403,7 +427,12 @@ mod tests {
         let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
         // An nn.Sequential notebook model: 10 tensors, all under other names.
         let sequential: Vec<(String, Tensor)> = (0..5)
-            .flat_map(|i| [(format!("{}.{i}.weight", if i < 2 { "features" } else { "classifier" }), zeros(3)), (format!("classifier.{i}.bias"), zeros(3))])
+            .flat_map(|i| {
+                [
+                    (format!("{}.{i}.weight", if i < 2 { "features" } else { "classifier" }), zeros(3)),
+                    (format!("classifier.{i}.bias"), zeros(3)),
+                ]
+            })
             .collect();
         let err = load_state_dict(&mut vs, sequential, &[], "seq.pt").unwrap_err().to_string();
         assert!(err.lines().count() <= 4, "{err}");
@@ -413,6 +442,10 @@ mod tests {
         let shapes: Vec<(String, Tensor)> = vs.variables().into_keys().map(|k| (k, zeros(1))).collect();
         let err = load_state_dict(&mut vs, shapes, &[], "small.pt").unwrap_err().to_string();
         assert_eq!(err.lines().count(), 1 + 4 + 1, "{err}");
-        assert!(err.contains("wrong shape for conv1.bias: expected [6], got [1]") && err.ends_with("and 6 more of the wrong shape or dtype"), "{err}");
+        assert!(
+            err.contains("wrong shape for conv1.bias: expected [6], got [1]")
+                && err.ends_with("and 6 more of the wrong shape or dtype"),
+            "{err}"
+        );
     }
 }

@@ -32,7 +32,6 @@ impl Metrics {
     }
 }
 
-
 /// Evaluates `forward` (normalised images -> logits) on `data` in batches, without gradients.
 pub fn evaluate(
     forward: &dyn Fn(&Tensor) -> Result<Tensor>,
@@ -51,7 +50,10 @@ pub fn evaluate(
             let ys = data.labels.narrow(0, start, len);
             let logits = forward(&xs)?;
             if logits.size() != [len, NUM_CLASSES] {
-                bail!("the model returned shape {:?} for a batch of {len}; expected [{len}, {NUM_CLASSES}]", logits.size());
+                bail!(
+                    "the model returned shape {:?} for a batch of {len}; expected [{len}, {NUM_CLASSES}]",
+                    logits.size()
+                );
             }
             loss_sum += head.loss(&logits, &ys).to_kind(Kind::Double) * len as f64;
             let pairs = &ys * NUM_CLASSES + logits.argmax(-1, false); // true * 10 + predicted

@@ -73,7 +73,11 @@ impl Model {
         let format = detect(&path)?;
         if format == Format::TorchScript {
             let mut module = CModule::load_on_device(&path, device).map_err(|e| {
-                anyhow::anyhow!("{}: cannot load the TorchScript module ({})", path.display(), first_line(&e.to_string()))
+                anyhow::anyhow!(
+                    "{}: cannot load the TorchScript module ({})",
+                    path.display(),
+                    first_line(&e.to_string())
+                )
             })?;
             module.set_eval();
             let head = options.head.unwrap_or(Head::Softmax);
@@ -122,7 +126,11 @@ impl Model {
             }
             (Runner::Native { vs, net, direct }, Engine::Direct) => {
                 if vs.device() != Device::Cpu {
-                    bail!(setting::invalid("engine", "direct", format!("runs on the CPU, and {name} is on {:?}", vs.device())));
+                    bail!(setting::invalid(
+                        "engine",
+                        "direct",
+                        format!("runs on the CPU, and {name} is on {:?}", vs.device())
+                    ));
                 }
                 // The direct engine takes libtorch's threads for itself. libtorch keeps one:
                 // its idle OpenMP workers spin for milliseconds after each parallel op, and
@@ -270,7 +278,8 @@ pub fn model_file(path: &Path) -> Result<PathBuf> {
         return Ok(prefixed);
     }
     // The io error's kind survives, so Python raises FileNotFoundError.
-    Err(std::fs::metadata(path).map(|_| ()).unwrap_err()).with_context(|| format!("{}: no such model file or run folder", path.display()))
+    Err(std::fs::metadata(path).map(|_| ()).unwrap_err())
+        .with_context(|| format!("{}: no such model file or run folder", path.display()))
 }
 
 /// The model card beside a weights file: `NAME.json` for `NAME.safetensors` (or any extension).

@@ -24,7 +24,8 @@ pub fn predict(model: &super::Model, inputs: &Tensor) -> Result<Vec<Prediction>>
 /// The predictions of a batch of logits `(B, 10)` read by `head`.
 pub fn from_logits(head: Head, logits: &Tensor) -> Result<Vec<Prediction>> {
     let probabilities = tch::no_grad(|| head.probabilities(logits));
-    let rows = Vec::<Vec<f64>>::try_from(probabilities.to_device(Device::Cpu).to_kind(Kind::Double)).context("reading the probabilities")?;
+    let rows = Vec::<Vec<f64>>::try_from(probabilities.to_device(Device::Cpu).to_kind(Kind::Double))
+        .context("reading the probabilities")?;
     Ok(rows
         .into_iter()
         .map(|p| {
@@ -40,7 +41,12 @@ impl Prediction {
     /// `label`, `top3` and all `probabilities`, with the classes named by `classes`.
     pub fn to_json(&self, classes: &[String]) -> serde_json::Map<String, serde_json::Value> {
         let best = self.ranked[0];
-        let top3: Vec<_> = self.ranked.iter().take(3).map(|&c| json!({ "class": c, "label": classes[c], "probability": self.probabilities[c] })).collect();
+        let top3: Vec<_> = self
+            .ranked
+            .iter()
+            .take(3)
+            .map(|&c| json!({ "class": c, "label": classes[c], "probability": self.probabilities[c] }))
+            .collect();
         serde_json::Map::from_iter([
             ("prediction".to_string(), json!(best)),
             ("label".to_string(), json!(classes[best])),

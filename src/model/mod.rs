@@ -43,12 +43,7 @@ impl Head {
             Head::Softmax => logits.cross_entropy_for_logits(labels),
             Head::Sigmoid => {
                 let targets = labels.one_hot(NUM_CLASSES).to_kind(logits.kind()); // (B, 10)
-                logits.binary_cross_entropy_with_logits::<Tensor>(
-                    &targets,
-                    None,
-                    None,
-                    Reduction::Mean,
-                )
+                logits.binary_cross_entropy_with_logits::<Tensor>(&targets, None, None, Reduction::Mean)
             }
         }
     }
@@ -168,7 +163,12 @@ fn subsample(arch: Arch, xs: &Tensor) -> Result<Tensor, TchError> {
 /// that [`LeNet5`] runs on its own layers and the Python twin on its `nn.Parameter`s (which
 /// is why it takes bare tensors). With gradients enabled, autograd records it, as it records
 /// PyTorch's `F.conv2d`, `F.linear`, ...: the same ops, so the same gradients, bit for bit.
-pub fn forward_with(arch: Arch, params: [&Tensor; 10], xs: &Tensor, observe: &mut impl FnMut(&str, &Tensor)) -> Result<Tensor, TchError> {
+pub fn forward_with(
+    arch: Arch,
+    params: [&Tensor; 10],
+    xs: &Tensor,
+    observe: &mut impl FnMut(&str, &Tensor),
+) -> Result<Tensor, TchError> {
     let [conv1_w, conv1_b, conv2_w, conv2_b, fc1_w, fc1_b, fc2_w, fc2_b, fc3_w, fc3_b] = params;
     let conv = |xs: &Tensor, w: &Tensor, b: &Tensor| xs.f_conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1); // nn.Conv2d's defaults
     observe("input", xs); // (B, 1, 32, 32)
@@ -234,7 +234,8 @@ impl LeNet5 {
     pub fn forward_observed(&self, xs: &Tensor, observe: &mut impl FnMut(&str, &Tensor)) -> Tensor {
         // Panics where tch's infallible ops panic (a tensor libtorch refuses): the callers of
         // a `Module` have checked their inputs; the binding calls `forward_with` itself.
-        forward_with(self.config.arch, self.tensors(), xs, observe).unwrap_or_else(|e| panic!("LeNet-5 forward pass: {e}"))
+        forward_with(self.config.arch, self.tensors(), xs, observe)
+            .unwrap_or_else(|e| panic!("LeNet-5 forward pass: {e}"))
     }
 
     /// Every stage named in [`STAGES`] of the forward pass of `xs`, without gradients,
@@ -242,7 +243,8 @@ impl LeNet5 {
     pub fn stages(&self, xs: &Tensor) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         tch::no_grad(|| {
-            let _logits = self.forward_observed(xs, &mut |name, t| out.push((name.to_string(), t.detach().to_device(Device::Cpu))));
+            let _logits = self
+                .forward_observed(xs, &mut |name, t| out.push((name.to_string(), t.detach().to_device(Device::Cpu))));
         });
         out
     }
@@ -274,8 +276,7 @@ mod tests {
     #[test]
     fn parameter_names_and_shapes_match_pytorch() {
         let (vs, _) = model(Arch::Modern);
-        let mut got: Vec<(String, Vec<i64>)> =
-            vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        let mut got: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
         got.sort();
         let expected: Vec<(String, Vec<i64>)> = [
             ("conv1.bias", vec![6]),
@@ -367,12 +368,9 @@ mod tests {
         let labels = Tensor::from_slice(&[3i64]);
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         // Sigmoid head: mean over the 10 units of -[y ln s(x) + (1 - y) ln(1 - s(x))].
-        let bce = -xs
-            .iter()
-            .enumerate()
-            .map(|(j, &x)| if j == 3 { sig(x).ln() } else { (1.0 - sig(x)).ln() })
-            .sum::<f64>()
-            / 10.0;
+        let bce =
+            -xs.iter().enumerate().map(|(j, &x)| if j == 3 { sig(x).ln() } else { (1.0 - sig(x)).ln() }).sum::<f64>()
+                / 10.0;
         // Softmax head: -ln softmax(x)[label].
         let ce = -(xs[3] - xs.iter().map(|x| x.exp()).sum::<f64>().ln());
         for (head, manual) in [(Head::Sigmoid, bce), (Head::Softmax, ce)] {

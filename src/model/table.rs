@@ -64,6 +64,18 @@ mod tests {
         assert_eq!(params, [0, 156, 0, 2416, 0, 48120, 10164, 850]);
         assert_eq!(params.iter().sum::<i64>(), 61_706);
         let shapes: Vec<Vec<i64>> = rows.iter().map(|r| r.shape.clone()).collect();
-        assert_eq!(shapes, [vec![1, 32, 32], vec![6, 28, 28], vec![6, 14, 14], vec![16, 10, 10], vec![16, 5, 5], vec![120], vec![84], vec![10]]);
+        assert_eq!(
+            shapes,
+            [
+                vec![1, 32, 32],
+                vec![6, 28, 28],
+                vec![6, 14, 14],
+                vec![16, 10, 10],
+                vec![16, 5, 5],
+                vec![120],
+                vec![84],
+                vec![10]
+            ]
+        );
     }
 }

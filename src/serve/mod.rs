@@ -28,12 +28,12 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use tower_http::timeout::TimeoutLayer;
 
-use crate::explain::conv::{self, Matrix, Preset};
+use crate::data::handwriting::{self, Gray, Prepared};
 use crate::data::{self, DatasetKind, Normalization};
 use crate::direct::DirectNet;
-use crate::data::handwriting::{self, Gray, Prepared};
-use crate::model::{Head, LeNet5, INPUT_SIZE};
+use crate::explain::conv::{self, Matrix, Preset};
 use crate::inference::{Engine, LoadOptions, Model, NativeParts};
+use crate::model::{Head, LeNet5, INPUT_SIZE};
 
 /// Largest request body: a phone photo fits, a canvas drawing is a few KB. Larger gets 413.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -160,7 +160,9 @@ impl App {
             anyhow::bail!("{}: serve runs LeNet-5 weights in the direct engine", config.model.display());
         };
         // A model without a card is described by the card `export` would write for it.
-        let card = card.unwrap_or_else(|| crate::formats::card::ModelCard::new(net.config, dataset, crate::model::parameter_count(&vs), None, vec![]));
+        let card = card.unwrap_or_else(|| {
+            crate::formats::card::ModelCard::new(net.config, dataset, crate::model::parameter_count(&vs), None, vec![])
+        });
         let variables = vs.variables();
         let variable = |name: &str| -> Result<(Vec<i64>, Vec<f32>)> {
             let t = variables.get(name).with_context(|| format!("the model has no {name}"))?.detach();
@@ -186,13 +188,19 @@ impl App {
     fn analyse(&self, padded: &[f32], stages: bool) -> Result<Map<String, Value>> {
         let xs = handwriting::input_tensor(padded, self.norm); // (1, 1, 32, 32)
         let logits = self.direct.forward(&xs)?; // (1, 10)
-        let prediction = crate::inference::predict::from_logits(self.head, &logits)?.into_iter().next().context("one prediction for one image")?;
+        let prediction = crate::inference::predict::from_logits(self.head, &logits)?
+            .into_iter()
+            .next()
+            .context("one prediction for one image")?;
         let mut out = prediction.to_json(&self.classes);
         out.insert("engine".into(), json!("direct"));
         out.insert("seen".into(), json!(padded));
         if stages {
             let activations = {
-                let torch = self.torch.lock().map_err(|_| anyhow::anyhow!("an earlier request failed while computing the stages"))?;
+                let torch = self
+                    .torch
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("an earlier request failed while computing the stages"))?;
                 torch.net.stages(&xs)
             };
             let named: Vec<Value> = activations.iter().map(|(name, t)| stage_json(name, t)).collect::<Result<_>>()?;
@@ -209,12 +217,19 @@ impl App {
     }
 
     fn test_images(&self) -> Result<&TestImages, ApiError> {
-        self.test.as_ref().map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no test images: {why}")))
+        self.test
+            .as_ref()
+            .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no test images: {why}")))
     }
 }
 
 impl TestImages {
-    fn load(classifier: &Model, dataset: DatasetKind, dir: Option<&std::path::Path>, norm: Normalization) -> Result<TestImages> {
+    fn load(
+        classifier: &Model,
+        dataset: DatasetKind,
+        dir: Option<&std::path::Path>,
+        norm: Normalization,
+    ) -> Result<TestImages> {
         let raw = data::load_test(dataset, dir, Normalization { mean: 0.0, std: 1.0 })?; // pixels in 0..=1
         let predicted = classifier.predicted_classes(&data::normalize(&raw.images, norm))?;
         Ok(TestImages {
@@ -253,7 +268,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/test-images", get(list_test_images))
         .route("/api/test-images/{index}", get(test_image))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route (see GET /)") })
-        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this route does not take that method")
+        })
         // `limit_body` has read every body, within MAX_BODY_BYTES, before a handler runs; axum's
         // own limit (2 MB unless told) would be a second, smaller one.
         .layer(DefaultBodyLimit::disable())
@@ -287,47 +304,33 @@ async fn read_within_limit(body: &mut Body) -> Result<Option<Vec<u8>>, axum::Err
 /// `Connection: close`, after as much of it as [`MAX_DRAIN_BYTES`] allows was read.
 async fn limit_body(request: Request, next: Next) -> Response {
     let (parts, mut body) = request.into_parts();
-    let declared: Option<u64> = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    let expects_continue = parts
-        .headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared: Option<u64> = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let expects_continue =
+        parts.headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     // Refused unread: a body declared past the drain bound, or one over the limit whose client
     // waits for "100 Continue" before it sends it (curl does, for large ones) and so sends none.
-    let unread = declared.is_some_and(|n| {
-        n > MAX_DRAIN_BYTES as u64 || (expects_continue && n > MAX_BODY_BYTES as u64)
-    });
-    let within = if unread {
-        Ok(None)
-    } else {
-        read_within_limit(&mut body).await
-    };
+    let unread =
+        declared.is_some_and(|n| n > MAX_DRAIN_BYTES as u64 || (expects_continue && n > MAX_BODY_BYTES as u64));
+    let within = if unread { Ok(None) } else { read_within_limit(&mut body).await };
     match within {
-        Ok(Some(bytes)) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
+        Ok(Some(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
         Ok(None) => {
             let message = format!("the body is larger than the limit of {MAX_BODY_BYTES} bytes");
-            let mut response =
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            let mut response = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             response
         }
-        Err(e) => {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")).into_response()
-        }
+        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")).into_response(),
     }
 }
 
 /// Runs CPU work (decoding, inference) off the async threads; a panic in it becomes a 500.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(anyhow::anyhow!("the request failed: {e}")))?
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("the request failed: {e}")))?
 }
 
 async fn model(State(app): State<Arc<App>>) -> Json<Value> {
@@ -356,13 +359,20 @@ struct GreyValues {
 /// The body of `POST /api/predict`, prepared as `predict` prepares a file: JSON grey values
 /// when the content type says JSON, else an image recognised by its content.
 fn prepare_body(headers: &HeaderMap, body: &[u8]) -> Result<Prepared> {
-    let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with("application/json"));
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
     if !json {
         return handwriting::load_bytes(body, "the body");
     }
     let grey: GreyValues = serde_json::from_slice(body).context("the JSON body")?;
     let rows = &grey.pixels;
-    ensure!(rows.len() == GREY_SIDE, "pixels: {} rows; expected {GREY_SIDE} rows of {GREY_SIDE} grey values (0-255)", rows.len());
+    ensure!(
+        rows.len() == GREY_SIDE,
+        "pixels: {} rows; expected {GREY_SIDE} rows of {GREY_SIDE} grey values (0-255)",
+        rows.len()
+    );
     for (r, row) in rows.iter().enumerate() {
         ensure!(row.len() == GREY_SIDE, "pixels: row {} has {} values; expected {GREY_SIDE}", r + 1, row.len());
         if let Some((c, v)) = row.iter().enumerate().find(|(_, v)| !(0.0..=255.0).contains(*v)) {
@@ -404,7 +414,10 @@ struct ListQuery {
 }
 
 /// `GET /api/test-images[?class=C][&mistakes=true][&limit=N]`: the matching test images.
-async fn list_test_images(State(app): State<Arc<App>>, query: Result<Query<ListQuery>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+async fn list_test_images(
+    State(app): State<Arc<App>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Query(query) = query?;
     let test = app.test_images()?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
@@ -421,8 +434,11 @@ async fn list_test_images(State(app): State<Arc<App>>, query: Result<Query<ListQ
         .filter(|&i| query.class.is_none_or(|c| test.labels[i] == c as i64))
         .filter(|&i| !query.mistakes || test.labels[i] != test.predicted[i])
         .collect();
-    let images: Vec<Value> =
-        matching.iter().take(limit).map(|&i| json!({ "index": i, "class": test.labels[i], "predicted": test.predicted[i] })).collect();
+    let images: Vec<Value> = matching
+        .iter()
+        .take(limit)
+        .map(|&i| json!({ "index": i, "class": test.labels[i], "predicted": test.predicted[i] }))
+        .collect();
     Ok(Json(json!({ "total": test.labels.len(), "matching": matching.len(), "images": images })))
 }
 
@@ -468,7 +484,12 @@ fn one() -> usize {
 /// A matrix from JSON: rows of equal length, not empty, at most [`MAX_CONV_SIDE`] a side.
 fn check_matrix(m: &Matrix, name: &str) -> Result<()> {
     ensure!(!m.is_empty() && !m[0].is_empty(), "{name}: empty; expected rows of numbers like [[1, 0], [0, 1]]");
-    ensure!(m.len() <= MAX_CONV_SIDE && m[0].len() <= MAX_CONV_SIDE, "{name}: {}x{}; at most {MAX_CONV_SIDE}x{MAX_CONV_SIDE}", m.len(), m[0].len());
+    ensure!(
+        m.len() <= MAX_CONV_SIDE && m[0].len() <= MAX_CONV_SIDE,
+        "{name}: {}x{}; at most {MAX_CONV_SIDE}x{MAX_CONV_SIDE}",
+        m.len(),
+        m[0].len()
+    );
     if let Some(r) = m.iter().position(|row| row.len() != m[0].len()) {
         anyhow::bail!("{name}: row {} has {} values, but row 1 has {}", r + 1, m[r].len(), m[0].len());
     }
@@ -482,7 +503,8 @@ fn walkthrough(input: &Matrix, filter: &Matrix, stride: usize, padding: usize) -
     let windows = conv::windows(input, filter, stride, padding);
     let output = conv::sums(&windows, conv::output_size(input[0].len(), filter[0].len(), stride, padding));
     let torch = conv::torch_conv2d(input, filter, stride, padding)?;
-    let difference = output.iter().flatten().zip(torch.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let difference =
+        output.iter().flatten().zip(torch.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     Ok(json!({
         "input": input, "filter": filter, "stride": stride, "padding": padding,
         "windows": windows, "output": output, "libtorch_max_difference": difference,
@@ -527,7 +549,8 @@ mod tests {
     #[test]
     fn grey_values_are_checked_for_shape_and_range() {
         let json = HeaderMap::from_iter([(header::CONTENT_TYPE, "application/json".parse().unwrap())]);
-        let body = |rows: usize, cols: usize, v: f64| json!({ "pixels": vec![vec![v; cols]; rows] }).to_string().into_bytes();
+        let body =
+            |rows: usize, cols: usize, v: f64| json!({ "pixels": vec![vec![v; cols]; rows] }).to_string().into_bytes();
         let err = |b: Vec<u8>| format!("{:#}", prepare_body(&json, &b).unwrap_err());
         assert_eq!(err(body(27, 28, 0.0)), "pixels: 27 rows; expected 28 rows of 28 grey values (0-255)");
         assert_eq!(err(body(28, 29, 0.0)), "pixels: row 1 has 29 values; expected 28");
@@ -541,5 +564,4 @@ mod tests {
         let e = ApiError::new(StatusCode::BAD_REQUEST, "first\nsecond  third");
         assert_eq!(e.message, "first second third");
     }
-
 }

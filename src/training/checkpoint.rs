@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::formats::card::Provenance;
 use crate::data::DatasetKind;
+use crate::formats::card::Provenance;
 use crate::model::ModelConfig;
 use crate::training::optim::Optimizer;
 use crate::training::{TrainConfig, TrainState};
@@ -88,8 +88,9 @@ pub fn save(path: &Path, vs: &VarStore, optimizer: &Optimizer, meta: &Checkpoint
 pub fn load(path: &Path) -> Result<(CheckpointMeta, Saved)> {
     let name = path.display();
     ensure!(path.is_file(), "{name}: no checkpoint there (train writes one at the end of every epoch)");
-    let mut tensors = Tensor::read_safetensors(path)
-        .map_err(|e| anyhow::anyhow!("{name}: not a readable checkpoint ({})", e.to_string().lines().next().unwrap_or("")))?;
+    let mut tensors = Tensor::read_safetensors(path).map_err(|e| {
+        anyhow::anyhow!("{name}: not a readable checkpoint ({})", e.to_string().lines().next().unwrap_or(""))
+    })?;
     let at = tensors
         .iter()
         .position(|(k, _)| k == META_TENSOR)
@@ -110,7 +111,8 @@ pub fn load(path: &Path) -> Result<(CheckpointMeta, Saved)> {
             ""
         }
     );
-    let (optimizer, weights): (Vec<_>, Vec<_>) = tensors.into_iter().partition(|(k, _)| k.starts_with(OPTIMIZER_PREFIX));
+    let (optimizer, weights): (Vec<_>, Vec<_>) =
+        tensors.into_iter().partition(|(k, _)| k.starts_with(OPTIMIZER_PREFIX));
     let optimizer = optimizer.into_iter().map(|(k, t)| (k[OPTIMIZER_PREFIX.len()..].to_string(), t)).collect();
     Ok((meta, Saved { weights, optimizer }))
 }
@@ -124,7 +126,8 @@ mod tests {
     /// reads back as 0.9499776216141752: the resumed run would go on with another beta1.
     #[test]
     fn the_schedules_position_reads_back_bit_for_bit() {
-        let position = ScheduleState { last_epoch: 150, hyper: Hyper { lr: 6.83348889338717e-7, momentum: 0.9499776216141751 } };
+        let position =
+            ScheduleState { last_epoch: 150, hyper: Hyper { lr: 6.83348889338717e-7, momentum: 0.9499776216141751 } };
         let back: ScheduleState = serde_json::from_slice(&serde_json::to_vec(&position).unwrap()).unwrap();
         assert_eq!(back.hyper.momentum.to_bits(), position.hyper.momentum.to_bits());
         assert_eq!(back, position);

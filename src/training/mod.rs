@@ -12,14 +12,14 @@ use std::time::Instant;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::check_setting;
 use crate::data::{Dataset, Splits};
 use crate::direct::DirectTraining;
+use crate::inference::evaluate::{evaluate, Metrics};
+use crate::inference::Engine;
 use crate::model::{Head, LeNet5, ModelConfig};
 use crate::training::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
 use crate::training::schedule::{Schedule, ScheduleKind, ScheduleState};
-use crate::check_setting;
-use crate::inference::evaluate::{evaluate, Metrics};
-use crate::inference::Engine;
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,7 +84,11 @@ impl TrainConfig {
     /// Epochs a run of this recipe trains: one for a dry run or a given batch order (which
     /// holds every step), else `epochs`.
     pub fn epochs_run(&self, batch_order: bool) -> usize {
-        if batch_order || self.dry_run { 1 } else { self.epochs }
+        if batch_order || self.dry_run {
+            1
+        } else {
+            self.epochs
+        }
     }
 
     /// Checks every setting before any work starts, naming the one at fault.
@@ -95,7 +99,9 @@ impl TrainConfig {
         self.optimizer.validate()?;
         check_setting!(self.gamma > 0.0, "gamma", self.gamma, "must be positive");
         check_setting!(
-            !(self.optimizer.implementation == Implementation::Libtorch && self.schedule == ScheduleKind::Onecycle && self.cycle_momentum),
+            !(self.optimizer.implementation == Implementation::Libtorch
+                && self.schedule == ScheduleKind::Onecycle
+                && self.cycle_momentum),
             "optimizer_impl",
             self.optimizer.implementation,
             "cannot cycle the momentum as the onecycle schedule does; turn cycle_momentum off"
@@ -150,7 +156,8 @@ pub fn random_shift(xs: &Tensor, max: i64, background: f64) -> Tensor {
     padded.narrow(1, max, h).narrow(2, max, w).copy_(&xs.squeeze_dim(1));
     // Each image reads the window starting at its own offset in 0..=2*max.
     let window = |n: i64| {
-        Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device)) + Tensor::arange(n, (Kind::Int64, device)).view([1, n])
+        Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device))
+            + Tensor::arange(n, (Kind::Int64, device)).view([1, n])
     };
     let rows = window(h).view([b, h, 1]); // (B, H, 1)
     let cols = window(w).view([b, 1, w]); // (B, 1, W)
@@ -236,7 +243,8 @@ pub struct EpochProgress {
 /// step replays them. `lenet5_ref.stream_seed` is the same function in Python.
 pub fn stream_seed(seed: i64, stream: u64, index: usize) -> i64 {
     // SplitMix64 of (seed, stream, index): well-spread seeds for neighbouring indices.
-    let mut z = (seed as u64) ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z =
+        (seed as u64) ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (z ^ (z >> 31)) as i64 & i64::MAX
@@ -265,7 +273,14 @@ enum Gradients<'m> {
 
 impl Gradients<'_> {
     /// Trains on one batch: its logits and mean loss, after the optimizer's step.
-    fn step(&mut self, vs: &nn::VarStore, opt: &mut Optimizer, head: Head, xs: &Tensor, ys: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn step(
+        &mut self,
+        vs: &nn::VarStore,
+        opt: &mut Optimizer,
+        head: Head,
+        xs: &Tensor,
+        ys: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         match self {
             Gradients::Autograd(model) => {
                 let logits = model.forward(xs); // (B, 10)
@@ -360,7 +375,10 @@ impl Trainer<'_> {
     /// Trains `model` (whose variables live in `vs`) with `opt` (from [`Self::optimizer`],
     /// its state restored when resuming) on `data.train` from `state` (the default state for
     /// a new run), evaluating on `data.test` after every epoch.
-    #[expect(clippy::too_many_arguments, reason = "each is the caller's own: the model, its weights, optimizer, data and state, and its two hooks")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is the caller's own: the model, its weights, optimizer, data and state, and its two hooks"
+    )]
     pub fn run(
         &self,
         model: &LeNet5,
@@ -390,7 +408,12 @@ impl Trainer<'_> {
             Engine::Direct => {
                 ensure!(
                     opt.config().implementation == Implementation::Torch,
-                    "{}", crate::setting::invalid("optimizer_impl", "libtorch", "the direct engine steps with torch.optim's algorithms; use optimizer_impl = torch")
+                    "{}",
+                    crate::setting::invalid(
+                        "optimizer_impl",
+                        "libtorch",
+                        "the direct engine steps with torch.optim's algorithms; use optimizer_impl = torch"
+                    )
                 );
                 opt.flatten()?;
                 let config = ModelConfig { head: self.head, ..model.config };
@@ -408,7 +431,14 @@ impl Trainer<'_> {
             let report = |watcher: &mut dyn Watcher, state: &TrainState| {
                 let seen = state.epoch_seen.max(1) as f64;
                 let (loss, accuracy) = (state.epoch_loss_sum / seen, state.epoch_correct as f64 / seen);
-                watcher.progress(&EpochProgress { epoch, epochs, seen: state.epoch_seen as u64, total: images, loss, accuracy });
+                watcher.progress(&EpochProgress {
+                    epoch,
+                    epochs,
+                    seen: state.epoch_seen as u64,
+                    total: images,
+                    loss,
+                    accuracy,
+                });
             };
             report(watcher, &state);
             let device = vs.device();
@@ -469,7 +499,10 @@ impl Trainer<'_> {
                 }
                 if at_checkpoint && state.batch < batches.len() {
                     check_finite(vs, &state, lr)?;
-                    checkpoint(&TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() }, opt)?;
+                    checkpoint(
+                        &TrainState { seconds: state.seconds + started.elapsed().as_secs_f64(), ..state.clone() },
+                        opt,
+                    )?;
                 }
             }
             sync(&mut state, &loss_sum, &correct, lr)?;

@@ -107,7 +107,13 @@ impl OptimizerConfig {
             "needs a momentum above 0 and no dampening (as torch.optim.SGD)"
         );
         for (i, b) in [self.betas.0, self.betas.1].into_iter().enumerate() {
-            check_setting!((0.0..1.0).contains(&b), "betas", format!("{:?}", self.betas), "beta{} = {b} must be in [0, 1)", i + 1);
+            check_setting!(
+                (0.0..1.0).contains(&b),
+                "betas",
+                format!("{:?}", self.betas),
+                "beta{} = {b} must be in [0, 1)",
+                i + 1
+            );
         }
         check_setting!(self.eps >= 0.0, "eps", self.eps, "must not be negative");
         check_setting!(self.weight_decay >= 0.0, "weight_decay", self.weight_decay, "must not be negative");
@@ -117,7 +123,12 @@ impl OptimizerConfig {
             self.kind,
             "takes no nesterov or dampening, which are SGD's"
         );
-        check_setting!(self.kind != OptimizerKind::Sgd || !self.amsgrad, "amsgrad", self.amsgrad, "is Adam's and AdamW's, not SGD's");
+        check_setting!(
+            self.kind != OptimizerKind::Sgd || !self.amsgrad,
+            "amsgrad",
+            self.amsgrad,
+            "is Adam's and AdamW's, not SGD's"
+        );
         Ok(())
     }
 }
@@ -139,7 +150,13 @@ struct ParamState {
 impl ParamState {
     fn fields(&self) -> [(&'static str, &Option<Tensor>); 5] {
         let [a, b, c, d, e] = STATE_FIELDS;
-        [(a, &self.step), (b, &self.exp_avg), (c, &self.exp_avg_sq), (d, &self.max_exp_avg_sq), (e, &self.momentum_buffer)]
+        [
+            (a, &self.step),
+            (b, &self.exp_avg),
+            (c, &self.exp_avg_sq),
+            (d, &self.max_exp_avg_sq),
+            (e, &self.momentum_buffer),
+        ]
     }
 
     fn field_mut(&mut self, name: &str) -> Option<&mut Option<Tensor>> {
@@ -174,7 +191,10 @@ enum Engine {
     Torch(Vec<ParamState>),
     /// torch.optim's algorithms over every parameter at once ([`Optimizer::flatten`]):
     /// `params` is their concatenation, of which the parameters are now views.
-    Flat { params: Tensor, state: ParamState },
+    Flat {
+        params: Tensor,
+        state: ParamState,
+    },
     Libtorch(nn::Optimizer),
 }
 
@@ -188,10 +208,17 @@ impl Optimizer {
                 let c = config;
                 ensure!(
                     c.betas == default_betas() && c.eps == default_eps() && !c.amsgrad,
-                    "{}", crate::setting::invalid("optimizer_impl", "libtorch", "tch's Adam takes no betas, eps or amsgrad other than the defaults")
+                    "{}",
+                    crate::setting::invalid(
+                        "optimizer_impl",
+                        "libtorch",
+                        "tch's Adam takes no betas, eps or amsgrad other than the defaults"
+                    )
                 );
                 Engine::Libtorch(match c.kind {
-                    OptimizerKind::Sgd => nn::sgd(c.momentum, c.dampening, c.weight_decay, c.nesterov).build(vs, c.lr)?,
+                    OptimizerKind::Sgd => {
+                        nn::sgd(c.momentum, c.dampening, c.weight_decay, c.nesterov).build(vs, c.lr)?
+                    }
                     OptimizerKind::Adam => nn::adam(c.betas.0, c.betas.1, c.weight_decay).build(vs, c.lr)?,
                     OptimizerKind::Adamw => nn::adamw(c.betas.0, c.betas.1, c.weight_decay).build(vs, c.lr)?,
                 })
@@ -232,7 +259,12 @@ impl Optimizer {
     pub fn step(&mut self, grads: Vec<Tensor>) -> Result<()> {
         ensure!(grads.len() == self.params.len(), "{} gradients for {} parameters", grads.len(), self.params.len());
         for ((name, p), grad) in self.params.iter().zip(&grads) {
-            ensure!(!grad.defined() || grad.size() == p.size(), "the gradient of {name} has shape {:?}, expected {:?}", grad.size(), p.size());
+            ensure!(
+                !grad.defined() || grad.size() == p.size(),
+                "the gradient of {name} has shape {:?}, expected {:?}",
+                grad.size(),
+                p.size()
+            );
         }
         let (config, hyper) = (self.config, self.hyper);
         match &mut self.engine {
@@ -245,7 +277,10 @@ impl Optimizer {
                 Ok(())
             }),
             Engine::Flat { .. } => {
-                ensure!(grads.iter().all(Tensor::defined), "a flattened optimizer steps every parameter: each needs a gradient");
+                ensure!(
+                    grads.iter().all(Tensor::defined),
+                    "a flattened optimizer steps every parameter: each needs a gradient"
+                );
                 self.step_flat(Tensor::f_cat(&grads.iter().map(|g| g.view(-1)).collect::<Vec<_>>(), 0)?)
             }
             Engine::Libtorch(_) => {
@@ -260,7 +295,12 @@ impl Optimizer {
         let Engine::Flat { params, state } = &mut self.engine else {
             anyhow::bail!("a flat gradient needs a flattened optimizer (Optimizer::flatten)");
         };
-        ensure!(grad.size() == params.size(), "a flat gradient of shape {:?} for {} parameter values", grad.size(), params.numel());
+        ensure!(
+            grad.size() == params.size(),
+            "a flat gradient of shape {:?} for {} parameter values",
+            grad.size(),
+            params.numel()
+        );
         tch::no_grad(|| update(&self.config, self.hyper, &mut params.shallow_clone(), grad, state))
     }
 
@@ -281,17 +321,25 @@ impl Optimizer {
             if present.is_empty() {
                 continue;
             }
-            ensure!(present.len() == states.len(), "optimizer state {field} is kept for some parameters only: it cannot be flattened");
+            ensure!(
+                present.len() == states.len(),
+                "optimizer state {field} is kept for some parameters only: it cannot be flattened"
+            );
             let value = if field == "step" {
                 let steps: Vec<f64> = present.iter().map(|t| t.double_value(&[])).collect();
-                ensure!(steps.iter().all(|&s| s == steps[0]), "the parameters' optimizer steps differ ({steps:?}): they cannot be flattened");
+                ensure!(
+                    steps.iter().all(|&s| s == steps[0]),
+                    "the parameters' optimizer steps differ ({steps:?}): they cannot be flattened"
+                );
                 present[0].copy()
             } else {
                 Tensor::f_cat(&present.iter().map(|t| t.view(-1)).collect::<Vec<_>>(), 0)?
             };
             *flat.field_mut(field).expect("a state field") = Some(value);
         }
-        let params = tch::no_grad(|| Tensor::f_cat(&self.params.iter().map(|(_, p)| p.detach().view(-1)).collect::<Vec<_>>(), 0))?;
+        let params = tch::no_grad(|| {
+            Tensor::f_cat(&self.params.iter().map(|(_, p)| p.detach().view(-1)).collect::<Vec<_>>(), 0)
+        })?;
         let views = split(&self.params, &params);
         for ((_, p), view) in self.params.iter_mut().zip(views) {
             p.f_set_data(&view)?;
@@ -328,12 +376,20 @@ impl Optimizer {
         let index: BTreeMap<&str, usize> = self.params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
         let mut placed = vec![];
         for (key, t) in tensors {
-            let (param, field) = key.rsplit_once('.').with_context(|| format!("{source}: optimizer state {key}: no PARAM.FIELD name"))?;
-            let i = *index.get(param).with_context(|| format!("{source}: optimizer state {key}: no parameter {param}"))?;
+            let (param, field) = key
+                .rsplit_once('.')
+                .with_context(|| format!("{source}: optimizer state {key}: no PARAM.FIELD name"))?;
+            let i =
+                *index.get(param).with_context(|| format!("{source}: optimizer state {key}: no parameter {param}"))?;
             let p = &self.params[i].1;
             let scalar = field == "step";
             let shape_ok = if scalar { t.numel() == 1 } else { t.size() == p.size() };
-            ensure!(shape_ok, "{source}: optimizer state {key} has shape {:?}, expected {:?}", t.size(), if scalar { vec![] } else { p.size() });
+            ensure!(
+                shape_ok,
+                "{source}: optimizer state {key} has shape {:?}, expected {:?}",
+                t.size(),
+                if scalar { vec![] } else { p.size() }
+            );
             ensure!(t.is_floating_point(), "{source}: optimizer state {key} is {:?}, not floating point", t.kind());
             placed.push((i, field.to_string(), key.clone(), t));
         }
@@ -341,9 +397,14 @@ impl Optimizer {
         for (i, field, key, t) in placed {
             let p = &self.params[i].1;
             // torch.optim keeps `step` as a float32 CPU scalar, the rest like the parameter.
-            let (kind, device, shape) =
-                if field == "step" { (Kind::Float, tch::Device::Cpu, vec![]) } else { (p.kind(), p.device(), p.size()) };
-            let slot = fresh[i].field_mut(&field).with_context(|| format!("{source}: optimizer state {key}: unknown field {field}"))?;
+            let (kind, device, shape) = if field == "step" {
+                (Kind::Float, tch::Device::Cpu, vec![])
+            } else {
+                (p.kind(), p.device(), p.size())
+            };
+            let slot = fresh[i]
+                .field_mut(&field)
+                .with_context(|| format!("{source}: optimizer state {key}: unknown field {field}"))?;
             *slot = Some(t.to_kind(kind).to_device(device).reshape(shape));
         }
         let flat = matches!(self.engine, Engine::Flat { .. });
@@ -359,7 +420,11 @@ impl Optimizer {
         let mut states: Vec<ParamState> = self.params.iter().map(|_| ParamState::default()).collect();
         for (field, value) in flat.fields() {
             let Some(value) = value else { continue };
-            let parts = if field == "step" { states.iter().map(|_| value.shallow_clone()).collect() } else { split(&self.params, value) };
+            let parts = if field == "step" {
+                states.iter().map(|_| value.shallow_clone()).collect()
+            } else {
+                split(&self.params, value)
+            };
             for (state, part) in states.iter_mut().zip(parts) {
                 *state.field_mut(field).expect("a state field") = Some(part);
             }
@@ -522,12 +587,16 @@ mod tests {
     /// the parameters as shallow clones taken before the optimizer was built, and its state.
     fn per_parameter_and_flat(config: OptimizerConfig, flatten_after: usize, steps: usize) -> [RunEnd; 2] {
         tch::manual_seed(3);
-        let shapes: [&[i64]; 10] = [&[6, 1, 5, 5], &[6], &[16, 6, 5, 5], &[16], &[120, 400], &[120], &[84, 120], &[84], &[10, 84], &[10]];
+        let shapes: [&[i64]; 10] =
+            [&[6, 1, 5, 5], &[6], &[16, 6, 5, 5], &[16], &[120, 400], &[120], &[84, 120], &[84], &[10, 84], &[10]];
         let start: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect();
-        let grads: Vec<Vec<Tensor>> = (0..steps).map(|_| shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect()).collect();
+        let grads: Vec<Vec<Tensor>> = (0..steps)
+            .map(|_| shapes.iter().map(|s| Tensor::randn(*s, (Kind::Float, tch::Device::Cpu))).collect())
+            .collect();
         [usize::MAX, flatten_after].map(|flatten_after| {
             let vs = nn::VarStore::new(tch::Device::Cpu);
-            let params: Vec<(String, Tensor)> = start.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect();
+            let params: Vec<(String, Tensor)> =
+                start.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect();
             // What the VarStore and the model hold: shallow clones, which must see every step.
             let held: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
             let mut opt = Optimizer::new(config, &vs, params).unwrap();
@@ -547,8 +616,14 @@ mod tests {
         // Elementwise ops give each element the same arithmetic whatever tensor it sits in;
         // seen bit-identical, so the bound is 0 (a wrong offset, a lost state field or a
         // step counted twice would differ by far more than rounding).
-        let adamw = OptimizerConfig { weight_decay: 1e-2, amsgrad: true, ..OptimizerConfig::new(OptimizerKind::Adamw, 1e-2) };
-        let sgd = OptimizerConfig { momentum: 0.9, nesterov: true, weight_decay: 1e-3, ..OptimizerConfig::new(OptimizerKind::Sgd, 0.1) };
+        let adamw =
+            OptimizerConfig { weight_decay: 1e-2, amsgrad: true, ..OptimizerConfig::new(OptimizerKind::Adamw, 1e-2) };
+        let sgd = OptimizerConfig {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-3,
+            ..OptimizerConfig::new(OptimizerKind::Sgd, 0.1)
+        };
         for (config, flatten_after) in [(adamw, 0), (adamw, 2), (sgd, 0), (sgd, 3)] {
             let [(want, want_state), (got, got_state)] = per_parameter_and_flat(config, flatten_after, 5);
             for (i, (w, g)) in want.iter().zip(&got).enumerate() {
@@ -567,7 +642,9 @@ mod tests {
         let config = OptimizerConfig { weight_decay: 1e-2, ..OptimizerConfig::new(OptimizerKind::Adamw, 1e-2) };
         let [(_, per_parameter), (params, flat)] = per_parameter_and_flat(config, 0, 3);
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let mut opt = Optimizer::new(config, &vs, params.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect()).unwrap();
+        let mut opt =
+            Optimizer::new(config, &vs, params.iter().enumerate().map(|(i, t)| (format!("p{i}"), t.copy())).collect())
+                .unwrap();
         opt.flatten().unwrap();
         opt.load_state_tensors(per_parameter.iter().map(|(n, t)| (n.clone(), t.copy())).collect(), "test").unwrap();
         for ((name, want), (_, got)) in flat.iter().zip(opt.state_tensors()) {
@@ -578,6 +655,9 @@ mod tests {
         let step = uneven.iter_mut().find(|(n, _)| n == "p3.step").unwrap();
         step.1 = Tensor::from(7f32);
         let err = opt.load_state_tensors(uneven, "ckpt").unwrap_err();
-        assert!(format!("{err:#}").contains("ckpt: optimizer state") && format!("{err:#}").contains("steps differ"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("ckpt: optimizer state") && format!("{err:#}").contains("steps differ"),
+            "{err:#}"
+        );
     }
 }

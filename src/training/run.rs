@@ -10,14 +10,14 @@ use std::time::Instant;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::formats::card::{CardMetrics, ModelCard};
-use crate::training::checkpoint::{self, CheckpointMeta, Saved};
 use crate::data::{self, Splits};
-use crate::model::{parameter_count, LeNet5};
-use crate::training::optim::{Implementation, Optimizer};
-use crate::inference::evaluate::{evaluate, Metrics};
-use crate::training::{EpochMetrics, Outcome, TrainState, Trainer, Watcher};
+use crate::formats::card::{CardMetrics, ModelCard};
 use crate::formats::weights;
+use crate::inference::evaluate::{evaluate, Metrics};
+use crate::model::{parameter_count, LeNet5};
+use crate::training::checkpoint::{self, CheckpointMeta, Saved};
+use crate::training::optim::{Implementation, Optimizer};
+use crate::training::{EpochMetrics, Outcome, TrainState, Trainer, Watcher};
 
 /// Files of the trained model in a run folder are `lenet5.safetensors`, `lenet5.json`, ...
 pub const MODEL_NAME: &str = "lenet5";
@@ -28,10 +28,17 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create(dir: &Path) -> Result<RunDir> {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!(crate::setting::invalid("out", dir.display(), format!("cannot create the folder ({e})"))))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!(crate::setting::invalid("out", dir.display(), format!("cannot create the folder ({e})")))
+        })?;
         // Fail now, not after an hour of training, if the folder cannot be written.
-        crate::atomic::write(&dir.join(".writable"), b"")
-            .map_err(|e| anyhow::anyhow!(crate::setting::invalid("out", dir.display(), format!("the folder is not writable ({e:#})"))))?;
+        crate::atomic::write(&dir.join(".writable"), b"").map_err(|e| {
+            anyhow::anyhow!(crate::setting::invalid(
+                "out",
+                dir.display(),
+                format!("the folder is not writable ({e:#})")
+            ))
+        })?;
         let _ = std::fs::remove_file(dir.join(".writable")); // its absence changes nothing
         Ok(RunDir { dir: dir.to_path_buf() })
     }
@@ -80,7 +87,11 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// A run folder's checkpoint, or the file itself.
 pub fn checkpoint_file(path: &Path) -> PathBuf {
-    if path.is_dir() { path.join(CHECKPOINT_FILE) } else { path.to_path_buf() }
+    if path.is_dir() {
+        path.join(CHECKPOINT_FILE)
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// Where a run's weights start.
@@ -134,7 +145,13 @@ impl RunPlan {
             (meta, saved, Some(file.parent().map(Path::to_path_buf).unwrap_or_default()))
         };
         let out = folder.or(out).unwrap_or_else(|| default_out(&meta));
-        Ok(RunPlan { meta, start: Start::Resume { source: path.to_path_buf(), saved }, batch_order: None, out, invocation: vec![] })
+        Ok(RunPlan {
+            meta,
+            start: Start::Resume { source: path.to_path_buf(), saved },
+            batch_order: None,
+            out,
+            invocation: vec![],
+        })
     }
 
     /// The line a run starts with: what trains, on what, how.
@@ -180,7 +197,10 @@ pub struct Trained {
 pub enum RunEnd {
     Finished(Box<Trained>),
     /// Stopped on the watcher's request; the checkpoint in `dir` continues it.
-    Stopped { state: TrainState, dir: PathBuf },
+    Stopped {
+        state: TrainState,
+        dir: PathBuf,
+    },
 }
 
 /// Trains `plan` on `device`, on `data` or else the plan's data set read from disk, keeping
@@ -234,7 +254,8 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
     };
     // Gradients on, whatever the caller's thread had: a notebook's `with torch.no_grad():`
     // reaches this libtorch too.
-    let outcome = tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), watcher, &mut save));
+    let outcome =
+        tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), watcher, &mut save));
     let history = match outcome? {
         Outcome::Finished(history) => history,
         Outcome::Stopped(state) => return Ok(RunEnd::Stopped { state, dir: run.dir }),
@@ -243,7 +264,12 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
     let forward = |xs: &Tensor| -> Result<Tensor> { Ok(net.forward(xs)) };
     let test = evaluate(&forward, meta.model.head, &data.test, config.test_batch_size)?;
     let mut card = ModelCard::new(meta.model, meta.dataset, parameter_count(&vs), Some(config.seed), invocation);
-    card.metrics = Some(CardMetrics { test_accuracy: test.accuracy(), test_loss: test.loss, test_correct: test.correct, test_total: test.total });
+    card.metrics = Some(CardMetrics {
+        test_accuracy: test.accuracy(),
+        test_loss: test.loss,
+        test_correct: test.correct,
+        test_total: test.total,
+    });
     let wall_seconds = started.elapsed().as_secs_f64();
     card.training = Some(serde_json::json!({
         "recipe": config,
@@ -262,7 +288,8 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
 }
 
 fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {
-    let tensors = Tensor::read_safetensors(path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", path.display()))?;
+    let tensors =
+        Tensor::read_safetensors(path).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", path.display()))?;
     let order = tensors
         .into_iter()
         .find_map(|(k, t)| (k == "order").then_some(t))
@@ -275,7 +302,11 @@ fn read_batch_order(path: &Path, train_len: i64) -> Result<Tensor> {
         order.size()
     );
     let (lo, hi) = (order.min().int64_value(&[]), order.max().int64_value(&[]));
-    ensure!(lo >= 0 && hi < train_len, "{}: indices {lo}..={hi} outside the {train_len} training images", path.display());
+    ensure!(
+        lo >= 0 && hi < train_len,
+        "{}: indices {lo}..={hi} outside the {train_len} training images",
+        path.display()
+    );
     Ok(order)
 }
 
@@ -288,7 +319,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lenet5-metrics-{}", std::process::id()));
         let run = RunDir::create(&dir).unwrap();
         let row = |epoch, test_accuracy| EpochMetrics {
-            epoch, lr: 0.003, train_loss: 0.5, train_accuracy: 0.8, test_loss: 0.3, test_accuracy, seconds: 2.5 * epoch as f64,
+            epoch,
+            lr: 0.003,
+            train_loss: 0.5,
+            train_accuracy: 0.8,
+            test_loss: 0.3,
+            test_accuracy,
+            seconds: 2.5 * epoch as f64,
         };
         let history = vec![row(1, 0.9), row(2, 0.97)];
         run.write_metrics(&history).unwrap();

@@ -76,7 +76,19 @@ pub fn model() -> PathBuf {
             let weights = dir.join("lenet5.safetensors");
             if !weights.is_file() {
                 let staging = temp_dir("quick-model");
-                ok(&["train", "--epochs", "1", "--limit-train", "10000", "--threads", "1", "--seed", "1", "--out", s(&staging)]);
+                ok(&[
+                    "train",
+                    "--epochs",
+                    "1",
+                    "--limit-train",
+                    "10000",
+                    "--threads",
+                    "1",
+                    "--seed",
+                    "1",
+                    "--out",
+                    s(&staging),
+                ]);
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::rename(&staging, &dir).expect("the quick model moves into place");
             }
