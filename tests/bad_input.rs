@@ -134,4 +134,10 @@ fn an_output_folder_that_cannot_be_written_fails_before_any_work() {
     let err = fails(&["export", "--model", s(&model_dir().join("lenet5.safetensors")), "--out", s(&out.join("m"))]);
     assert!(err.contains(s(&out)), "{err}");
     assert!(!out.exists());
+    // An export into a folder that is not there is refused, and makes none.
+    let missing = temp_dir("export-missing").join("no-such-folder");
+    let err = fails(&["export", "--model", s(&model_dir().join("lenet5.safetensors")), "--out", s(&missing.join("m"))]);
+    let expected = format!("--out {}: the folder {} does not exist", missing.join("m").display(), missing.display());
+    assert!(err.contains(&expected), "{err}");
+    assert!(!missing.exists());
 }

@@ -42,6 +42,9 @@ pub fn export_loaded(
     invocation: Vec<String>,
 ) -> Result<ModelCard> {
     let (vs, net) = model.require_lenet5("export needs weights (safetensors, state dict or .ot)")?;
+    // Checked before any work, so a typo in the folder makes nothing, not a new folder.
+    let folder = prefix.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    crate::check_setting!(folder.is_dir(), "out", prefix.display(), "the folder {} does not exist", folder.display());
     let card = model.card();
     let dataset = card.map(|c| c.dataset).unwrap_or(dataset);
     let check_inputs =
