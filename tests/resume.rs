@@ -194,7 +194,7 @@ fn a_diverging_run_stops_with_step_and_rate_and_keeps_the_last_good_checkpoint()
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(stderr.contains("NaN or infinite by step") || stderr.contains("loss became"), "{stderr}");
-    assert!(stderr.contains("(learning rate ") && stderr.contains("try a lower --lr"), "{stderr}");
+    assert!(stderr.contains("(learning rate ") && stderr.contains("try a lower lr"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     if out.join("checkpoint.safetensors").exists() {
         let (_, saved) = lenet5::training::checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();

@@ -157,17 +157,14 @@ pub fn check_shapes(input: &Matrix, filter: &Matrix, stride: usize, padding: usi
     ensure!(
         k <= pn && l <= pm,
         "the {k}x{l} filter is larger than the {n}x{m} input padded by {padding} ({pn}x{pm}): it fits nowhere; \
-         use a smaller filter or more --padding"
+         use a smaller filter or more padding"
     );
     let (oh, ow) = (output_size(n, k, stride, padding), output_size(m, l, stride, padding));
-    ensure!(
+    crate::check_setting!(
         oh <= MAX_SIDE && ow <= MAX_SIDE,
-        "{}",
-        crate::setting::invalid(
-            "padding",
-            padding,
-            format!("the output would be {oh}x{ow}; at most {MAX_SIDE}x{MAX_SIDE} is allowed")
-        )
+        "padding",
+        padding,
+        "the output would be {oh}x{ow}; at most {MAX_SIDE}x{MAX_SIDE} is allowed"
     );
     Ok(())
 }

@@ -216,7 +216,7 @@ fn state_dict(value: Value) -> Result<Vec<(String, Tensor)>> {
     value.into_state_dict().map_err(|_| {
         anyhow!(
             "holds a dict whose values are not all tensors (keys: {}); save model.state_dict() itself \
-             (--key-map only renames keys)",
+             (a key map only renames keys)",
             shown.join(", ")
         )
     })

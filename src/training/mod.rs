@@ -6,7 +6,7 @@ pub mod optim;
 pub mod run;
 pub mod schedule;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tch::nn::{self, Module};
@@ -258,7 +258,7 @@ fn check_finite(vs: &nn::VarStore, state: &TrainState, lr: f64) -> Result<()> {
         None => Ok(()),
         Some((name, _)) => bail!(
             "{name} became NaN or infinite by step {} (learning rate {lr:.3e}); the run folder keeps \
-             the last good checkpoint; try a lower --lr",
+             the last good checkpoint; try a lower lr",
             state.step
         ),
     }
@@ -406,15 +406,13 @@ impl Trainer<'_> {
         let (mut gradients, _lent) = match c.engine {
             Engine::Libtorch => (Gradients::Autograd(model), None),
             Engine::Direct => {
-                ensure!(
-                    opt.config().implementation == Implementation::Torch,
-                    "{}",
-                    crate::setting::invalid(
+                if !(opt.config().implementation == Implementation::Torch) {
+                    anyhow::bail!(crate::setting::invalid(
                         "optimizer_impl",
                         "libtorch",
                         "the direct engine steps with torch.optim's algorithms; use optimizer_impl = torch"
-                    )
-                );
+                    ));
+                }
                 opt.flatten()?;
                 let config = ModelConfig { head: self.head, ..model.config };
                 let direct = DirectTraining::new(vs, config, tch::get_num_threads() as usize)?;
@@ -453,7 +451,7 @@ impl Trainer<'_> {
                 if !loss.is_finite() {
                     bail!(
                         "the training loss became {loss} by step {} (learning rate {lr:.3e}); the run \
-                         folder keeps the last good checkpoint; try a lower --lr",
+                         folder keeps the last good checkpoint; try a lower lr",
                         state.step
                     );
                 }

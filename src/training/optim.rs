@@ -206,15 +206,13 @@ impl Optimizer {
             Implementation::Torch => Engine::Torch(params.iter().map(|_| ParamState::default()).collect()),
             Implementation::Libtorch => {
                 let c = config;
-                ensure!(
-                    c.betas == default_betas() && c.eps == default_eps() && !c.amsgrad,
-                    "{}",
-                    crate::setting::invalid(
+                if !(c.betas == default_betas() && c.eps == default_eps() && !c.amsgrad) {
+                    anyhow::bail!(crate::setting::invalid(
                         "optimizer_impl",
                         "libtorch",
                         "tch's Adam takes no betas, eps or amsgrad other than the defaults"
-                    )
-                );
+                    ));
+                }
                 Engine::Libtorch(match c.kind {
                     OptimizerKind::Sgd => {
                         nn::sgd(c.momentum, c.dampening, c.weight_decay, c.nesterov).build(vs, c.lr)?
@@ -235,10 +233,9 @@ impl Optimizer {
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         match &mut self.engine {
             Engine::Libtorch(opt) => {
-                ensure!(
-                    self.hyper.momentum == self.config.momentum_like(),
-                    "{}", crate::setting::invalid("optimizer_impl", "libtorch", "libtorch's optimizers cannot change their momentum mid-run; use optimizer_impl = torch, or turn cycle_momentum off")
-                );
+                if !(self.hyper.momentum == self.config.momentum_like()) {
+                    anyhow::bail!(crate::setting::invalid("optimizer_impl", "libtorch", "libtorch's optimizers cannot change their momentum mid-run; use optimizer_impl = torch, or turn cycle_momentum off"));
+                }
                 opt.set_lr(self.hyper.lr);
                 opt.backward_step(loss);
                 Ok(())
