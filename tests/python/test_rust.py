@@ -27,6 +27,10 @@ def test_lenet5_export_passes_crosscheck(binary, rust_run, mnist_dir, tmp_path, 
     assert {f.name for f in tmp_path.iterdir()} == {"m.pt", "m.safetensors", "m.json", "m.check.safetensors", "m.onnx", "m.pt2"}
     monkeypatch.setattr("sys.argv", ["crosscheck", str(tmp_path / "m"), "--data", str(mnist_dir)])
     assert load_script("crosscheck").main() == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    for checked in [".pt2 (torch.export) vs reference", "ONNX (onnxruntime, batch 1)", "ONNX (onnxruntime, batch 7)",
+                    "ONNX (onnxruntime, batch 10000)", "TorchScript vs reference"]:
+        assert f"ok   {checked}" in out, out  # every export file was compared, none skipped
 
 
 def test_a_fashion_mnist_run_passes_crosscheck(binary, tmp_path, monkeypatch, capsys):
