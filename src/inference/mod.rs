@@ -5,7 +5,6 @@ pub mod evaluate;
 pub mod predict;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::nn::{Module, VarStore};
 use tch::{CModule, Device, Kind, Tensor};
@@ -18,8 +17,7 @@ use crate::setting;
 use crate::training::run::MODEL_NAME;
 
 /// What runs LeNet-5: the forward pass of a loaded model, or a training run's steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
     /// libtorch: the same numbers as PyTorch, bit for bit.
     #[default]
@@ -277,9 +275,11 @@ pub fn model_file(path: &Path) -> Result<PathBuf> {
     if path.extension().is_none() && prefixed.is_file() {
         return Ok(prefixed);
     }
-    // The io error's kind survives, so Python raises FileNotFoundError.
-    Err(std::fs::metadata(path).map(|_| ()).unwrap_err())
-        .with_context(|| format!("{}: no such model file or run folder", path.display()))
+    match std::fs::metadata(path) {
+        // The io error's kind survives, so Python raises FileNotFoundError.
+        Err(e) => Err(e).with_context(|| format!("{}: no such model file or run folder", path.display())),
+        Ok(_) => bail!("{}: neither a file nor a folder", path.display()),
+    }
 }
 
 /// The model card beside a weights file: `NAME.json` for `NAME.safetensors` (or any extension).
