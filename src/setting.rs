@@ -69,8 +69,8 @@ impl fmt::Display for UnknownName {
 impl std::error::Error for UnknownName {}
 
 /// The one spelling of a fieldless enum's values, shared by its serde form, the CLI's values
-/// and Python's strings: `NAMES`, `ALL`, `as_str`, `Display` and `FromStr`. The enum's serde
-/// attributes must spell them the same (a test in each module checks).
+/// and Python's strings: `NAMES`, `ALL`, `as_str`, `Display`, `FromStr`, and serde's
+/// `Serialize` and `Deserialize` as those strings.
 #[macro_export]
 macro_rules! named_values {
     ($ty:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
@@ -101,6 +101,19 @@ macro_rules! named_values {
                 }
             }
         }
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                name.parse().map_err(serde::de::Error::custom)
+            }
+        }
     };
 }
 
@@ -112,15 +125,22 @@ mod tests {
     use crate::training::optim::{Implementation, OptimizerKind};
     use crate::training::schedule::ScheduleKind;
 
-    /// Each value's serde name is its `as_str`, and `FromStr` reads it back.
+    /// Each value's serde form is its name, and both `FromStr` and serde read it back.
     fn round_trips<T>(all: &[T])
     where
-        T: Copy + PartialEq + std::fmt::Debug + serde::Serialize + std::str::FromStr + std::fmt::Display,
+        T: Copy
+            + PartialEq
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::str::FromStr
+            + std::fmt::Display,
         T::Err: std::fmt::Debug,
     {
         for v in all {
             assert_eq!(serde_json::to_value(v).unwrap(), serde_json::Value::from(v.to_string()), "{v:?}");
             assert_eq!(v.to_string().parse::<T>().unwrap(), *v);
+            assert_eq!(serde_json::from_value::<T>(serde_json::Value::from(v.to_string())).unwrap(), *v);
         }
     }
 

@@ -71,16 +71,15 @@ fn to_python<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Bo
 }
 
 /// A value of one of the library's lower-case enums (`"modern"`, `"fashion-mnist"`).
-fn parse<T: serde::de::DeserializeOwned>(what: &str, value: &str, choices: &str) -> PyResult<T> {
-    serde_json::from_value(serde_json::Value::from(value))
-        .map_err(|_| PyValueError::new_err(format!("{what}={value:?}: must be one of {choices}")))
+fn parse<T: std::str::FromStr<Err = lenet5::setting::UnknownName>>(what: &str, value: &str) -> PyResult<T> {
+    value.parse().map_err(|e: lenet5::setting::UnknownName| {
+        let choices: Vec<String> = e.expected.iter().map(|n| format!("{n:?}")).collect();
+        PyValueError::new_err(format!("{what}={value:?}: must be one of {}", choices.join(", ")))
+    })
 }
 
 fn parse_config(arch: &str, head: &str) -> PyResult<ModelConfig> {
-    Ok(ModelConfig {
-        arch: parse("arch", arch, "'modern', 'classic'")?,
-        head: parse("head", head, "'softmax', 'sigmoid'")?,
-    })
+    Ok(ModelConfig { arch: parse("arch", arch)?, head: parse("head", head)? })
 }
 
 /// A `torch.Tensor` argument that libtorch can compute on here: dense (strided) and on the CPU
@@ -325,7 +324,7 @@ fn forward(
     params: Vec<Bound<'_, PyAny>>,
     direct: Option<Bound<'_, DirectEngine>>,
 ) -> PyResult<PyTensor> {
-    let arch = parse("arch", arch, "'modern', 'classic'")?;
+    let arch = parse("arch", arch)?;
     let tensors = model_parameters(&params)?;
     check_batch(&x, tensors[0].device())?;
     let runner = Runner::new(arch, &params, &tensors, direct.as_ref())?;
@@ -341,7 +340,7 @@ fn activations(
     arch: &str,
     params: Vec<Bound<'_, PyAny>>,
 ) -> PyResult<Vec<(String, PyTensor)>> {
-    let arch = parse("arch", arch, "'modern', 'classic'")?;
+    let arch = parse("arch", arch)?;
     let tensors = model_parameters(&params)?;
     check_batch(&x, tensors[0].device())?;
     let x = x.0;
@@ -418,11 +417,11 @@ fn read<'py>(
     device: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = LoadOptions {
-        arch: arch.map(|a| parse::<Arch>("arch", a, "'modern', 'classic'")).transpose()?,
-        head: head.map(|h| parse::<Head>("head", h, "'softmax', 'sigmoid'")).transpose()?,
+        arch: arch.map(|a| parse::<Arch>("arch", a)).transpose()?,
+        head: head.map(|h| parse::<Head>("head", h)).transpose()?,
         key_maps: vec![],
     };
-    let engine = parse::<Engine>("engine", engine, "'libtorch', 'direct'")?;
+    let engine = parse::<Engine>("engine", engine)?;
     let device = lenet5::device::parse(device).py()?;
     if engine == Engine::Direct && device != Device::Cpu {
         return Err(PyValueError::new_err(format!(
@@ -563,7 +562,7 @@ fn evaluate<'py>(
         return Err(PyValueError::new_err(format!("batch_size={batch_size}: must be at least 1")));
     }
     let config = parse_config(arch, head)?;
-    let kind: DatasetKind = parse("dataset", dataset, "'mnist', 'fashion-mnist'")?;
+    let kind: DatasetKind = parse("dataset", dataset)?;
     let tensors = model_parameters(&params)?;
     let runner = Runner::new(config.arch, &params, &tensors, direct.as_ref())?;
     let test = dataset_of(images, labels, kind, data.as_deref(), tensors[0].device())?;
@@ -736,7 +735,7 @@ fn train<'py>(
         }
         None => {
             let model = parse_config(arch, head)?;
-            let dataset: DatasetKind = parse("dataset", dataset, "'mnist', 'fashion-mnist'")?;
+            let dataset: DatasetKind = parse("dataset", dataset)?;
             let meta = CheckpointMeta::new(model, dataset, data.clone(), recipe(recipe_overrides)?, checkpoint_every);
             RunPlan::new(meta, init.map_or(Start::Fresh, Start::Init), out).py()?
         }

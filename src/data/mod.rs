@@ -23,8 +23,7 @@ const IMAGES_MAGIC: u32 = 0x0000_0803; // unsigned bytes, 3 dimensions
 const LABELS_MAGIC: u32 = 0x0000_0801; // unsigned bytes, 1 dimension
 
 /// The data sets this program knows, with the statistics used to normalise them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatasetKind {
     Mnist,
     FashionMnist,

@@ -14,8 +14,7 @@ pub const INPUT_SIZE: i64 = 32;
 pub const NUM_CLASSES: i64 = 10;
 
 /// Which flavour of LeNet-5: the activation and the subsampling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// ReLU and 2x2 max-pooling: what most notebooks mean by LeNet-5 today.
     Modern,
@@ -24,8 +23,7 @@ pub enum Arch {
 }
 
 /// How the ten output units are read: a softmax over classes or one sigmoid per class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Head {
     /// Cross-entropy on the logits (PyTorch's `nn.CrossEntropyLoss`).
     Softmax,

@@ -13,8 +13,7 @@ use torch_sys::C_tensor;
 
 use crate::check_setting;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
     Sgd,
     Adam,
@@ -22,8 +21,7 @@ pub enum OptimizerKind {
 }
 
 /// Which code runs the optimizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Implementation {
     /// torch.optim's algorithms, op for op (this module): bit-identical to PyTorch, state saved.
     #[default]

@@ -8,8 +8,7 @@ use std::f64::consts::PI;
 
 use crate::training::optim::Hyper;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScheduleKind {
     /// The learning rate never changes (no scheduler).
     Constant,
