@@ -7,7 +7,7 @@ pub mod predict;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::{Module, VarStore};
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{CModule, Device, Tensor};
 
 use crate::direct::DirectNet;
 use crate::formats::card::ModelCard;
@@ -33,7 +33,7 @@ crate::named_values!(Engine { Libtorch => "libtorch", Direct => "direct" });
 #[expect(clippy::large_enum_variant, reason = "one per model, moved rarely: a box would buy nothing")]
 enum Runner {
     /// Our LeNet-5; `direct` holds its weights in the direct engine's layouts while that
-    /// engine runs it, refreshed by every weight change made through [`Model`].
+    /// engine runs it (a Model's weights do not change after loading).
     Native { vs: VarStore, net: LeNet5, direct: Option<DirectNet> },
     /// A TorchScript module, run as it is.
     Script(CModule),
@@ -167,32 +167,6 @@ impl Model {
             Ok(())
         })?;
         Ok(out)
-    }
-
-    /// Checks `tensors` whole against the model and copies them in (see
-    /// [`load_state_dict`]); the direct engine's copy follows.
-    pub fn load_state_dict(&mut self, tensors: Vec<(String, Tensor)>, maps: &[KeyMap], source: &str) -> Result<()> {
-        let name = self.name();
-        let Runner::Native { vs, net, direct } = &mut self.runner else {
-            bail!("{name}: a TorchScript module takes no state dict")
-        };
-        load_state_dict(vs, tensors, maps, source)?;
-        if let Some(d) = direct {
-            *d = DirectNet::new(vs, net.config, d.threads())?;
-        }
-        Ok(())
-    }
-
-    /// Moves the weights to `device`; the direct engine stays on the CPU.
-    pub fn to_device(&mut self, device: Device) -> Result<()> {
-        match &mut self.runner {
-            Runner::Native { direct: Some(_), .. } if device != Device::Cpu => {
-                bail!(setting::invalid("device", format!("{device:?}"), "the direct engine runs on the CPU"))
-            }
-            Runner::Native { vs, .. } => vs.set_device(device),
-            Runner::Script(module) => module.to(device, Kind::Float, false),
-        }
-        Ok(())
     }
 
     pub fn device(&self) -> Device {
