@@ -206,7 +206,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         RunEnd::Finished(trained) => {
             let (test, last) = (&trained.test, trained.history.last().context("training ran no epoch")?);
             println!(
-                "test accuracy {:.2}% ({}/{}), loss {:.4}; trained in {:.1}s ({:.1}s wall); model: {}.{{safetensors,json,pt}}",
+                "test accuracy {:.2}% ({}/{}), loss {:.4}; trained in {:.1}s ({:.1}s wall); model: {}.{{pt2,onnx,safetensors,pt,json}}",
                 100.0 * test.accuracy(),
                 test.correct,
                 test.total,
