@@ -1,7 +1,9 @@
 //! The direct engine's training pass (`lenet5 train --engine direct`): a batch's logits, mean
 //! loss and the gradient of that loss for every parameter, from the forward loops of the
 //! parent module and, stage by stage backwards, their transposes. No autograd and no libtorch
-//! kernels: the optimizer step stays the project's (`optim.rs`), fed these gradients.
+//! kernels: the optimizer step stays the project's (`optim.rs`), fed these gradients. The same
+//! pass started from a given gradient of the logits ([`DirectTraining::backward`]) is the
+//! backward pass the Python twin's autograd calls, for any loss.
 //!
 //! Each thread takes a contiguous share of the batch and adds its images' gradients into its
 //! own sums; the sums are then added in thread order, so a batch's gradients repeat exactly
@@ -32,7 +34,34 @@ pub struct DirectTraining {
 }
 
 /// How one thread computes a share of the batch: `DirectNet::share_with` in some lanes.
-type Share = fn(&DirectNet, &Conv2ByOutput, &[f32], &[i64], f32, &mut [f32], &mut Scratch) -> f64;
+type Share = fn(&DirectNet, &Conv2ByOutput, &[f32], Start, &mut [f32], &mut Scratch) -> f64;
+
+/// Where the backward pass starts, for each image of a batch.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// Its label: the head's loss, whose gradient is made here, each image's times the factor
+    /// (the mean's 1/B).
+    Labels(&'a [i64], f32),
+    /// The gradient of some loss with respect to its logits, 10 values per image.
+    LogitGradient(&'a [f32]),
+}
+
+impl<'a> Start<'a> {
+    fn images(&self) -> usize {
+        match self {
+            Start::Labels(labels, _) => labels.len(),
+            Start::LogitGradient(d) => d.len() / CLASSES,
+        }
+    }
+
+    /// Images `from..to` of the batch.
+    fn range(self, from: usize, to: usize) -> Start<'a> {
+        match self {
+            Start::Labels(labels, scale) => Start::Labels(&labels[from..to], scale),
+            Start::LogitGradient(d) => Start::LogitGradient(&d[from * CLASSES..to * CLASSES]),
+        }
+    }
+}
 
 /// Images a thread takes through the linear layers together: one matrix product per layer
 /// and direction for all of them, so each layer's weights and weight gradient (fc1's are
@@ -129,22 +158,63 @@ impl DirectTraining {
         if let Some(bad) = labels.iter().find(|&&y| !(0..CLASSES as i64).contains(&y)) {
             anyhow::bail!("label {bad} is not a class (0-9)");
         }
+        let scale = 1.0 / images as f32; // the mean's 1/B, in every image's output gradient
+        let (logits, loss_sum, gradient) = self.pass(pixels, Start::Labels(&labels, scale), share);
+        Ok(Step {
+            logits: Tensor::from_slice(&logits).view([images as i64, CLASSES as i64]),
+            loss: Tensor::from((loss_sum / images as f64) as f32),
+            gradient: Tensor::from_slice(&gradient),
+        })
+    }
+
+    /// The gradient of some loss with respect to every parameter (shaped as
+    /// [`PARAMETERS`], in that order), given its gradient `d_logits` `(B, 10)` with respect to
+    /// the logits of the normalised batch `xs` `(B, 1, 32, 32)`, at the weights last loaded:
+    /// autograd's backward pass. The forward pass is computed again, not kept from the call
+    /// that gave the logits: that costs about a third more arithmetic than a training step
+    /// and keeps no batch's stages between calls.
+    pub fn backward(&mut self, xs: &Tensor, d_logits: &Tensor) -> Result<Vec<Tensor>> {
+        let batch = pixels_of(xs)?;
+        let pixels = floats(&batch);
+        let images = pixels.len() / PIXELS;
+        ensure!(
+            d_logits.size() == [images as i64, CLASSES as i64],
+            "the gradient of the logits has shape {:?}; the logits of {images} images have [{images}, {CLASSES}]",
+            d_logits.size()
+        );
+        ensure!(d_logits.device() == Device::Cpu, "the gradient of the logits is on {:?}", d_logits.device());
+        let d_logits = d_logits.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let gradient = match images {
+            0 => vec![0f32; (0..PARAMETERS.len()).map(parameter_len).sum()], // no image, no gradient
+            _ => self.pass(pixels, Start::LogitGradient(floats(&d_logits)), DirectNet::share).2,
+        };
+        Ok(shaped(&gradient))
+    }
+
+    /// The forward and backward pass of a batch (`pixels`, at least one image) from `start`,
+    /// split across the threads: its logits, the sum of its losses (0 from a given logit
+    /// gradient) and the gradient, flat in PyTorch's order.
+    fn pass(&mut self, pixels: &[f32], start: Start, share: Share) -> (Vec<f32>, f64, Vec<f32>) {
+        let images = pixels.len() / PIXELS;
         let threads = self.net.shares(images);
         while self.scratch.len() < threads {
             self.scratch.push(Scratch::new());
         }
         let per_thread = images.div_ceil(threads);
-        let scale = 1.0 / images as f32; // the mean's 1/B, in every image's output gradient
         let mut logits = vec![0f32; images * CLASSES];
         let net = &self.net;
         let by_output = &*conv2_by_output(&net.weights);
         let shares = pixels
             .chunks(per_thread * PIXELS)
-            .zip(labels.chunks(per_thread))
             .zip(logits.chunks_mut(per_thread * CLASSES))
-            .zip(&mut self.scratch);
-        let losses = net.on_threads(shares, |(((pixels, labels), logits), scratch)| {
-            share(net, by_output, pixels, labels, scale, logits, scratch)
+            .zip(&mut self.scratch)
+            .enumerate()
+            .map(|(i, ((pixels, logits), scratch))| {
+                let from = i * per_thread;
+                (pixels, start.range(from, from + pixels.len() / PIXELS), logits, scratch)
+            });
+        let losses = net.on_threads(shares, |(pixels, start, logits, scratch)| {
+            share(net, by_output, pixels, start, logits, scratch)
         });
         let loss_sum: f64 = losses.into_iter().sum();
         let (total, rest) = self.scratch.split_at_mut(1);
@@ -161,38 +231,58 @@ impl DirectTraining {
             Weights::for_each_position(p, |k, at| out[k] = array[at]); // into PyTorch's layout
             rest = tail;
         }
-        Ok(Step {
-            logits: Tensor::from_slice(&logits).view([images as i64, CLASSES as i64]),
-            loss: Tensor::from((loss_sum / images as f64) as f32),
-            gradient: Tensor::from_slice(&gradient),
-        })
+        (logits, loss_sum, gradient)
+    }
+
+    /// The net, for changing its weights ([`DirectNet::reload`]) or config, or running its
+    /// forward pass.
+    pub fn net_mut(&mut self) -> &mut DirectNet {
+        &mut self.net
     }
 }
 
+impl From<DirectNet> for DirectTraining {
+    fn from(net: DirectNet) -> DirectTraining {
+        DirectTraining { net, scratch: vec![] }
+    }
+}
+
+/// A gradient flat in PyTorch's order as one tensor per parameter, shaped as [`PARAMETERS`].
+fn shaped(gradient: &[f32]) -> Vec<Tensor> {
+    let mut rest = gradient;
+    PARAMETERS
+        .iter()
+        .enumerate()
+        .map(|(p, (_, shape))| {
+            let (values, tail) = rest.split_at(parameter_len(p));
+            rest = tail;
+            Tensor::from_slice(values).view(*shape)
+        })
+        .collect()
+}
+
 impl DirectNet {
-    /// One thread's share: logits into `logits`, gradients (each image's output gradient
-    /// scaled by `scale`) into `scratch.sums`, which it zeroes first; returns the sum of the
-    /// losses.
+    /// One thread's share: logits into `logits`, gradients (from `start`) into
+    /// `scratch.sums`, which it zeroes first; returns the sum of the losses.
     fn share(
         &self,
         by_output: &Conv2ByOutput,
         pixels: &[f32],
-        labels: &[i64],
-        scale: f32,
+        start: Start,
         logits: &mut [f32],
         scratch: &mut Scratch,
     ) -> f64 {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: the CPU has the features `share_avx512` is compiled for.
-            return unsafe { self.share_avx512(by_output, pixels, labels, scale, logits, scratch) };
+            return unsafe { self.share_avx512(by_output, pixels, start, logits, scratch) };
         }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has the features `share_avx2` is compiled for.
-            return unsafe { self.share_avx2(by_output, pixels, labels, scale, logits, scratch) };
+            return unsafe { self.share_avx2(by_output, pixels, start, logits, scratch) };
         }
-        self.share_with::<Portable, Portable>(by_output, pixels, labels, scale, logits, scratch)
+        self.share_with::<Portable, Portable>(by_output, pixels, start, logits, scratch)
     }
 
     /// `share_with` compiled for AVX2 and FMA, as `run_avx2`.
@@ -202,12 +292,11 @@ impl DirectNet {
         &self,
         by_output: &Conv2ByOutput,
         pixels: &[f32],
-        labels: &[i64],
-        scale: f32,
+        start: Start,
         logits: &mut [f32],
         scratch: &mut Scratch,
     ) -> f64 {
-        self.share_with::<avx2::Avx2, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
+        self.share_with::<avx2::Avx2, avx2::Avx2>(by_output, pixels, start, logits, scratch)
     }
 
     /// `share_with` in AVX-512, the same bits as in AVX2: the forward pass as `run_avx512`,
@@ -218,12 +307,11 @@ impl DirectNet {
         &self,
         by_output: &Conv2ByOutput,
         pixels: &[f32],
-        labels: &[i64],
-        scale: f32,
+        start: Start,
         logits: &mut [f32],
         scratch: &mut Scratch,
     ) -> f64 {
-        self.share_with::<avx512::Avx512, avx2::Avx2>(by_output, pixels, labels, scale, logits, scratch)
+        self.share_with::<avx512::Avx512, avx2::Avx2>(by_output, pixels, start, logits, scratch)
     }
 
     /// The share in micro-batches: each image's convolutional stages forwards, the linear
@@ -235,8 +323,7 @@ impl DirectNet {
         &self,
         by_output: &Conv2ByOutput,
         pixels: &[f32],
-        labels: &[i64],
-        scale: f32,
+        start: Start,
         logits: &mut [f32],
         scratch: &mut Scratch,
     ) -> f64 {
@@ -251,14 +338,13 @@ impl DirectNet {
             array.fill(0.0);
         }
         let mut loss = 0f64;
-        for ((pixels, labels), logits) in
-            pixels.chunks(MICRO * PIXELS).zip(labels.chunks(MICRO)).zip(logits.chunks_mut(MICRO * CLASSES))
-        {
-            let kept = &mut kept[..labels.len()];
+        for (m, (pixels, logits)) in pixels.chunks(MICRO * PIXELS).zip(logits.chunks_mut(MICRO * CLASSES)).enumerate() {
+            let start = start.range(m * MICRO, m * MICRO + pixels.len() / PIXELS);
+            let kept = &mut kept[..start.images()];
             for ((kept, input), flat) in kept.iter_mut().zip(pixels.chunks_exact(PIXELS)).zip(&mut rows.flat) {
                 self.convolutions_forward::<L>(input, kept, flat);
             }
-            loss += self.linear_layers(rows, labels, scale, logits, sums);
+            loss += self.linear_layers(rows, start, logits, sums);
             for (kept, d_flat) in kept.iter().zip(&rows.d_flat) {
                 self.convolutions_backward::<L, Eight>(by_output, kept, d_flat, sums);
             }
@@ -285,12 +371,13 @@ impl DirectNet {
         flat.copy_from_slice(kept.s4.as_flattened().as_flattened());
     }
 
-    /// F5, F6 and the output for a micro-batch (`rows.flat`, one row per label) forwards, the
-    /// logits into `logits`, then the head's loss and every linear layer backwards: the
-    /// weight and bias gradients added into `g`, S4's gradient left in `rows.d_flat`.
-    /// Returns the sum of the losses.
-    fn linear_layers(&self, rows: &mut Rows, labels: &[i64], scale: f32, logits: &mut [f32], g: &mut Weights) -> f64 {
-        let (w, arch, m) = (&*self.weights, self.config.arch, labels.len());
+    /// F5, F6 and the output for a micro-batch (`rows.flat`, one row per image of `start`)
+    /// forwards, the logits into `logits`, then from `start` (the head's loss of the labels, or
+    /// a given logit gradient) every linear layer backwards: the weight and bias gradients
+    /// added into `g`, S4's gradient left in `rows.d_flat`. Returns the sum of the losses (0
+    /// from a given gradient).
+    fn linear_layers(&self, rows: &mut Rows, start: Start, logits: &mut [f32], g: &mut Weights) -> f64 {
+        let (w, arch, m) = (&*self.weights, self.config.arch, start.images());
         let Rows { flat, f5, f6, out, d_flat, d5, d6, d_out } = rows;
         let (flat, f5, f6, out) = (&flat[..m], &mut f5[..m], &mut f6[..m], &mut out[..m]);
         let (d_flat, d5, d6, d_out) = (&mut d_flat[..m], &mut d5[..m], &mut d6[..m], &mut d_out[..m]);
@@ -300,13 +387,21 @@ impl DirectNet {
         activate_rows(arch, f6);
         dense_rows(&w.fc3, &w.fc3_bias, f6, out);
         let mut loss = 0f64;
-        for (((out, &label), logits), d_out) in
-            out.iter().zip(labels).zip(logits.chunks_exact_mut(CLASSES)).zip(d_out.iter_mut())
+        for (i, ((out, logits), d_out)) in
+            out.iter().zip(logits.chunks_exact_mut(CLASSES)).zip(d_out.iter_mut()).enumerate()
         {
             logits.copy_from_slice(&out[..CLASSES]);
-            let (image_loss, d) = loss_gradient(self.config.head, out, label as usize, scale);
-            loss += image_loss as f64;
-            *d_out = d;
+            match start {
+                Start::Labels(labels, scale) => {
+                    let (image_loss, d) = loss_gradient(self.config.head, out, labels[i] as usize, scale);
+                    loss += image_loss as f64;
+                    *d_out = d;
+                }
+                Start::LogitGradient(d) => {
+                    d_out.fill(0.0); // the padding past the 10 logits
+                    d_out[..CLASSES].copy_from_slice(&d[i * CLASSES..(i + 1) * CLASSES]);
+                }
+            }
         }
         dense_rows_backward(&w.fc3, f6, d_out, &mut g.fc3, &mut g.fc3_bias, d6);
         activation_backward_rows(arch, f6, d6);
@@ -738,14 +833,8 @@ mod tests {
         let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
         let [fast, portable] = [DirectNet::share as Share, DirectNet::share_with::<Portable, Portable>].map(|share| {
             let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
-            let lens: Vec<i64> = (0..PARAMETERS.len()).map(|p| parameter_len(p) as i64).collect();
-            let gradients = step
-                .gradient
-                .split_with_sizes(&lens, 0)
-                .into_iter()
-                .zip(PARAMETERS)
-                .map(|(g, (_, shape))| g.view(shape));
-            gradients.chain([step.logits, step.loss]).collect::<Vec<_>>()
+            let gradients = shaped(&Vec::<f32>::try_from(&step.gradient).unwrap());
+            gradients.into_iter().chain([step.logits, step.loss]).collect::<Vec<_>>()
         });
         let relative = |got: &Tensor, want: &Tensor| {
             let want = want.to_kind(Kind::Double);
@@ -814,11 +903,11 @@ mod tests {
             let ys = Tensor::randint(10, [70], (Kind::Int64, Device::Cpu));
             let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
             // SAFETY (both): has_avx512 (which includes AVX2 and FMA) said the CPU has them.
-            let avx2: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe {
-                net.share_avx2(by_output, pixels, labels, scale, logits, scratch)
+            let avx2: Share = |net, by_output, pixels, start, logits, scratch| unsafe {
+                net.share_avx2(by_output, pixels, start, logits, scratch)
             };
-            let avx512: Share = |net, by_output, pixels, labels, scale, logits, scratch| unsafe {
-                net.share_avx512(by_output, pixels, labels, scale, logits, scratch)
+            let avx512: Share = |net, by_output, pixels, start, logits, scratch| unsafe {
+                net.share_avx512(by_output, pixels, start, logits, scratch)
             };
             let [a, b] = [avx2, avx512].map(|share| {
                 let step = direct.step_in(&vs, &xs, &ys, share).unwrap();
@@ -826,6 +915,32 @@ mod tests {
                     .map(|t| Vec::<f32>::try_from(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
             });
             assert!(a == b, "{arch:?}: the gradient, logits or loss differ");
+        }
+    }
+
+    #[test]
+    fn backward_from_any_logit_gradient_agrees_with_libtorch_autograd() {
+        // A loss the head knows nothing of, (logits * w).sum() with w fixed: its logit
+        // gradient is w, and autograd's parameter gradients are the reference. The bound is
+        // the training test's; a gradient taken as the head's own loss would be off by 1e-1.
+        for arch in [Arch::Modern, Arch::Classic] {
+            tch::manual_seed(21);
+            let vs = VarStore::new(Device::Cpu);
+            let config = ModelConfig { arch, head: Head::Softmax };
+            let net = LeNet5::new(&vs.root(), config);
+            let xs = Tensor::rand([70, 1, 32, 32], (Kind::Float, Device::Cpu)) * 3.2 - 0.42;
+            let w = Tensor::randn([70, 10], (Kind::Float, Device::Cpu));
+            (net.forward(&xs) * &w).sum(Kind::Float).backward();
+            let mut direct = DirectTraining::new(&vs, config, 2).unwrap();
+            let got = direct.backward(&xs, &w).unwrap();
+            for ((name, p), got) in net.parameters().into_iter().zip(got) {
+                let want = p.grad();
+                assert_eq!(got.size(), want.size(), "{name}");
+                let diff = (&got - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+                assert!(diff <= 1e-5, "{arch:?}, {name}: relative difference {diff:e}");
+            }
+            let err = direct.backward(&xs, &w.narrow(0, 0, 69)).unwrap_err();
+            assert!(err.to_string().contains("[69, 10]"), "{err}");
         }
     }
 
