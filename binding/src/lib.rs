@@ -17,7 +17,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lenet5::data::{self, Dataset, DatasetKind, Splits};
-use lenet5::direct::DirectNet;
+use lenet5::direct::{DirectNet, DirectTraining};
 use lenet5::explain::conv as walkthrough;
 use lenet5::formats::card::ModelCard;
 use lenet5::formats::weights::{self, detect, first_line, Format};
@@ -229,7 +229,8 @@ struct DirectEngine {
 }
 
 struct Packed {
-    net: DirectNet,
+    /// The loops, their threads and their buffers for the backward pass.
+    engine: DirectTraining,
     key: PackKey,
 }
 
@@ -242,8 +243,14 @@ impl DirectEngine {
 }
 
 impl DirectEngine {
-    /// Logits of `x`, repacking the weights first if `key` says they changed.
-    fn forward(&self, key: PackKey, tensors: &[Tensor], x: &Tensor) -> anyhow::Result<Tensor> {
+    /// `work` on the engine with the weights of `tensors`, repacked first if `key` says they
+    /// changed since the last call.
+    fn with_weights<T>(
+        &self,
+        key: PackKey,
+        tensors: &[Tensor],
+        work: impl FnOnce(&mut DirectTraining) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         anyhow::ensure!(
             std::process::id() == self.pid,
             "the direct engine's state was made in process {} and this is {} (a fork): make a new one",
@@ -255,17 +262,22 @@ impl DirectEngine {
         if packed.as_ref().is_none_or(|p| p.key != key) {
             // The direct loops compute logits; the head is the caller's.
             let config = ModelConfig { arch: key.arch, head: Head::Softmax };
-            let net = match packed.take() {
-                Some(Packed { mut net, key: old }) if old.threads == key.threads => {
-                    net.config = config;
-                    net.reload(refs(tensors))?;
-                    net
+            let engine = match packed.take() {
+                Some(Packed { mut engine, key: old }) if old.threads == key.threads => {
+                    engine.net_mut().config = config;
+                    engine.net_mut().reload(refs(tensors))?;
+                    engine
                 }
-                _ => DirectNet::from_tensors(refs(tensors), config, key.threads)?,
+                _ => DirectNet::from_tensors(refs(tensors), config, key.threads)?.into(),
             };
-            *packed = Some(Packed { net, key });
+            *packed = Some(Packed { engine, key });
         }
-        packed.as_ref().expect("packed above").net.forward(x)
+        work(&mut packed.as_mut().expect("packed above").engine)
+    }
+
+    /// Logits of `x`.
+    fn forward(&self, key: PackKey, tensors: &[Tensor], x: &Tensor) -> anyhow::Result<Tensor> {
+        self.with_weights(key, tensors, |engine| engine.net_mut().forward(x))
     }
 }
 
@@ -330,6 +342,31 @@ fn forward(
     let runner = Runner::new(arch, &params, &tensors, direct.as_ref())?;
     let x = x.0;
     py.allow_threads(move || runner.forward(&tensors, &x)).py().map(PyTensor)
+}
+
+/// The gradients of the ten parameters (`PARAMETERS` order and shapes) of the model of
+/// `arch` with `params`, computed by the direct engine's loops from `d_logits`, the gradient
+/// of some loss with respect to the logits of `x`: the backward pass of the Python twin's
+/// autograd function (model.py `_DirectForward`).
+#[pyfunction]
+fn direct_backward(
+    py: Python<'_>,
+    x: Dense,
+    arch: &str,
+    params: Vec<Bound<'_, PyAny>>,
+    direct: Bound<'_, DirectEngine>,
+    d_logits: Dense,
+) -> PyResult<Vec<PyTensor>> {
+    let arch = parse("arch", arch)?;
+    let tensors = model_parameters(&params)?;
+    check_batch(&x, tensors[0].device())?;
+    let Runner::Direct(engine, key) = Runner::new(arch, &params, &tensors, Some(&direct))? else {
+        unreachable!("a direct engine was given")
+    };
+    let (x, d_logits) = (x.0, d_logits.0);
+    let gradients =
+        py.allow_threads(move || engine.with_weights(key, &tensors, |engine| engine.backward(&x, &d_logits))).py()?;
+    Ok(gradients.into_iter().map(PyTensor).collect())
 }
 
 /// Every stage of the libtorch forward pass (input, C1, S2, C3, S4, F5, F6, output), by name.
@@ -844,6 +881,7 @@ fn conv<'py>(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DirectEngine>()?;
     m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(direct_backward, m)?)?;
     m.add_function(wrap_pyfunction!(activations, m)?)?;
     m.add_function(wrap_pyfunction!(check_state_dict, m)?)?;
     m.add_function(wrap_pyfunction!(read, m)?)?;

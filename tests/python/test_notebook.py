@@ -26,6 +26,10 @@ def test_the_comparison_notebook_runs(mnist_dir, monkeypatch):
     assert sum(o.output_type == "display_data" and "text/html" in o.get("data", {}) for o in outputs) == 1
     # Both sides train with the same recipe and seed in one process: the same run, so no disagreements.
     assert "0 of 10000 test images get different answers" in text and "weights identical, bit for bit" in text
+    # The twin in the notebook's own loop: the libtorch engine the same run, the direct one to rounding.
+    assert re.search(r"twin, libtorch engine .*weights identical, bit for bit", text), text
+    direct = re.search(r"twin, direct engine .*test accuracy ([0-9.]+)%, largest \|weight difference\| ([0-9.e-]+)", text)
+    assert direct, text
     figures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(figures) >= 2, "curves and confusion matrices"
     assert not [o for o in outputs if o.output_type == "error"]

@@ -38,6 +38,13 @@ def forward(x: torch.Tensor, arch: Arch, params: Sequence[torch.Tensor], direct:
     those very tensors (autograd records them), or `direct`'s loops on its copy. The GIL is
     released while it runs."""
 
+def direct_backward(
+    x: torch.Tensor, arch: Arch, params: Sequence[torch.Tensor], direct: DirectEngine, d_logits: torch.Tensor
+) -> list[torch.Tensor]:
+    """The ten parameters' gradients (their shapes, in order) from `d_logits` `[N, 10]`, the
+    gradient of some loss with respect to the logits of `x`, by `direct`'s loops: the
+    backward pass of model.py's `_DirectForward`. The GIL is released while it runs."""
+
 def activations(x: torch.Tensor, arch: Arch, params: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """Every stage of the libtorch forward pass: input, C1, S2, C3, S4, F5, F6, output."""
 
