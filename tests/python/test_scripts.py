@@ -58,7 +58,7 @@ def test_ci_runs_the_readmes_test_command_and_nothing_else():
     assert commands == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', test_command], commands
 
 
-@pytest.mark.parametrize("script", ["bench-binding", "crosscheck", "parity", "train_reference"])
+@pytest.mark.parametrize("script", ["bench-binding", "crosscheck", "parity", "train_ddp", "train_reference"])
 def test_a_script_started_by_a_python3_without_the_venv_runs_in_the_venv(script):
     """The README runs them as `scripts/NAME` from a plain shell, where `python3` is the system's
     (without torch, on a fresh machine): each re-runs itself in .venv (scripts/project_venv.py).
