@@ -56,7 +56,7 @@ def test_the_direct_engine_agrees_to_float_rounding(reference, test_set):
     direct = lenet5.load(MODEL, engine="direct")
     assert direct.engine == "direct"
     assert torch.get_num_threads() == threads  # the notebook's torch keeps its settings
-    with torch.no_grad():  # the direct engine has no autograd (test_module: it says so)
+    with torch.no_grad():  # inference (test_module checks its autograd)
         ours = direct(images)
     theirs = L.predict(reference, images)
     assert torch.get_num_threads() == threads
