@@ -1,7 +1,8 @@
 //! `lenet5 bench`: the Rust half of `scripts/bench`. Each call measures one thing (training
-//! steps, evaluation, single-image latency, time to 99%) through the library's own code paths
-//! and prints the figures, as one JSON object with `--json`, so the harness can compare them
-//! with PyTorch's. Its Python twin is the `--child` mode of `scripts/bench`.
+//! steps, evaluation, single-image latency, time to 99%, the machine's float32 peak) through
+//! the library's own code paths and prints the figures, with the speed rows' GFLOP/s, as one
+//! JSON object with `--json`, so the harness can compare them with PyTorch's and with the
+//! peak. Its Python twin is the `--child` mode of `scripts/bench`.
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
@@ -12,8 +13,10 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use lenet5::data::{self, Splits};
+use lenet5::direct::peak;
 use lenet5::inference::evaluate::evaluate;
 use lenet5::inference::{Engine, LoadOptions, Model};
+use lenet5::model::flops::{inference_flop, training_flop};
 use lenet5::model::{Arch, LeNet5, ModelConfig};
 use lenet5::training::{no_checkpoints, EpochMetrics, Outcome, TrainConfig, TrainState, Trainer, Watcher};
 
@@ -34,6 +37,9 @@ pub enum Measure {
     /// `--target`, with the default recipe of `lenet5 train`.
     #[value(name = "time-to-99")]
     TimeTo99,
+    /// The machine's float32 FMA peak on `--threads` threads (and on one), measured by the
+    /// best of `--steps` trials, beside the theoretical peak.
+    Peak,
 }
 
 #[derive(Args, Debug)]
@@ -56,7 +62,8 @@ pub struct BenchArgs {
     /// train and time-to-99: the variant trained [default: modern].
     #[arg(long, value_parser = super::named::<Arch>(Arch::NAMES))]
     pub arch: Option<Arch>,
-    /// Timed training steps, passes over the test set, or calls [default: 200, 5, 2000].
+    /// Timed training steps, passes over the test set, calls, or peak trials [default: 200, 5,
+    /// 2000, 5].
     #[arg(long)]
     pub steps: Option<usize>,
     /// Untimed steps, passes or calls before timing starts [default: 20, 1, 200].
@@ -92,10 +99,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Measure::Eval => (1000, 5, 1),
         Measure::Latency | Measure::LatencyScript => (1, 2000, 200),
         Measure::TimeTo99 => (0, 0, 0), // the recipe decides
+        Measure::Peak => (0, 5, 0),
     };
     ensure!(
         args.what == Measure::TimeTo99 || (args.epochs.is_none() && args.lr.is_none() && args.seed.is_none()),
         "--epochs, --lr and --seed change the recipe of time-to-99 only"
+    );
+    ensure!(
+        args.what != Measure::Peak || (args.batch_size.is_none() && args.warmup.is_none() && args.model.is_none()),
+        "--batch-size, --warmup and --model mean nothing to peak"
     );
     ensure!(
         matches!(args.what, Measure::Train | Measure::TimeTo99) || args.arch.is_none(),
@@ -104,13 +116,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let batch = args.batch_size.unwrap_or(batch);
     let steps = args.steps.unwrap_or(steps);
     let warmup = args.warmup.unwrap_or(warmup);
-    ensure!(batch > 0 || args.what == Measure::TimeTo99, "--batch-size {batch}: must be at least 1");
+    ensure!(
+        batch > 0 || matches!(args.what, Measure::TimeTo99 | Measure::Peak),
+        "--batch-size {batch}: must be at least 1"
+    );
     ensure!(steps > 0 || args.what == Measure::TimeTo99, "--steps {steps}: must be at least 1");
     let mut out = match args.what {
         Measure::Train => train_throughput(args, device, batch, steps, warmup)?,
         Measure::Eval => eval_throughput(args, device, batch, steps, warmup)?,
         Measure::Latency | Measure::LatencyScript => latency(args, device, batch, steps, warmup)?,
         Measure::TimeTo99 => time_to_target(args, device)?,
+        Measure::Peak => {
+            ensure!(device == Device::Cpu, "--what peak measures the CPU: leave out --device");
+            machine_peak(threads.max(1) as usize, steps)
+        }
     };
     out["what"] = json!(args.what.to_possible_value().map(|v| v.get_name().to_string()));
     out["side"] = json!("rust");
@@ -124,6 +143,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// GFLOP/s of `flop` done `per_second` times a second.
+fn gflops(flop: i64, per_second: f64) -> f64 {
+    flop as f64 * per_second / 1e9
+}
+
+/// The float32 FMA peak on `threads` threads and on one (what a single image gets from the
+/// direct engine, which does not split it), beside the theoretical peak of `threads`.
+fn machine_peak(threads: usize, trials: usize) -> Value {
+    let measured = peak::measure(threads, trials);
+    let one = if threads > 1 { peak::measure(1, trials) } else { measured.clone() };
+    let theoretical = peak::theoretical(threads);
+    json!({
+        "gflops": measured.gflops, "one_thread_gflops": one.gflops, "theoretical_gflops": theoretical.gflops,
+        "fma_per_cycle": theoretical.fma_per_cycle(&measured), "trials": trials,
+        "measured": measured, "one_thread": one, "theoretical": theoretical,
+    })
 }
 
 /// Waits for queued CUDA work, so a clock read afterwards includes it (CPU ops are synchronous).
@@ -206,9 +243,10 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
         Outcome::Finished(_) => bail!("the run ended before {} steps", warmup + steps),
     }
     let seconds = clock.seconds;
+    let (images_per_s, flop) = ((steps as f64 * batch as f64) / seconds, training_flop());
     Ok(json!({
-        "batch_size": batch, "steps": steps, "warmup": warmup, "seconds": seconds,
-        "images_per_s": (steps as f64 * batch as f64) / seconds,
+        "batch_size": batch, "steps": steps, "warmup": warmup, "seconds": seconds, "images_per_s": images_per_s,
+        "flop_per_image": flop, "gflops": gflops(flop, images_per_s),
         "arch": net.config.arch.as_str(), "recipe": config,
     }))
 }
@@ -241,9 +279,11 @@ fn eval_throughput(args: &BenchArgs, device: Device, batch: i64, passes: usize, 
     }
     let seconds = started.elapsed().as_secs_f64();
     let accuracy = metrics.context("no pass was timed")?.accuracy();
+    let (images_per_s, flop) = ((passes as f64 * test.len() as f64) / seconds, inference_flop());
     Ok(json!({
         "model": path, "engine": classifier.engine().as_str(), "batch_size": batch, "passes": passes, "warmup": warmup, "seconds": seconds,
-        "images_per_s": (passes as f64 * test.len() as f64) / seconds, "accuracy": accuracy,
+        "images_per_s": images_per_s, "accuracy": accuracy,
+        "flop_per_image": flop, "gflops": gflops(flop, images_per_s),
     }))
 }
 
@@ -266,9 +306,11 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
         }
         Ok(())
     })?;
+    let (median_us, flop) = (quantile(&mut micros, 0.5), inference_flop());
     let mut out = json!({
         "model": path, "engine": classifier.engine().as_str(), "batch_size": batch, "calls": calls, "warmup": warmup,
-        "median_us": quantile(&mut micros, 0.5), "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
+        "median_us": median_us, "p99_us": quantile(&mut micros, 0.99), "min_us": quantile(&mut micros, 0.0),
+        "flop_per_image": flop, "gflops": gflops(flop * batch, 1e6 / median_us),
     });
     if let (Some((_, net)), Engine::Libtorch) = (classifier.lenet5(), classifier.engine()) {
         out["stages_median_us"] = stage_medians(net, &inputs, calls, device);

@@ -18,6 +18,7 @@ use crate::model::{Arch, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS};
 mod gradients;
 mod lanes;
 mod layers;
+pub mod peak;
 
 pub use gradients::{DirectTraining, Step};
 pub use lanes::instruction_set;

@@ -1,6 +1,7 @@
 //! LeNet-5 (LeCun et al. 1998) as a tch `nn` module, with PyTorch-identical parameter names.
 //! The Python twin is `LeNet5` in `scripts/lenet5_ref.py`; both must keep the same names.
 
+pub mod flops;
 mod table;
 pub use table::{layer_table, LayerRow};
 

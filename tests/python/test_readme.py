@@ -115,26 +115,48 @@ def test_the_pages_tables_are_made_from_the_newest_results_file(bench):
             "run `scripts/bench --write-tables`")
 
 
+# Made-up values of each field: the Rust side's, and each peer's.
+SAMPLE_VALUES = {
+    "images_per_s": (30_000.0, {"eager": 10_000.0, "torch.compile": 12_000.0, "onnxruntime": 11_000.0}),
+    "median_us": (20.0, {"eager": 200.0, "onnxruntime": 40.0}), "p99_us": (30.0, {"eager": 400.0, "onnxruntime": 60.0}),
+    "seconds": (5.0, {"eager": 20.0}), "peak_rss_mib": (850.0, {"eager": 1_240.0, "torch.compile": 1_500.0}),
+    "ms": (300.0, {"eager": 1_200.0}), "gflops": (300.0, {}), "one_thread_gflops": (150.0, {})}
+SAMPLE_FLOP = 2e6  # FLOP per image on the Rust side's speed runs
+
+
+def sample_runs(bench, values=SAMPLE_VALUES) -> dict:
+    """Made-up runs (two a side) of every measurement the rows name."""
+    runs = {}
+    for _key, measurement, engine, _label, field, _unit, _better in bench.ROWS:
+        rust, peers = values[field]
+        sides = runs.setdefault(measurement, {})
+        for side, value in ((engine, rust), *peers.items()):
+            for i, run in enumerate(sides.setdefault(side, [{}, {}])):
+                run.update({field: value * (1 + i / 10), "epochs": 3, "reached": True})
+                if side in bench.ENGINES and field in ("images_per_s", "median_us", "p99_us"):
+                    run["flop_per_image"] = SAMPLE_FLOP
+    theoretical = {"cores": 2, "lanes": 16, "mhz": 2600.0, "clock": "/proc/cpuinfo's cpu MHz", "fma_units_assumed": 2,
+                   "gflops": 332.8}
+    measured = {"threads": 2, "lanes": 16, "chains": 12, "instructions": "AVX-512 FMA", "cpus": [0, 1]}
+    for run in runs["peak"]["direct"]:
+        run.update({"theoretical": theoretical, "measured": measured, "fma_per_cycle": 1.9})
+    runs["latency"]["libtorch"][0]["stages_median_us"] = {s: 10.0 for s in bench.STAGES}
+    runs["latency"]["eager"][0]["stages_median_us"] = {s: 20.0 for s in bench.STAGES}
+    return runs
+
+
 def sample_result(bench, started: str, cpu: str = "Intel(R) Xeon(R) CPU @ 2.20GHz", quick=False) -> dict:
     """A results file as scripts/bench writes one, from made-up runs (two a side) of every row."""
-    values = {"images_per_s": (30_000.0, 10_000.0), "median_us": (20.0, 200.0), "p99_us": (30.0, 400.0),
-              "seconds": (5.0, 20.0), "peak_rss_mib": (850.0, 1_240.0), "ms": (300.0, 1_200.0)}
-    runs = {}
-    for key, _label, field, _unit, _better in bench.ROWS:
-        rust, pytorch = values[field]
-        side = runs.setdefault(key, ([{}, {}], [{}, {}]))
-        for i in range(2):
-            side[0][i].update({field: rust * (1 + i / 10), "epochs": 3, "reached": True})
-            side[1][i].update({field: pytorch * (1 + i / 10), "epochs": 3, "reached": True})
-    runs["latency"][0][0]["stages_median_us"] = {s: 10.0 for s in bench.STAGES}
-    runs["latency"][1][0]["stages_median_us"] = {s: 20.0 for s in bench.STAGES}
+    runs = sample_runs(bench)
     m = {"cpu": cpu, "logical_cpus": 4, "usable_cpus": 2, "cpu_capability": "AVX2", "torch": "2.11.0",
-         "libtorch_rust": "2.11.0", "threads": 2, "device": "cpu", "load_average_at_start": 0.1}
+         "onnxruntime": "1.32.0", "libtorch_rust": "2.11.0", "threads": 2, "device": "cpu", "load_average_at_start": 0.1}
     prov = {**m, "machine": bench.machine_slug(cpu, 2), "date": started[:10], "started_utc": started,
             "git_commit": "0123456789abcdef", "git_dirty": False, "lenet5": "0.1.0", "command": "scripts/bench"}
     settings = {"quick": quick, "reps": 2, "reps_time_to_99": 2, "reps_startup": 2}
-    return {"format": "lenet5-bench-results", "format_version": 1, "provenance": prov, "settings": settings,
-            "rows": bench.summarize(runs, "cpu"), "stages_median_us": bench.stage_table(*runs["latency"])}
+    return {"format": "lenet5-bench-results", "format_version": 2, "provenance": prov, "settings": settings,
+            "rows": bench.summarize(runs, "cpu", 2),
+            "stages_median_us": bench.stage_table(runs["latency"]["libtorch"], runs["latency"]["eager"]),
+            "peak": bench.peak_summary(runs["peak"]["direct"])}
 
 
 def test_the_machine_is_named_by_cpu_model_and_cores(bench):
@@ -144,12 +166,13 @@ def test_the_machine_is_named_by_cpu_model_and_cores(bench):
     assert bench.machine_slug("Intel(R) Xeon(R) CPU @ 2.20GHz", 2, "NVIDIA H100 80GB HBM3") == "intel-xeon-2c-nvidia-h100-80gb"
 
 
-def test_the_tables_come_from_the_newest_file_with_ratios_against_pytorch(bench, tmp_path):
+def test_the_tables_come_from_the_newest_file_with_ratios_against_the_best_peer(bench, tmp_path):
     older = sample_result(bench, "2026-01-02T10:00:00+00:00", cpu="AMD EPYC 7B13")
     newer = sample_result(bench, "2026-03-04T10:00:00+00:00")
     # Written with bench's own writer; the newer one first, so the file order cannot decide.
     for result in (newer, older):
-        bench.write_results(tmp_path, result["provenance"], result["settings"], result["rows"], result["stages_median_us"])
+        bench.write_results(tmp_path, result["provenance"], result["settings"], result["rows"], result["stages_median_us"],
+                            result["peak"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["amd-epyc-7b13-2c-2026-01-02.json", "intel-xeon-2c-2026-03-04.json"]
     assert bench.newest_results(tmp_path) == tmp_path / "intel-xeon-2c-2026-03-04.json"
 
@@ -164,17 +187,30 @@ def test_the_tables_come_from_the_newest_file_with_ratios_against_pytorch(bench,
     assert f"]({os.path.relpath(tmp_path / 'intel-xeon-2c-2026-03-04.json', ROOT)})" in table and "](docs/speed.md)" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(bench.SUMMARY_ROWS)
-    # Training images/s: Rust 31,500 against 10,500 (medians of 30,000 and 33,000; 10,000 and 11,000).
-    assert "| training, batch 64, images/s | 31,500 | 10,500 | 3.00 (Rust ahead 3.00x) |" in rows
-    # Times: lower is better, and the ratio is still Rust/PyTorch.
-    assert "| latency of one image, median µs | 21.00 | 210 | 0.10 (Rust ahead 10.00x) |" in rows
+    # Training images/s: Rust 31,500 (the median of 30,000 and 33,000) against the best peer,
+    # torch.compile's 12,600; 31,500 images/s x 2 MFLOP = 63 GFLOP/s, 20% of the 315 measured.
+    assert "| training, batch 64, images/s | 31,500 | 12,600 (torch.compile) | 2.50 (Rust ahead 2.50x) | 20% |" in rows
+    # Times: lower is better, the best peer is the fastest, and the ratio is still Rust/peer;
+    # 2 MFLOP in 21 µs is 95.2 GFLOP/s, 60% of one thread's 157.5.
+    assert "| latency of one image, median µs | 21.00 | 42.00 (onnxruntime) | 0.50 (Rust ahead 2.00x) | 60% |" in rows
+    # No peer: no ratio.
+    assert "| float32 FMA peak of the machine, GFLOP/s, measured | 315 | - | - | - |" in rows
 
     full = bench.render_page(bench.SPEED_PAGE, text, tmp_path)
     full_rows = [line for line in full.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(full_rows) == 1 + len(bench.ROWS) + 1 + len(bench.STAGES) + 1  # headers, rows, stages and their sum
     assert "| C1 | 10.00 | 20.00 | 0.50 |" in full_rows
+    assert "theoretical 333 GFLOP/s = 2 cores x 2,600 MHz x 16 lanes x 2 x 2 FMA units" in full
     # Rendering is a pure function of the files: twice gives the same text.
     assert bench.render_page(page, got, tmp_path) == got
+
+
+def test_a_row_over_the_measured_peak_is_an_error(bench):
+    values = {**SAMPLE_VALUES, "gflops": (50.0, {})}  # a peak of 52.5: below the training rows' 63 GFLOP/s
+    errors = bench.over_peak(bench.summarize(sample_runs(bench, values), "cpu", 2))
+    assert errors and all("more than the machine can do" in e for e in errors)
+    assert "training cpu, batch 64 (steady state): libtorch engine (libtorch): 120% of the measured peak" in errors[0]
+    assert bench.over_peak(bench.summarize(sample_runs(bench), "cpu", 2)) == []
 
 
 def test_without_a_results_file_the_table_is_one_line(bench, tmp_path):
