@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod recipe;
 pub mod run;
 pub mod schedule;
 
@@ -19,11 +20,15 @@ use crate::inference::evaluate::{evaluate, Metrics};
 use crate::inference::Engine;
 use crate::model::{Head, LeNet5, ModelConfig};
 use crate::training::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
+use crate::training::recipe::Recipe;
 use crate::training::schedule::{Schedule, ScheduleKind, ScheduleState};
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// The named recipe these settings started from (explicit settings override it).
+    #[serde(default)]
+    pub recipe: Recipe,
     pub epochs: usize,
     pub batch_size: i64,
     pub test_batch_size: i64,
@@ -42,6 +47,9 @@ pub struct TrainConfig {
     pub limit_train: Option<i64>,
     /// A few batches and a small test set, for smoke tests.
     pub dry_run: bool,
+    /// When the test set is evaluated: after every epoch, or once at the end.
+    #[serde(default)]
+    pub evaluate: Evaluate,
     /// What computes the gradients: libtorch's autograd (bit-identical to PyTorch) or the
     /// direct engine's loops (the same recipe, different rounding).
     #[serde(default)]
@@ -52,10 +60,23 @@ fn yes() -> bool {
     true
 }
 
+/// When a run measures its test accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Evaluate {
+    /// After every epoch: the history has each epoch's test metrics.
+    #[default]
+    EveryEpoch,
+    /// Once, after the last epoch: the others' evaluation time goes to nothing.
+    End,
+}
+
+crate::named_values!(Evaluate { EveryEpoch => "every-epoch", End => "end" });
+
 impl TrainConfig {
     /// The recipe of a plain `lenet5 train` and of `lenet5.train()`: torch.optim's AdamW under
     /// OneCycleLR for 8 epochs (docs/training.md).
     pub const DEFAULT: TrainConfig = TrainConfig {
+        recipe: Recipe::Default,
         epochs: 8,
         batch_size: 128,
         test_batch_size: 1000,
@@ -78,6 +99,7 @@ impl TrainConfig {
         seed: 1,
         limit_train: None,
         dry_run: false,
+        evaluate: Evaluate::EveryEpoch,
         engine: Engine::Libtorch,
     };
 
@@ -125,8 +147,9 @@ pub struct EpochMetrics {
     pub lr: f64,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
+    /// The test set's loss and accuracy; None for an epoch not evaluated ([`Evaluate::End`]).
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
     /// Training time so far, evaluation excluded.
     pub seconds: f64,
 }
@@ -134,13 +157,15 @@ pub struct EpochMetrics {
 impl EpochMetrics {
     /// The one line a run prints after each of its `epochs` epochs.
     pub fn line(&self, epochs: usize) -> String {
+        let test = match (self.test_loss, self.test_accuracy) {
+            (Some(loss), Some(accuracy)) => format!("test loss {loss:.4} acc {:.2}%", 100.0 * accuracy),
+            _ => "not tested".to_string(),
+        };
         format!(
-            "epoch {:>2}/{epochs}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  lr {:.2e}  {:.1}s",
+            "epoch {:>2}/{epochs}  train loss {:.4} acc {:.2}%  {test}  lr {:.2e}  {:.1}s",
             self.epoch,
             self.train_loss,
             100.0 * self.train_accuracy,
-            self.test_loss,
-            100.0 * self.test_accuracy,
             self.lr,
             self.seconds
         )
@@ -192,7 +217,8 @@ pub struct TrainState {
 /// How a run ended.
 #[derive(Debug)]
 pub enum Outcome {
-    Finished(Vec<EpochMetrics>),
+    /// Every epoch trained: the history, and the final model's metrics on the whole test set.
+    Finished { history: Vec<EpochMetrics>, test: Metrics },
     /// A stop was requested (a signal); the state was checkpointed.
     Stopped(TrainState),
 }
@@ -374,7 +400,8 @@ impl Trainer<'_> {
 
     /// Trains `model` (whose variables live in `vs`) with `opt` (from [`Self::optimizer`],
     /// its state restored when resuming) on `data.train` from `state` (the default state for
-    /// a new run), evaluating on `data.test` after every epoch.
+    /// a new run), evaluating on `data.test` after every epoch or only the last
+    /// ([`TrainConfig::evaluate`]), with the engine that trains.
     #[expect(
         clippy::too_many_arguments,
         reason = "each is the caller's own: the model, its weights, optimizer, data and state, and its two hooks"
@@ -421,6 +448,7 @@ impl Trainer<'_> {
         };
         state.epoch = state.epoch.max(1);
         let mut stop_after_epoch = false;
+        let mut final_test = None;
         while state.epoch <= epochs {
             let epoch = state.epoch;
             let started = Instant::now();
@@ -460,7 +488,7 @@ impl Trainer<'_> {
             for idx in &batches[state.batch..] {
                 lr = position.hyper.lr;
                 opt.hyper = position.hyper;
-                let mut xs = train.images.index_select(0, idx); // (B, 1, 32, 32)
+                let mut xs = train.inputs(idx); // (B, 1, 32, 32)
                 let ys = train.labels.index_select(0, idx); // (B,)
                 if c.shift > 0 {
                     tch::manual_seed(stream_seed(c.seed, 2, state.step));
@@ -505,15 +533,22 @@ impl Trainer<'_> {
             }
             sync(&mut state, &loss_sum, &correct, lr)?;
             state.seconds += started.elapsed().as_secs_f64();
-            let test_metrics = gradients.evaluate(vs, self.head, &test, c.test_batch_size)?;
+            let last = epoch == epochs;
+            let test_metrics = match c.evaluate == Evaluate::EveryEpoch || last {
+                true => Some(gradients.evaluate(vs, self.head, &test, c.test_batch_size)?),
+                false => None,
+            };
+            if last && test.len() == data.test.len() {
+                final_test.clone_from(&test_metrics);
+            }
             let seen = state.epoch_seen.max(1) as f64;
             let row = EpochMetrics {
                 epoch,
                 lr,
                 train_loss: state.epoch_loss_sum / seen,
                 train_accuracy: state.epoch_correct as f64 / seen,
-                test_loss: test_metrics.loss,
-                test_accuracy: test_metrics.accuracy(),
+                test_loss: test_metrics.as_ref().map(|m| m.loss),
+                test_accuracy: test_metrics.as_ref().map(Metrics::accuracy),
                 seconds: state.seconds,
             };
             watcher.epoch_done(&row, epochs);
@@ -536,7 +571,12 @@ impl Trainer<'_> {
                 return Ok(Outcome::Stopped(state));
             }
         }
-        Ok(Outcome::Finished(state.history))
+        // The last epoch's evaluation when it saw the whole test set, else one now.
+        let test = match final_test {
+            Some(test) => test,
+            None => gradients.evaluate(vs, self.head, &data.test, c.test_batch_size)?,
+        };
+        Ok(Outcome::Finished { history: state.history, test })
     }
 }
 
@@ -571,7 +611,7 @@ mod tests {
         // A "model" that predicts the first pixel's value as the class.
         let images = Tensor::from_slice(&[3f32, 3.0, 7.0, 1.0]).view([4, 1, 1, 1]);
         let labels = Tensor::from_slice(&[3i64, 5, 7, 1]);
-        let data = Dataset { images, labels };
+        let data = Dataset::of_inputs(images, labels);
         let forward = |xs: &Tensor| -> Result<Tensor> {
             Ok(xs.view([-1]).to_kind(Kind::Int64).one_hot(NUM_CLASSES).to_kind(Kind::Float))
         };
