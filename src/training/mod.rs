@@ -175,19 +175,52 @@ impl EpochMetrics {
 /// Shifts each image of `xs` `(B, 1, H, W)` by its own random offset of up to `max` pixels
 /// in x and y, filling with `background`: the small distortions of the 1998 paper.
 pub fn random_shift(xs: &Tensor, max: i64, background: f64) -> Tensor {
+    let (b, device) = (xs.size()[0], xs.device());
+    // Each image reads the window starting at its own offset in 0..=2*max: rows', then columns'.
+    let dy = Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device)); // (B, 1)
+    let dx = Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device)); // (B, 1)
+    if device == Device::Cpu && xs.kind() == Kind::Float {
+        shift_by_loops(xs, &dy, &dx, max, background)
+    } else {
+        shift_by_indexing(xs, &dy, &dx, max, background)
+    }
+}
+
+/// The shift as tensor ops, on any device: an index into the image padded with `background`.
+fn shift_by_indexing(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background: f64) -> Tensor {
     let (b, h, w) = (xs.size()[0], xs.size()[2], xs.size()[3]);
     let device = xs.device();
     let padded = Tensor::full([b, h + 2 * max, w + 2 * max], background, (xs.kind(), device)); // (B, H+2m, W+2m)
     padded.narrow(1, max, h).narrow(2, max, w).copy_(&xs.squeeze_dim(1));
-    // Each image reads the window starting at its own offset in 0..=2*max.
-    let window = |n: i64| {
-        Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device))
-            + Tensor::arange(n, (Kind::Int64, device)).view([1, n])
-    };
-    let rows = window(h).view([b, h, 1]); // (B, H, 1)
-    let cols = window(w).view([b, 1, w]); // (B, 1, W)
+    let rows = (dy + Tensor::arange(h, (Kind::Int64, device)).view([1, h])).view([b, h, 1]); // (B, H, 1)
+    let cols = (dx + Tensor::arange(w, (Kind::Int64, device)).view([1, w])).view([b, 1, w]); // (B, 1, W)
     let batch = Tensor::arange(b, (Kind::Int64, device)).view([b, 1, 1]);
     padded.index(&[Some(batch), Some(rows), Some(cols)]).unsqueeze(1) // (B, 1, H, W)
+}
+
+/// The same shift as plain loops over float32 pixels on the CPU, bit for bit (it only moves
+/// values and fills with `background` rounded to float32 as `Tensor::full` rounds it): libtorch's
+/// index kernel runs on the one thread the direct engine leaves it, while the engine's wait.
+fn shift_by_loops(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background: f64) -> Tensor {
+    let size = xs.size();
+    let (h, w) = (size[2] as usize, size[3] as usize);
+    let pixels = Vec::<f32>::try_from(xs.contiguous().view(-1)).expect("float32 pixels on the CPU");
+    let offsets = |d: &Tensor| Vec::<i64>::try_from(d.view(-1)).expect("int64 offsets on the CPU");
+    let mut out = vec![background as f32; pixels.len()];
+    for ((image, shifted), (dy, dx)) in
+        pixels.chunks(h * w).zip(out.chunks_mut(h * w)).zip(offsets(dy).into_iter().zip(offsets(dx)))
+    {
+        // Output (y, x) reads input (y + dy - max, x + dx - max) where that lies in the image.
+        for y in 0..h {
+            let Some(from_y) = (y + dy as usize).checked_sub(max as usize).filter(|&r| r < h) else { continue };
+            for x in 0..w {
+                if let Some(from_x) = (x + dx as usize).checked_sub(max as usize).filter(|&c| c < w) {
+                    shifted[y * w + x] = image[from_y * w + from_x];
+                }
+            }
+        }
+    }
+    Tensor::from_slice(&out).view(size.as_slice())
 }
 
 /// Where a run stands between two steps: with the model's weights and the optimizer's state,
@@ -604,6 +637,23 @@ mod tests {
             offsets.insert((y, x));
         }
         assert!(offsets.len() > 5, "shifts should vary between images: {offsets:?}");
+    }
+
+    #[test]
+    fn the_shift_by_loops_is_the_shift_by_indexing_bit_for_bit() {
+        tch::manual_seed(5);
+        let xs = Tensor::randn([37, 1, 32, 32], (Kind::Float, Device::Cpu));
+        for max in [1, 2, 4] {
+            let dy = Tensor::randint(2 * max + 1, [37, 1], (Kind::Int64, Device::Cpu));
+            let dx = Tensor::randint(2 * max + 1, [37, 1], (Kind::Int64, Device::Cpu));
+            let background = -0.1307 / 0.3081;
+            let by_loops = shift_by_loops(&xs, &dy, &dx, max, background);
+            let by_indexing = shift_by_indexing(&xs, &dy, &dx, max, background);
+            assert_eq!(by_loops.size(), [37, 1, 32, 32]);
+            let bits =
+                |t: &Tensor| Vec::<f32>::try_from(t.view(-1)).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&by_loops) == bits(&by_indexing), "max {max}");
+        }
     }
 
     #[test]
