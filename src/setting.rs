@@ -153,6 +153,8 @@ mod tests {
         round_trips(OptimizerKind::ALL);
         round_trips(Implementation::ALL);
         round_trips(ScheduleKind::ALL);
+        round_trips(crate::training::recipe::Recipe::ALL);
+        round_trips(crate::training::Evaluate::ALL);
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn recipe(engine: Engine) -> TrainConfig {
         limit_train: Some(20_000),
         dry_run: false,
         engine,
+        ..TrainConfig::DEFAULT
     }
 }
 
@@ -52,7 +53,7 @@ fn train(splits: &Splits, model: ModelConfig, config: &TrainConfig) -> (f64, Vec
         checkpoint_every: None,
     };
     let mut opt = trainer.optimizer(&net, &vs).unwrap();
-    let Outcome::Finished(history) =
+    let Outcome::Finished { history, .. } =
         trainer.run(&net, &vs, &mut opt, splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap()
     else {
         panic!("nothing asked the run to stop")
@@ -60,7 +61,7 @@ fn train(splits: &Splits, model: ModelConfig, config: &TrainConfig) -> (f64, Vec
     let mut weights: Vec<(String, Vec<f32>)> =
         vs.variables().into_iter().map(|(name, t)| (name, Vec::<f32>::try_from(t.view(-1)).unwrap())).collect();
     weights.sort_by(|a, b| a.0.cmp(&b.0));
-    (history.last().unwrap().test_accuracy, weights)
+    (history.last().unwrap().test_accuracy.unwrap(), weights)
 }
 
 #[test]

@@ -26,7 +26,7 @@ fn model_accuracy(model: &Path, n: usize) -> f64 {
     let norm =
         classifier.card().map(|c| c.input.normalization).unwrap_or(lenet5::data::DatasetKind::Mnist.normalization());
     let test = lenet5::data::load_split(Path::new("data/mnist"), "t10k", norm).unwrap().take(n as i64);
-    let logits = tch::no_grad(|| classifier.forward(&test.images)).unwrap();
+    let logits = tch::no_grad(|| classifier.forward(&test.all_inputs())).unwrap();
     let correct = logits.argmax(-1, false).eq_tensor(&test.labels).sum(tch::Kind::Int64).int64_value(&[]);
     correct as f64 / n as f64
 }

@@ -1,7 +1,8 @@
 //! Interrupted runs lose nothing: SIGINT/SIGTERM checkpoint and exit 130/143, SIGKILL at any
 //! moment leaves a loadable run folder, `--resume` ends bit-identical to an uninterrupted run
 //! (the default recipe, AdamW with OneCycleLR cycling beta1, also trained by the direct
-//! engine, and SGD with Nesterov momentum under StepLR), and a diverging run stops with the last good checkpoint.
+//! engine from the fast recipe, which it keeps, and SGD with Nesterov momentum under StepLR),
+//! and a diverging run stops with the last good checkpoint.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
@@ -14,6 +15,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_lenet5");
 /// The default recipe (AdamW, OneCycleLR with beta1 cycling) on a small run; shifts exercise
 /// the per-step random streams, and checkpoints fall inside epochs as well as at their ends.
 const RECIPE: &[&str] = &[
+    "--recipe",
+    "default",
     "--epochs",
     "3",
     "--limit-train",
@@ -41,8 +44,9 @@ const RECIPE: &[&str] = &[
 /// SGD's momentum buffers and a schedule that steps once per epoch.
 const SGD: &[(&str, &str)] = &[("--optimizer", "sgd"), ("--lr", "0.05"), ("--schedule", "step")];
 
-/// The default recipe trained by the direct engine, whose checkpoints record the engine.
-const DIRECT: &[(&str, &str)] = &[("--engine", "direct")];
+/// The direct engine, whose checkpoints record the engine, on the fast recipe, whose
+/// evaluation only at the end the resumed run must keep (the flags above override the rest).
+const DIRECT: &[(&str, &str)] = &[("--engine", "direct"), ("--recipe", "fast")];
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lenet5-resume-{}-{name}", std::process::id()));
@@ -149,6 +153,10 @@ fn sigint_and_sigterm_checkpoint_exit_130_143_and_resume_bit_identically() {
             std::fs::read(out.join("lenet5.safetensors")).unwrap() == uninterrupted(recipe),
             "{sig}: resumed weights differ"
         );
+        let card: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("lenet5.json")).unwrap()).unwrap();
+        let (name, evaluate) = if recipe == DIRECT { ("fast", "end") } else { ("default", "every-epoch") };
+        let saved = &card["training"]["recipe"];
+        assert_eq!((saved["recipe"].as_str(), saved["evaluate"].as_str()), (Some(name), Some(evaluate)), "{sig}");
     }
 }
 

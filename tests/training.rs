@@ -8,7 +8,7 @@ use lenet5::inference::Engine;
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
 use lenet5::training::schedule::ScheduleKind;
-use lenet5::training::{no_checkpoints, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
+use lenet5::training::{no_checkpoints, Evaluate, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
 
@@ -26,6 +26,7 @@ fn recipe() -> TrainConfig {
         limit_train: Some(5000),
         dry_run: false,
         engine: Engine::Libtorch,
+        ..TrainConfig::DEFAULT
     }
 }
 
@@ -51,7 +52,7 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
             checkpoint_every: None,
         };
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
-        let Outcome::Finished(history) = trainer
+        let Outcome::Finished { history, test } = trainer
             .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
             .unwrap()
         else {
@@ -60,7 +61,8 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > bar, "{arch:?}/{head:?}: {after} after 3 epochs of 5,000 images");
         assert_eq!(history.len(), 3);
-        assert_eq!(history[2].test_accuracy, after, "the history's last test accuracy is the final one");
+        assert_eq!(history[2].test_accuracy, Some(after), "the history's last test accuracy is the final one");
+        assert_eq!(test.accuracy(), after, "and so are the run's final metrics");
     }
 }
 
@@ -102,4 +104,48 @@ fn a_stop_at_an_epochs_last_batch_takes_effect_after_the_epoch_and_one_inside_it
         };
         assert_eq!((state.step, state.epoch, state.batch, state.history.len()), (stop_at, epoch, batch, epochs_done));
     }
+}
+
+#[test]
+fn evaluating_only_at_the_end_tests_the_last_epoch_alone_and_trains_the_same_weights() {
+    tch::set_num_threads(1);
+    let splits = data::load(DatasetKind::Mnist, None).expect("MNIST in data/mnist: run scripts/setup");
+    let train = |evaluate: Evaluate| {
+        let config = TrainConfig { limit_train: Some(640), epochs: 3, evaluate, ..recipe() };
+        tch::manual_seed(config.seed);
+        let vs = VarStore::new(Device::Cpu);
+        let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
+        let trainer = Trainer {
+            config: &config,
+            head: Head::Softmax,
+            background: 0.0,
+            batch_order: None,
+            checkpoint_every: None,
+        };
+        let mut opt = trainer.optimizer(&net, &vs).unwrap();
+        let Outcome::Finished { history, test } = trainer
+            .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
+            .unwrap()
+        else {
+            panic!("nothing asked the run to stop")
+        };
+        let mut weights: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        (history, test, weights)
+    };
+    let (every, every_test, every_weights) = train(Evaluate::EveryEpoch);
+    let (end, end_test, end_weights) = train(Evaluate::End);
+    assert!(every.iter().all(|m| m.test_accuracy.is_some() && m.test_loss.is_some()));
+    let tested: Vec<bool> = end.iter().map(|m| m.test_accuracy.is_some()).collect();
+    assert_eq!(tested, [false, false, true], "only the last epoch is tested");
+    assert_eq!(end[2].test_accuracy, Some(end_test.accuracy()));
+    assert_eq!((end_test.correct, end_test.total), (every_test.correct, 10_000));
+    // Evaluation draws nothing from the random streams: the runs' weights agree bit for bit.
+    for ((name, a), (other, b)) in every_weights.iter().zip(&end_weights) {
+        assert!(name == other && a.equal(b), "{name}");
+    }
+    assert_eq!(
+        end.iter().map(|m| m.train_loss).collect::<Vec<_>>(),
+        every.iter().map(|m| m.train_loss).collect::<Vec<_>>()
+    );
 }

@@ -80,7 +80,7 @@ fn own_forward_pass(model: &Path) -> (Model, lenet5::data::Dataset, i64, HashMap
     let mut stages = HashMap::new();
     let (_, net) = classifier.lenet5().expect("a safetensors model is native");
     let _logits = tch::no_grad(|| {
-        net.forward_observed(&test.images.narrow(0, index, 1), &mut |name, t| {
+        net.forward_observed(&test.inputs_range(index, 1), &mut |name, t| {
             stages.insert(name.to_string(), t.copy());
         })
     });

@@ -559,7 +559,7 @@ fn tensors_dataset(images: Dense, labels: Dense, what: &str, device: Device) -> 
             "{labels_name} must be classes 0..{NUM_CLASSES}, found {lo}..={hi}"
         )));
     }
-    Ok(Dataset { images: images.0, labels: labels.0.to_device(device) })
+    Ok(Dataset::of_inputs(images.0, labels.0.to_device(device)))
 }
 
 /// The test split of `data` (or the data set's default folder), or the caller's tensors.
@@ -620,13 +620,26 @@ fn evaluate<'py>(
 }
 
 /// `recipe` (keyword arguments named as `TrainConfig` serialises: `epochs`, `lr`, `betas`,
-/// `optimizer`, `schedule`, ...) over [`TrainConfig::DEFAULT`], checked as the CLI checks flags.
+/// `optimizer`, `schedule`, ...) over the named recipe `recipe="fast"` (by default "default":
+/// [`TrainConfig::DEFAULT`]), checked as the CLI checks flags.
 fn recipe(overrides: Option<&Bound<'_, PyDict>>) -> PyResult<TrainConfig> {
-    let mut json = serde_json::to_value(TrainConfig::DEFAULT).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    use lenet5::training::recipe::Recipe;
+    let named = match overrides.map(|d| d.get_item("recipe")).transpose()?.flatten() {
+        Some(name) => {
+            let name: String =
+                name.extract().map_err(|_| PyTypeError::new_err(format!("recipe={name}: not a string")))?;
+            parse::<Recipe>("recipe", &name)?
+        }
+        None => Recipe::Default,
+    };
+    let mut json = serde_json::to_value(named.config()).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     let fields = json.as_object_mut().expect("a recipe serialises as an object");
     let json_module = overrides.map(|d| d.py().import("json")).transpose()?;
     for (key, value) in overrides.into_iter().flat_map(|d| d.iter()) {
         let key: String = key.extract()?;
+        if key == "recipe" {
+            continue; // the starting point, taken above
+        }
         if !fields.contains_key(&key) {
             let mut known: Vec<&String> = fields.keys().collect();
             known.sort();

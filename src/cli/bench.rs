@@ -240,7 +240,7 @@ fn train_throughput(args: &BenchArgs, device: Device, batch: i64, steps: usize, 
     let mut opt = trainer.optimizer(&net, &vs)?;
     match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut clock, &mut no_checkpoints)? {
         Outcome::Stopped(_) => {}
-        Outcome::Finished(_) => bail!("the run ended before {} steps", warmup + steps),
+        Outcome::Finished { .. } => bail!("the run ended before {} steps", warmup + steps),
     }
     let seconds = clock.seconds;
     let (images_per_s, flop) = ((steps as f64 * batch as f64) / seconds, training_flop());
@@ -292,7 +292,7 @@ fn latency(args: &BenchArgs, device: Device, batch: i64, calls: usize, warmup: u
     let test = data::load_test(args.data.dataset, args.data.data.as_deref(), args.data.dataset.normalization())?
         .to_device(device);
     let inputs: Vec<Tensor> = (0..LATENCY_IMAGES.min(test.len() / batch).max(1))
-        .map(|i| test.images.narrow(0, i * batch, batch)) // (batch, 1, 32, 32)
+        .map(|i| test.inputs_range(i * batch, batch)) // (batch, 1, 32, 32)
         .collect();
     let mut micros = Vec::with_capacity(calls);
     tch::no_grad(|| -> Result<()> {
@@ -356,7 +356,7 @@ struct StopAtAccuracy {
 
 impl Watcher for StopAtAccuracy {
     fn epoch_done(&mut self, metrics: &EpochMetrics, _epochs: usize) {
-        if self.reached.is_none() && metrics.test_accuracy >= self.target {
+        if self.reached.is_none() && metrics.test_accuracy.is_some_and(|a| a >= self.target) {
             self.reached = Some(metrics.clone());
         }
     }
@@ -387,7 +387,7 @@ fn time_to_target(args: &BenchArgs, device: Device) -> Result<Value> {
     let mut opt = trainer.optimizer(&net, &vs)?;
     let history =
         match trainer.run(&net, &vs, &mut opt, &data, TrainState::default(), &mut observer, &mut no_checkpoints)? {
-            Outcome::Finished(history) => history,
+            Outcome::Finished { history, .. } => history,
             Outcome::Stopped(state) => state.history,
         };
     let last = history.last().context("training ran no epoch")?;

@@ -41,8 +41,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train LeNet-5, evaluating after every epoch; saves and exports the model into --out.
-    Train(train::TrainArgs),
+    /// Train LeNet-5 from a named recipe (--recipe) and flags, evaluating after every epoch (or
+    /// once at the end); saves and exports the model into --out.
+    Train(Box<train::TrainArgs>),
     /// Accuracy, loss, per-class accuracy and the confusion matrix of a model on the test set.
     Eval(eval::EvalArgs),
     /// Write NAME.pt (TorchScript), NAME.safetensors, NAME.check.safetensors, NAME.onnx, NAME.pt2

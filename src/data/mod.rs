@@ -1,11 +1,12 @@
-//! MNIST-style data: the IDX file format (plain or gzip'd), checked strictly, and the data set
-//! as one normalised `(N, 1, 32, 32)` tensor. Python's twin: `load_idx` in `scripts/lenet5_ref.py`.
+//! MNIST-style data: the IDX file format (plain or gzip'd), checked strictly and read as a
+//! stream, and the data set held as its bytes, padded and normalised to LeNet-5's `(B, 1, 32,
+//! 32)` inputs as batches are taken. Python's twin: `load_idx` in `scripts/lenet5_ref.py`.
 
 pub mod handwriting;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -96,16 +97,55 @@ impl Normalization {
     }
 }
 
+/// What a data set's images are held as.
+#[derive(Debug)]
+pub enum Images {
+    /// The IDX files' bytes `(N, 1, 28, 28)` u8, padded and normalised with this normalisation
+    /// as they are taken ([`to_inputs`]): a sixth of the memory of the float inputs.
+    Bytes(Tensor, Normalization),
+    /// Network inputs `(N, 1, 32, 32)` float, taken as they are (the binding's caller's own).
+    Inputs(Tensor),
+}
+
+impl Images {
+    /// The network inputs of the examples `pick` takes from the held tensor.
+    fn inputs(&self, pick: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        match self {
+            Images::Bytes(bytes, norm) => to_inputs(&pick(bytes), *norm),
+            Images::Inputs(inputs) => pick(inputs),
+        }
+    }
+
+    /// The same kind of images, `f` applied to the held tensor.
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Images {
+        match self {
+            Images::Bytes(bytes, norm) => Images::Bytes(f(bytes), *norm),
+            Images::Inputs(inputs) => Images::Inputs(f(inputs)),
+        }
+    }
+
+    /// The held tensor: bytes or inputs.
+    pub fn held(&self) -> &Tensor {
+        match self {
+            Images::Bytes(t, _) | Images::Inputs(t) => t,
+        }
+    }
+}
+
 /// Images and labels of one split, resident on one device.
 #[derive(Debug)]
 pub struct Dataset {
-    /// `(N, 1, 32, 32)` float, zero-padded by 2 then normalised.
-    pub images: Tensor,
+    pub images: Images,
     /// `(N,)` int64 class indices.
     pub labels: Tensor,
 }
 
 impl Dataset {
+    /// A data set of ready network inputs `(N, 1, 32, 32)` float and their labels.
+    pub fn of_inputs(inputs: Tensor, labels: Tensor) -> Dataset {
+        Dataset { images: Images::Inputs(inputs), labels }
+    }
+
     pub fn len(&self) -> i64 {
         self.labels.size()[0]
     }
@@ -114,14 +154,33 @@ impl Dataset {
         self.len() == 0
     }
 
+    pub fn device(&self) -> Device {
+        self.labels.device()
+    }
+
+    /// The network inputs `(B, 1, 32, 32)` of the examples at `rows` `(B,)` int64.
+    pub fn inputs(&self, rows: &Tensor) -> Tensor {
+        self.images.inputs(|t| t.index_select(0, rows))
+    }
+
+    /// The network inputs `(len, 1, 32, 32)` of examples `start..start + len`.
+    pub fn inputs_range(&self, start: i64, len: i64) -> Tensor {
+        self.images.inputs(|t| t.narrow(0, start, len))
+    }
+
+    /// Every example's network input `(N, 1, 32, 32)`.
+    pub fn all_inputs(&self) -> Tensor {
+        self.inputs_range(0, self.len())
+    }
+
     /// The first `n` examples (all of them if there are fewer), sharing storage.
     pub fn take(&self, n: i64) -> Dataset {
         let n = n.min(self.len());
-        Dataset { images: self.images.narrow(0, 0, n), labels: self.labels.narrow(0, 0, n) }
+        Dataset { images: self.images.map(|t| t.narrow(0, 0, n)), labels: self.labels.narrow(0, 0, n) }
     }
 
     pub fn to_device(&self, device: Device) -> Dataset {
-        Dataset { images: self.images.to_device(device), labels: self.labels.to_device(device) }
+        Dataset { images: self.images.map(|t| t.to_device(device)), labels: self.labels.to_device(device) }
     }
 }
 
@@ -148,53 +207,110 @@ pub struct Idx {
 /// Parses IDX bytes, checking the magic number against `expected_magic` and the length
 /// against the header. `name` is only used in error messages.
 pub fn parse_idx(bytes: &[u8], expected_magic: u32, name: &str) -> Result<Idx> {
-    ensure!(!bytes.is_empty(), "{name}: the file is empty");
-    ensure!(bytes.len() >= 4, "{name}: truncated: {} bytes, too short for an IDX header", bytes.len());
-    let magic = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes"));
-    if magic != expected_magic {
-        bail!(
-            "{name}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} \
-             (is this an IDX {} file?)",
-            if expected_magic == IMAGES_MAGIC { "image" } else { "label" }
-        );
+    IdxStream { reader: Box::new(bytes), name: name.to_string(), failure: "cannot read" }.read_all(expected_magic)
+}
+
+/// Bytes handed on a chunk at a time while an IDX body streams into its tensor: large, since
+/// each chunk is one libtorch copy (whose OpenMP team costs milliseconds to wake on a busy machine).
+const CHUNK: usize = 4 << 20;
+
+/// An IDX file as a stream of bytes, read front to back: the header, then the body in chunks,
+/// so a data set goes straight into its tensor without a whole copy of the file in between.
+pub struct IdxStream<'a> {
+    reader: Box<dyn Read + 'a>,
+    /// The file, in messages.
+    name: String,
+    /// What a failed read means: "corrupt gzip data" for a gzip'd file.
+    failure: &'static str,
+}
+
+impl IdxStream<'_> {
+    /// `path`, gunzipped when it starts with the gzip magic bytes.
+    pub fn open(path: &Path) -> Result<IdxStream<'static>> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open"))?;
+        let mut file = BufReader::new(file);
+        let gzip = file.fill_buf().with_context(|| format!("{name}: cannot read"))?.starts_with(&[0x1f, 0x8b]);
+        Ok(if gzip {
+            IdxStream {
+                reader: Box::new(flate2::bufread::MultiGzDecoder::new(file)),
+                name,
+                failure: "corrupt gzip data",
+            }
+        } else {
+            IdxStream { reader: Box::new(file), name, failure: "cannot read" }
+        })
     }
-    let ndims = (magic & 0xff) as usize;
-    let header = 4 + 4 * ndims;
-    ensure!(bytes.len() >= header, "{name}: truncated inside its header ({} bytes)", bytes.len());
-    let dims: Vec<usize> =
-        bytes[4..header].chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")) as usize).collect();
-    let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    let expected = match expected {
-        Some(n) if n as u64 <= MAX_IDX_BYTES => n,
-        _ => bail!("{name}: header declares dimensions {dims:?}, more data than any IDX file holds"),
-    };
-    let body = &bytes[header..];
-    ensure!(
-        body.len() >= expected,
-        "{name}: truncated: header {dims:?} needs {expected} bytes of data, the file has {}",
-        body.len()
-    );
-    ensure!(
-        body.len() == expected,
-        "{name}: {} bytes of trailing garbage after the {expected} bytes its header {dims:?} declares",
-        body.len() - expected
-    );
-    Ok(Idx { dims, data: body.to_vec() })
+
+    /// Up to `n` bytes into `buf` (cleared first), fewer only at the end of the file.
+    fn read_up_to(&mut self, n: usize, buf: &mut Vec<u8>) -> Result<usize> {
+        buf.clear();
+        (&mut self.reader).take(n as u64).read_to_end(buf).with_context(|| format!("{}: {}", self.name, self.failure))
+    }
+
+    /// The header's dimensions, its magic number checked against `expected_magic` and the
+    /// data it declares against the size of any IDX file.
+    pub fn header(&mut self, expected_magic: u32) -> Result<Vec<usize>> {
+        let name = self.name.clone();
+        let mut head = Vec::with_capacity(4);
+        let got = self.read_up_to(4, &mut head)?;
+        ensure!(got > 0, "{name}: the file is empty");
+        ensure!(got == 4, "{name}: truncated: {got} bytes, too short for an IDX header");
+        let magic = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
+        if magic != expected_magic {
+            bail!(
+                "{name}: wrong magic number 0x{magic:08x}, expected 0x{expected_magic:08x} \
+                 (is this an IDX {} file?)",
+                if expected_magic == IMAGES_MAGIC { "image" } else { "label" }
+            );
+        }
+        let ndims = (magic & 0xff) as usize;
+        let got = self.read_up_to(4 * ndims, &mut head)?;
+        ensure!(got == 4 * ndims, "{name}: truncated inside its header ({} bytes)", 4 + got);
+        let dims: Vec<usize> =
+            head.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")) as usize).collect();
+        match dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) {
+            Some(n) if n as u64 <= MAX_IDX_BYTES => Ok(dims),
+            _ => bail!("{name}: header declares dimensions {dims:?}, more data than any IDX file holds"),
+        }
+    }
+
+    /// The body that `dims` (from [`Self::header`]) declare, handed to `sink` a chunk at a
+    /// time in order; then checks that the file ends there.
+    pub fn body(&mut self, dims: &[usize], mut sink: impl FnMut(&[u8])) -> Result<()> {
+        let name = self.name.clone();
+        let expected: usize = dims.iter().product();
+        let mut chunk = Vec::with_capacity(CHUNK.min(expected));
+        let mut seen = 0;
+        while seen < expected {
+            let got = self.read_up_to(CHUNK.min(expected - seen), &mut chunk)?;
+            ensure!(got > 0, "{name}: truncated: header {dims:?} needs {expected} bytes of data, the file has {seen}");
+            sink(&chunk);
+            seen += got;
+        }
+        let trailing = std::io::copy(&mut (&mut self.reader).take(MAX_IDX_BYTES), &mut std::io::sink())
+            .with_context(|| format!("{name}: {}", self.failure))?;
+        ensure!(
+            trailing == 0,
+            "{name}: {trailing} bytes of trailing garbage after the {expected} bytes its header {dims:?} declares"
+        );
+        Ok(())
+    }
+
+    /// The whole file: its header and its body.
+    pub fn read_all(mut self, expected_magic: u32) -> Result<Idx> {
+        let dims = self.header(expected_magic)?;
+        let mut data = Vec::with_capacity(dims.iter().product());
+        self.body(&dims, |chunk| data.extend_from_slice(chunk))?;
+        Ok(Idx { dims, data })
+    }
 }
 
 /// Reads a whole file, gunzipping it when it starts with the gzip magic bytes.
 pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut raw = Vec::new();
-    file.take(MAX_IDX_BYTES + 1).read_to_end(&mut raw).with_context(|| format!("{}: cannot read", path.display()))?;
-    if !raw.starts_with(&[0x1f, 0x8b]) {
-        return Ok(raw);
-    }
+    let mut stream = IdxStream::open(path)?;
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(raw.as_slice())
-        .take(MAX_IDX_BYTES + 1)
-        .read_to_end(&mut out)
-        .with_context(|| format!("{}: corrupt gzip data", path.display()))?;
+    stream.read_up_to(MAX_IDX_BYTES as usize + 1, &mut out)?;
     Ok(out)
 }
 
@@ -211,36 +327,44 @@ fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     }
 }
 
-/// Reads one split (`prefix` is `train` or `t10k`) from `dir` into CPU tensors.
+/// Reads one split (`prefix` is `train` or `t10k`) from `dir` into CPU tensors: the images as
+/// their bytes, streamed into their tensor (to be normalised with `norm` as they are taken).
 pub fn load_split(dir: &Path, prefix: &str, norm: Normalization) -> Result<Dataset> {
     let images_path = find_file(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels_path = find_file(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
     let images_name = images_path.display().to_string();
     let labels_name = labels_path.display().to_string();
-    let images = parse_idx(&read_maybe_gzip(&images_path)?, IMAGES_MAGIC, &images_name)?;
-    let labels = parse_idx(&read_maybe_gzip(&labels_path)?, LABELS_MAGIC, &labels_name)?;
-
-    let (n, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
+    let mut images = IdxStream::open(&images_path)?;
+    let dims = images.header(IMAGES_MAGIC)?;
+    let (n, rows, cols) = (dims[0], dims[1], dims[2]);
     ensure!(
         rows as i64 == IMAGE_SIZE && cols as i64 == IMAGE_SIZE,
         "{images_name}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
     );
     ensure!(n > 0, "{images_name}: holds no images");
+    let labels = IdxStream::open(&labels_path)?.read_all(LABELS_MAGIC)?;
     ensure!(labels.dims[0] == n, "{labels_name}: {} labels for the {n} images in {images_name}", labels.dims[0]);
     if let Some((i, &label)) = labels.data.iter().enumerate().find(|(_, &l)| l > 9) {
         bail!("{labels_name}: label {label} at index {i} is out of range 0..=9");
     }
-    Ok(to_tensors(&images.data, &labels.data, norm))
+    let bytes = Tensor::empty([(n * rows * cols) as i64], (Kind::Uint8, Device::Cpu)); // every byte written next
+    let mut at = 0;
+    images.body(&dims, |chunk| {
+        bytes.narrow(0, at, chunk.len() as i64).copy_(&Tensor::from_slice(chunk));
+        at += chunk.len() as i64;
+    })?;
+    Ok(Dataset {
+        images: Images::Bytes(bytes.view([n as i64, 1, IMAGE_SIZE, IMAGE_SIZE]), norm),
+        labels: Tensor::from_slice(&labels.data).to_kind(Kind::Int64),
+    })
 }
 
-/// Raw 28x28 bytes and labels -> padded, normalised tensors.
-pub fn to_tensors(pixels: &[u8], labels: &[u8], norm: Normalization) -> Dataset {
-    let n = labels.len() as i64;
-    let raw = Tensor::from_slice(pixels).view([n, 1, IMAGE_SIZE, IMAGE_SIZE]); // (N, 1, 28, 28) u8
-                                                                               // One statement, so each float copy of the 60,000 images is freed as soon as it is used:
-                                                                               // the training set is 245 MB at 32x32, and the loading's peak sets the process's.
-    let padded = (raw.to_kind(Kind::Float) / 255.0).constant_pad_nd([PAD, PAD, PAD, PAD]); // (N, 1, 32, 32)
-    Dataset { images: normalize_in_place(padded, norm), labels: Tensor::from_slice(labels).to_kind(Kind::Int64) }
+/// Bytes `(B, 1, 28, 28)` -> network inputs `(B, 1, 32, 32)` float32: scaled to [0, 1],
+/// zero-padded by [`PAD`], then normalised, each step rounding as it always has (the data set
+/// was once held as these floats; a test checks the bits are the same).
+pub fn to_inputs(bytes: &Tensor, norm: Normalization) -> Tensor {
+    let padded = (bytes.to_kind(Kind::Float) / 255.0).constant_pad_nd([PAD, PAD, PAD, PAD]); // (B, 1, 32, 32)
+    normalize_in_place(padded, norm)
 }
 
 /// `(x - mean) / std`, elementwise, on pixels already scaled to [0, 1].
@@ -319,12 +443,11 @@ mod tests {
         let norm = Normalization { mean: 0.5, std: 0.25 };
         let mut pixels = vec![0u8; 28 * 28];
         pixels[0] = 255; // top-left pixel of the 28x28 image
-        let d = to_tensors(&pixels, &[7], norm);
-        assert_eq!(d.images.size(), [1, 1, 32, 32]);
-        let at = |y, x| d.images.double_value(&[0, 0, y, x]);
+        let inputs = to_inputs(&Tensor::from_slice(&pixels).view([1, 1, 28, 28]), norm);
+        assert_eq!(inputs.size(), [1, 1, 32, 32]);
+        let at = |y, x| inputs.double_value(&[0, 0, y, x]);
         assert_eq!(at(2, 2), (1.0 - 0.5) / 0.25); // moved by the 2-pixel pad
         assert_eq!(at(0, 0), (0.0 - 0.5) / 0.25); // padding is black before normalising
         assert_eq!(at(2, 3), (0.0 - 0.5) / 0.25);
-        assert_eq!(d.labels.int64_value(&[0]), 7);
     }
 }

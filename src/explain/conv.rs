@@ -427,7 +427,7 @@ pub fn mnist_digit(data: Option<&std::path::Path>, index: Option<i64>) -> Result
     )?;
     let index = super::pick_index(&test, index)?;
     let pad = crate::data::PAD;
-    let image = test.images.get(index).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28) in [0, 1]
+    let image = test.inputs_range(index, 1).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28) in [0, 1]
     let values =
         Vec::<f32>::try_from((image * 9.0).round().flatten(0, -1).to_kind(Kind::Float)).context("reading the digit")?;
     let label = test.labels.int64_value(&[index]);

@@ -132,14 +132,18 @@ pub fn input_picture(image: &Tensor, title: &str) -> Result<Picture> {
 
 /// Loss and accuracy per epoch, train and test.
 pub fn curves_picture(history: &[crate::training::EpochMetrics], title: &str) -> Result<Picture> {
-    let series = |name, f: &dyn Fn(&crate::training::EpochMetrics) -> f64| Series {
+    // An epoch without a test evaluation has no test point.
+    let series = |name, f: &dyn Fn(&crate::training::EpochMetrics) -> Option<f64>| Series {
         name,
-        points: history.iter().map(|m| (m.epoch as f64, f(m))).collect(),
+        points: history.iter().filter_map(|m| Some((m.epoch as f64, f(m)?))).collect(),
     };
     pictures::curves(
         title,
-        &[series("train", &|m| m.train_loss), series("test", &|m| m.test_loss)],
-        &[series("train", &|m| 100.0 * m.train_accuracy), series("test", &|m| 100.0 * m.test_accuracy)],
+        &[series("train", &|m| Some(m.train_loss)), series("test", &|m| m.test_loss)],
+        &[
+            series("train", &|m| Some(100.0 * m.train_accuracy)),
+            series("test", &|m| m.test_accuracy.map(|a| 100.0 * a)),
+        ],
     )
 }
 
@@ -189,7 +193,7 @@ pub fn write(model: &Model, c: &VisualizeConfig) -> Result<Report> {
         None => {
             let i = super::pick_index(&test, c.index)?;
             let label = test.labels.int64_value(&[i]);
-            (test.images.narrow(0, i, 1), format!("test image #{i}"), Some(label))
+            (test.inputs_range(i, 1), format!("test image #{i}"), Some(label))
         }
     };
     let stages = net.stages(&image);
@@ -250,7 +254,7 @@ pub fn write(model: &Model, c: &VisualizeConfig) -> Result<Report> {
     };
 
     // The whole test set: confusion matrix and mistakes.
-    let predicted = model.predicted_classes(&test.images)?;
+    let predicted = model.predicted_classes(&test.all_inputs())?;
     let labels = Vec::<i64>::try_from(test.labels.to_device(Device::Cpu))?;
     let mut confusion = vec![vec![0i64; NUM_CLASSES as usize]; NUM_CLASSES as usize];
     for (&t, &p) in labels.iter().zip(&predicted) {
@@ -272,7 +276,7 @@ pub fn write(model: &Model, c: &VisualizeConfig) -> Result<Report> {
         let tiles = shown
             .iter()
             .map(|&i| {
-                let img = test.images.get(i as i64).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28)
+                let img = test.inputs_range(i as i64, 1).squeeze().narrow(0, pad, 28).narrow(1, pad, 28); // (28, 28)
                 Ok(Tile {
                     values: values(&img)?,
                     rows: 28,

@@ -47,8 +47,7 @@ pub fn export_loaded(
     crate::check_setting!(folder.is_dir(), "out", prefix.display(), "the folder {} does not exist", folder.display());
     let card = model.card();
     let dataset = card.map(|c| c.dataset).unwrap_or(dataset);
-    let check_inputs =
-        crate::data::load_test(dataset, data_dir, dataset.normalization())?.images.narrow(0, 0, CHECK_BATCH);
+    let check_inputs = crate::data::load_test(dataset, data_dir, dataset.normalization())?.inputs_range(0, CHECK_BATCH);
     let mut card =
         card.cloned().unwrap_or_else(|| ModelCard::new(net.config, dataset, parameter_count(vs), None, vec![]));
     card.provenance = Provenance { seed: card.provenance.seed, ..Provenance::here(None, invocation) };

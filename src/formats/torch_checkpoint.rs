@@ -197,7 +197,7 @@ pub fn to_torch(meta: &CheckpointMeta, saved: &Saved) -> Result<Value> {
             saved.weights.iter().find(|(k, _)| k == name).with_context(|| format!("the checkpoint has no {name}"))?;
         weights.push((str(name), Value::Tensor(t.1.shallow_clone())));
     }
-    let mut recipe = serde_json::to_value(&meta.config).expect("a recipe always serialises");
+    let mut recipe = serde_json::to_value(meta.config).expect("a recipe always serialises");
     let extra = serde_json::json!({
         "arch": meta.model.arch, "head": meta.model.head, "dataset": meta.dataset,
         "data_dir": meta.data_dir, "checkpoint_every": meta.checkpoint_every,

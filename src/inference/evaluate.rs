@@ -40,13 +40,13 @@ pub fn evaluate(
     batch_size: i64,
 ) -> Result<Metrics> {
     tch::no_grad(|| {
-        let device = data.images.device();
+        let device = data.device();
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
         let mut confusion = Tensor::zeros([NUM_CLASSES * NUM_CLASSES], (Kind::Int64, device));
         let n = data.len();
         for start in (0..n).step_by(batch_size as usize) {
             let len = batch_size.min(n - start);
-            let xs = data.images.narrow(0, start, len);
+            let xs = data.inputs_range(start, len);
             let ys = data.labels.narrow(0, start, len);
             let logits = forward(&xs)?;
             if logits.size() != [len, NUM_CLASSES] {

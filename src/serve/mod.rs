@@ -230,10 +230,11 @@ impl TestImages {
         dir: Option<&std::path::Path>,
         norm: Normalization,
     ) -> Result<TestImages> {
-        let raw = data::load_test(dataset, dir, Normalization { mean: 0.0, std: 1.0 })?; // pixels in 0..=1
-        let predicted = classifier.predicted_classes(&data::normalize(&raw.images, norm))?;
+        let raw = data::load_test(dataset, dir, Normalization { mean: 0.0, std: 1.0 })?;
+        let pixels = raw.all_inputs(); // (N, 1, 32, 32) in 0..=1
+        let predicted = classifier.predicted_classes(&data::normalize(&pixels, norm))?;
         Ok(TestImages {
-            pixels: Vec::<f32>::try_from(raw.images.flatten(0, -1)).context("reading the test images")?,
+            pixels: Vec::<f32>::try_from(pixels.flatten(0, -1)).context("reading the test images")?,
             labels: Vec::<i64>::try_from(&raw.labels).context("reading the test labels")?,
             predicted,
         })

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod recipe;
 pub mod run;
 pub mod schedule;
 
@@ -19,11 +20,15 @@ use crate::inference::evaluate::{evaluate, Metrics};
 use crate::inference::Engine;
 use crate::model::{Head, LeNet5, ModelConfig};
 use crate::training::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
+use crate::training::recipe::Recipe;
 use crate::training::schedule::{Schedule, ScheduleKind, ScheduleState};
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// The named recipe these settings started from (explicit settings override it).
+    #[serde(default)]
+    pub recipe: Recipe,
     pub epochs: usize,
     pub batch_size: i64,
     pub test_batch_size: i64,
@@ -42,6 +47,9 @@ pub struct TrainConfig {
     pub limit_train: Option<i64>,
     /// A few batches and a small test set, for smoke tests.
     pub dry_run: bool,
+    /// When the test set is evaluated: after every epoch, or once at the end.
+    #[serde(default)]
+    pub evaluate: Evaluate,
     /// What computes the gradients: libtorch's autograd (bit-identical to PyTorch) or the
     /// direct engine's loops (the same recipe, different rounding).
     #[serde(default)]
@@ -52,10 +60,23 @@ fn yes() -> bool {
     true
 }
 
+/// When a run measures its test accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Evaluate {
+    /// After every epoch: the history has each epoch's test metrics.
+    #[default]
+    EveryEpoch,
+    /// Once, after the last epoch: the others' evaluation time goes to nothing.
+    End,
+}
+
+crate::named_values!(Evaluate { EveryEpoch => "every-epoch", End => "end" });
+
 impl TrainConfig {
     /// The recipe of a plain `lenet5 train` and of `lenet5.train()`: torch.optim's AdamW under
     /// OneCycleLR for 8 epochs (docs/training.md).
     pub const DEFAULT: TrainConfig = TrainConfig {
+        recipe: Recipe::Default,
         epochs: 8,
         batch_size: 128,
         test_batch_size: 1000,
@@ -78,6 +99,7 @@ impl TrainConfig {
         seed: 1,
         limit_train: None,
         dry_run: false,
+        evaluate: Evaluate::EveryEpoch,
         engine: Engine::Libtorch,
     };
 
@@ -125,8 +147,9 @@ pub struct EpochMetrics {
     pub lr: f64,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
+    /// The test set's loss and accuracy; None for an epoch not evaluated ([`Evaluate::End`]).
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
     /// Training time so far, evaluation excluded.
     pub seconds: f64,
 }
@@ -134,13 +157,15 @@ pub struct EpochMetrics {
 impl EpochMetrics {
     /// The one line a run prints after each of its `epochs` epochs.
     pub fn line(&self, epochs: usize) -> String {
+        let test = match (self.test_loss, self.test_accuracy) {
+            (Some(loss), Some(accuracy)) => format!("test loss {loss:.4} acc {:.2}%", 100.0 * accuracy),
+            _ => "not tested".to_string(),
+        };
         format!(
-            "epoch {:>2}/{epochs}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}%  lr {:.2e}  {:.1}s",
+            "epoch {:>2}/{epochs}  train loss {:.4} acc {:.2}%  {test}  lr {:.2e}  {:.1}s",
             self.epoch,
             self.train_loss,
             100.0 * self.train_accuracy,
-            self.test_loss,
-            100.0 * self.test_accuracy,
             self.lr,
             self.seconds
         )
@@ -150,19 +175,52 @@ impl EpochMetrics {
 /// Shifts each image of `xs` `(B, 1, H, W)` by its own random offset of up to `max` pixels
 /// in x and y, filling with `background`: the small distortions of the 1998 paper.
 pub fn random_shift(xs: &Tensor, max: i64, background: f64) -> Tensor {
+    let (b, device) = (xs.size()[0], xs.device());
+    // Each image reads the window starting at its own offset in 0..=2*max: rows', then columns'.
+    let dy = Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device)); // (B, 1)
+    let dx = Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device)); // (B, 1)
+    if device == Device::Cpu && xs.kind() == Kind::Float {
+        shift_by_loops(xs, &dy, &dx, max, background)
+    } else {
+        shift_by_indexing(xs, &dy, &dx, max, background)
+    }
+}
+
+/// The shift as tensor ops, on any device: an index into the image padded with `background`.
+fn shift_by_indexing(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background: f64) -> Tensor {
     let (b, h, w) = (xs.size()[0], xs.size()[2], xs.size()[3]);
     let device = xs.device();
     let padded = Tensor::full([b, h + 2 * max, w + 2 * max], background, (xs.kind(), device)); // (B, H+2m, W+2m)
     padded.narrow(1, max, h).narrow(2, max, w).copy_(&xs.squeeze_dim(1));
-    // Each image reads the window starting at its own offset in 0..=2*max.
-    let window = |n: i64| {
-        Tensor::randint(2 * max + 1, [b, 1], (Kind::Int64, device))
-            + Tensor::arange(n, (Kind::Int64, device)).view([1, n])
-    };
-    let rows = window(h).view([b, h, 1]); // (B, H, 1)
-    let cols = window(w).view([b, 1, w]); // (B, 1, W)
+    let rows = (dy + Tensor::arange(h, (Kind::Int64, device)).view([1, h])).view([b, h, 1]); // (B, H, 1)
+    let cols = (dx + Tensor::arange(w, (Kind::Int64, device)).view([1, w])).view([b, 1, w]); // (B, 1, W)
     let batch = Tensor::arange(b, (Kind::Int64, device)).view([b, 1, 1]);
     padded.index(&[Some(batch), Some(rows), Some(cols)]).unsqueeze(1) // (B, 1, H, W)
+}
+
+/// The same shift as plain loops over float32 pixels on the CPU, bit for bit (it only moves
+/// values and fills with `background` rounded to float32 as `Tensor::full` rounds it): libtorch's
+/// index kernel runs on the one thread the direct engine leaves it, while the engine's wait.
+fn shift_by_loops(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background: f64) -> Tensor {
+    let size = xs.size();
+    let (h, w) = (size[2] as usize, size[3] as usize);
+    let pixels = Vec::<f32>::try_from(xs.contiguous().view(-1)).expect("float32 pixels on the CPU");
+    let offsets = |d: &Tensor| Vec::<i64>::try_from(d.view(-1)).expect("int64 offsets on the CPU");
+    let mut out = vec![background as f32; pixels.len()];
+    for ((image, shifted), (dy, dx)) in
+        pixels.chunks(h * w).zip(out.chunks_mut(h * w)).zip(offsets(dy).into_iter().zip(offsets(dx)))
+    {
+        // Output (y, x) reads input (y + dy - max, x + dx - max) where that lies in the image.
+        for y in 0..h {
+            let Some(from_y) = (y + dy as usize).checked_sub(max as usize).filter(|&r| r < h) else { continue };
+            for x in 0..w {
+                if let Some(from_x) = (x + dx as usize).checked_sub(max as usize).filter(|&c| c < w) {
+                    shifted[y * w + x] = image[from_y * w + from_x];
+                }
+            }
+        }
+    }
+    Tensor::from_slice(&out).view(size.as_slice())
 }
 
 /// Where a run stands between two steps: with the model's weights and the optimizer's state,
@@ -192,7 +250,8 @@ pub struct TrainState {
 /// How a run ended.
 #[derive(Debug)]
 pub enum Outcome {
-    Finished(Vec<EpochMetrics>),
+    /// Every epoch trained: the history, and the final model's metrics on the whole test set.
+    Finished { history: Vec<EpochMetrics>, test: Metrics },
     /// A stop was requested (a signal); the state was checkpointed.
     Stopped(TrainState),
 }
@@ -374,7 +433,8 @@ impl Trainer<'_> {
 
     /// Trains `model` (whose variables live in `vs`) with `opt` (from [`Self::optimizer`],
     /// its state restored when resuming) on `data.train` from `state` (the default state for
-    /// a new run), evaluating on `data.test` after every epoch.
+    /// a new run), evaluating on `data.test` after every epoch or only the last
+    /// ([`TrainConfig::evaluate`]), with the engine that trains.
     #[expect(
         clippy::too_many_arguments,
         reason = "each is the caller's own: the model, its weights, optimizer, data and state, and its two hooks"
@@ -421,6 +481,7 @@ impl Trainer<'_> {
         };
         state.epoch = state.epoch.max(1);
         let mut stop_after_epoch = false;
+        let mut final_test = None;
         while state.epoch <= epochs {
             let epoch = state.epoch;
             let started = Instant::now();
@@ -460,7 +521,7 @@ impl Trainer<'_> {
             for idx in &batches[state.batch..] {
                 lr = position.hyper.lr;
                 opt.hyper = position.hyper;
-                let mut xs = train.images.index_select(0, idx); // (B, 1, 32, 32)
+                let mut xs = train.inputs(idx); // (B, 1, 32, 32)
                 let ys = train.labels.index_select(0, idx); // (B,)
                 if c.shift > 0 {
                     tch::manual_seed(stream_seed(c.seed, 2, state.step));
@@ -505,15 +566,22 @@ impl Trainer<'_> {
             }
             sync(&mut state, &loss_sum, &correct, lr)?;
             state.seconds += started.elapsed().as_secs_f64();
-            let test_metrics = gradients.evaluate(vs, self.head, &test, c.test_batch_size)?;
+            let last = epoch == epochs;
+            let test_metrics = match c.evaluate == Evaluate::EveryEpoch || last {
+                true => Some(gradients.evaluate(vs, self.head, &test, c.test_batch_size)?),
+                false => None,
+            };
+            if last && test.len() == data.test.len() {
+                final_test.clone_from(&test_metrics);
+            }
             let seen = state.epoch_seen.max(1) as f64;
             let row = EpochMetrics {
                 epoch,
                 lr,
                 train_loss: state.epoch_loss_sum / seen,
                 train_accuracy: state.epoch_correct as f64 / seen,
-                test_loss: test_metrics.loss,
-                test_accuracy: test_metrics.accuracy(),
+                test_loss: test_metrics.as_ref().map(|m| m.loss),
+                test_accuracy: test_metrics.as_ref().map(Metrics::accuracy),
                 seconds: state.seconds,
             };
             watcher.epoch_done(&row, epochs);
@@ -536,7 +604,12 @@ impl Trainer<'_> {
                 return Ok(Outcome::Stopped(state));
             }
         }
-        Ok(Outcome::Finished(state.history))
+        // The last epoch's evaluation when it saw the whole test set, else one now.
+        let test = match final_test {
+            Some(test) => test,
+            None => gradients.evaluate(vs, self.head, &data.test, c.test_batch_size)?,
+        };
+        Ok(Outcome::Finished { history: state.history, test })
     }
 }
 
@@ -567,11 +640,28 @@ mod tests {
     }
 
     #[test]
+    fn the_shift_by_loops_is_the_shift_by_indexing_bit_for_bit() {
+        tch::manual_seed(5);
+        let xs = Tensor::randn([37, 1, 32, 32], (Kind::Float, Device::Cpu));
+        for max in [1, 2, 4] {
+            let dy = Tensor::randint(2 * max + 1, [37, 1], (Kind::Int64, Device::Cpu));
+            let dx = Tensor::randint(2 * max + 1, [37, 1], (Kind::Int64, Device::Cpu));
+            let background = -0.1307 / 0.3081;
+            let by_loops = shift_by_loops(&xs, &dy, &dx, max, background);
+            let by_indexing = shift_by_indexing(&xs, &dy, &dx, max, background);
+            assert_eq!(by_loops.size(), [37, 1, 32, 32]);
+            let bits =
+                |t: &Tensor| Vec::<f32>::try_from(t.view(-1)).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&by_loops) == bits(&by_indexing), "max {max}");
+        }
+    }
+
+    #[test]
     fn evaluate_counts_the_confusion_matrix() {
         // A "model" that predicts the first pixel's value as the class.
         let images = Tensor::from_slice(&[3f32, 3.0, 7.0, 1.0]).view([4, 1, 1, 1]);
         let labels = Tensor::from_slice(&[3i64, 5, 7, 1]);
-        let data = Dataset { images, labels };
+        let data = Dataset::of_inputs(images, labels);
         let forward = |xs: &Tensor| -> Result<Tensor> {
             Ok(xs.view([-1]).to_kind(Kind::Int64).one_hot(NUM_CLASSES).to_kind(Kind::Float))
         };

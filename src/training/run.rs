@@ -7,13 +7,13 @@ use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tch::nn::{Module, VarStore};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{self, Splits};
 use crate::formats::card::{CardMetrics, ModelCard};
 use crate::formats::weights;
-use crate::inference::evaluate::{evaluate, Metrics};
+use crate::inference::evaluate::Metrics;
 use crate::model::{parameter_count, LeNet5};
 use crate::training::checkpoint::{self, CheckpointMeta, Saved};
 use crate::training::optim::{Implementation, Optimizer};
@@ -52,10 +52,18 @@ impl RunDir {
     pub fn write_metrics(&self, history: &[EpochMetrics]) -> Result<()> {
         let mut csv = String::from("epoch,lr,train_loss,train_accuracy,test_loss,test_accuracy,seconds\n");
         let mut jsonl = String::new();
+        // An epoch not evaluated leaves its test cells empty (null in the JSON lines).
+        let cell = |v: Option<f64>| v.map_or_else(String::new, |v| v.to_string());
         for m in history {
             csv.push_str(&format!(
                 "{},{},{},{},{},{},{}\n",
-                m.epoch, m.lr, m.train_loss, m.train_accuracy, m.test_loss, m.test_accuracy, m.seconds
+                m.epoch,
+                m.lr,
+                m.train_loss,
+                m.train_accuracy,
+                cell(m.test_loss),
+                cell(m.test_accuracy),
+                m.seconds
             ));
             jsonl.push_str(&serde_json::to_string(m).expect("metrics always serialise"));
             jsonl.push('\n');
@@ -159,13 +167,14 @@ impl RunPlan {
         let (m, c) = (&self.meta, &self.meta.config);
         let epochs = c.epochs_run(self.batch_order.is_some());
         let mut line = format!(
-            "{} LeNet-5 ({}, {}) on {} with {} on {}: {epochs} epochs, batch {}, lr {}, {} schedule, {} threads",
+            "{} LeNet-5 ({}, {}) on {} with {} on {}: {} recipe, {epochs} epochs, batch {}, lr {}, {} schedule, {} threads",
             if matches!(self.start, Start::Resume { .. }) { "resuming" } else { "training" },
             m.model.arch.as_str(),
             m.model.head.as_str(),
             m.dataset.as_str(),
             c.optimizer.kind.as_str(),
             crate::device::name(device),
+            c.recipe,
             c.batch_size,
             c.optimizer.lr,
             c.schedule.as_str(),
@@ -256,13 +265,11 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
     // reaches this libtorch too.
     let outcome =
         tch::with_grad(|| trainer.run(&net, &vs, &mut optimizer, &data, meta.state.clone(), watcher, &mut save));
-    let history = match outcome? {
-        Outcome::Finished(history) => history,
+    let (history, test) = match outcome? {
+        Outcome::Finished { history, test } => (history, test),
         Outcome::Stopped(state) => return Ok(RunEnd::Stopped { state, dir: run.dir }),
     };
     let last = history.last().context("training ran no epoch")?;
-    let forward = |xs: &Tensor| -> Result<Tensor> { Ok(net.forward(xs)) };
-    let test = evaluate(&forward, meta.model.head, &data.test, config.test_batch_size)?;
     let mut card = ModelCard::new(meta.model, meta.dataset, parameter_count(&vs), Some(config.seed), invocation);
     card.metrics = Some(CardMetrics {
         test_accuracy: test.accuracy(),
@@ -273,6 +280,12 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
     let wall_seconds = started.elapsed().as_secs_f64();
     card.training = Some(serde_json::json!({
         "recipe": config,
+        // What the named recipe stood for when this ran: its changes to the default one.
+        "named_recipe": {
+            "name": config.recipe,
+            "about": config.recipe.about(),
+            "changes": serde_json::Map::from_iter(config.recipe.changes()),
+        },
         "device": crate::device::name(device),
         "threads": tch::get_num_threads(),
         "train_seconds": last.seconds,
@@ -282,7 +295,7 @@ pub fn train(plan: RunPlan, device: Device, data: Option<Splits>, watcher: &mut 
         "data": meta.data_dir.as_ref().map_or_else(|| meta.dataset.to_string(), |d| d.display().to_string()),
     }));
     let prefix = run.model_prefix();
-    let check_inputs = data.test.images.narrow(0, 0, crate::formats::export::CHECK_BATCH.min(data.test.len()));
+    let check_inputs = data.test.inputs_range(0, crate::formats::export::CHECK_BATCH.min(data.test.len()));
     let card = crate::formats::export::export(&vs, &net, &card, &prefix, &check_inputs, false)?;
     Ok(RunEnd::Finished(Box::new(Trained { vs, net, card, history, test, prefix, wall_seconds })))
 }
@@ -323,11 +336,11 @@ mod tests {
             lr: 0.003,
             train_loss: 0.5,
             train_accuracy: 0.8,
-            test_loss: 0.3,
+            test_loss: Some(0.3),
             test_accuracy,
             seconds: 2.5 * epoch as f64,
         };
-        let history = vec![row(1, 0.9), row(2, 0.97)];
+        let history = vec![row(1, None), row(2, Some(0.97))];
         run.write_metrics(&history).unwrap();
         assert_eq!(read_metrics(&dir.join(METRICS_FILE)).unwrap(), history);
         std::fs::write(dir.join(METRICS_FILE), "{\"epoch\": 1}\n").unwrap();

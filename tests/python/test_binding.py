@@ -178,6 +178,23 @@ def test_train_on_the_callers_tensors_reports_progress(test_set, tmp_path):
     assert lenet5.evaluate(model, images=images[2000:3000], labels=labels[2000:3000])["accuracy"] == history[1]["test_accuracy"]
 
 
+def test_train_starts_from_a_named_recipe_and_keywords_override_it(test_set, tmp_path):
+    images, labels = test_set
+    model, history = lenet5.train(recipe="fast", epochs=3, batch_size=50, images=images[:1000], labels=labels[:1000],
+                                  test_images=images[1000:1500], test_labels=labels[1000:1500], threads=1,
+                                  out=tmp_path, progress=False)
+    training = model.card["training"]
+    named, used = training["named_recipe"], training["recipe"]
+    assert named["name"] == used["recipe"] == "fast" and named["changes"]["evaluate"] == "end"
+    # The recipe's changes hold where no keyword overrode them; the keywords win where one did.
+    assert {k: used[k] for k in named["changes"] if k != "epochs"} == {k: v for k, v in named["changes"].items() if k != "epochs"}
+    assert (used["epochs"], used["batch_size"]) == (3, 50)
+    assert [row["test_accuracy"] is not None for row in history] == [False, False, True]  # tested once, at the end
+    assert model.card["metrics"]["test_accuracy"] == history[-1]["test_accuracy"]
+    with pytest.raises(ValueError, match='recipe="quick": must be one of "default", "fast"'):
+        lenet5.train(recipe="quick", epochs=1, progress=False)
+
+
 def _press_ctrl_c_as_a_terminal_does():
     """Stops a training as Ctrl-C or the notebook's stop button does: a real SIGINT sent to the
     process while the main thread is inside the Rust loop (its callback returns first, so the

@@ -46,14 +46,17 @@ def train(
 ):
     """Trains LeNet-5 exactly as `lenet5 train` does and returns `(model, history)`.
 
-    The recipe is the CLI's, as keyword arguments named as the model card records them
-    (their defaults: `lenet5.DEFAULT_RECIPE`): `epochs`, `batch_size`, `test_batch_size`,
-    `lr`, `optimizer` ("adamw", "adam", "sgd"), `optimizer_impl` ("torch", "libtorch"),
-    `momentum`, `dampening`, `nesterov`, `betas`, `eps`, `weight_decay`, `amsgrad`,
-    `schedule` ("onecycle", "cosine", "step", "constant"), `gamma`, `cycle_momentum`,
-    `shift`, `seed`, `limit_train`, `dry_run`, `engine` ("libtorch": bit-identical to PyTorch;
-    "direct": the direct engine's own gradient loops, faster on a CPU, other rounding). The
-    same seed and thread count give the same weights as the CLI, bit for bit.
+    The recipe is the CLI's, as keyword arguments named as the model card records them:
+    `recipe` names the one to start from ("default", whose values are `lenet5.DEFAULT_RECIPE`,
+    "fast", "short", "long": `lenet5 train --help` and docs/training.md list their settings),
+    and these override its values: `epochs`, `batch_size`, `test_batch_size`, `evaluate`
+    ("every-epoch", "end"), `lr`, `optimizer` ("adamw", "adam", "sgd"), `optimizer_impl`
+    ("torch", "libtorch"), `momentum`, `dampening`, `nesterov`, `betas`, `eps`,
+    `weight_decay`, `amsgrad`, `schedule` ("onecycle", "cosine", "step", "constant"), `gamma`,
+    `cycle_momentum`, `shift`, `seed`, `limit_train`, `dry_run`, `engine` ("libtorch":
+    bit-identical to PyTorch; "direct": the direct engine's own gradient loops, faster on a
+    CPU, other rounding). The same seed and thread count give the same weights as the CLI,
+    bit for bit.
 
     Data: the MNIST folder (`data`, default data/mnist; `dataset="fashion-mnist"`), or your
     own `images` `[N, 1, 32, 32]` float32 network inputs with int64 `labels` `[N]`, and
