@@ -49,3 +49,9 @@ def test_quick_bench_measures_every_row_on_both_sides(binary, mnist_dir, tmp_pat
     assert all(s["rust"] > 0 and s["pytorch"] > 0 for s in stages.values())
     assert result["machine"]["cpu"] and result["machine"]["libtorch_rust"] != "unknown"
     assert "machine:" in r.stdout and "Rust/PyTorch" in r.stdout
+    # The whole fast command, once in a quick run: its own wall clock, accuracy and peak memory.
+    fast = result["fast_recipe_command"]
+    assert fast["command"] == "lenet5 train --recipe fast --engine direct --threads 1" and len(fast["runs"]) == 1
+    (one,) = fast["runs"]
+    assert one["wall_s"] > one["train_s"] > 0 and one["test_accuracy"] > 0.98 and one["peak_rss_mib"] > 0, one
+    assert fast["median_wall_s"] == one["wall_s"] and f"{100 * one['test_accuracy']:.2f}%" in r.stdout
