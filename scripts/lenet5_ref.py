@@ -666,13 +666,15 @@ def write_card(path, model: LeNet5, dataset: str, metrics: Metrics | None, train
 
 
 def read_metrics(run_dir) -> dict[str, list]:
-    """metrics.csv as columns: {'epoch': [1, 2, ...], 'test_accuracy': [...], ...}."""
+    """metrics.csv as columns: {'epoch': [1, 2, ...], 'test_accuracy': [...], ...}; an epoch not
+    evaluated (`lenet5 train --evaluate end`) has None for its empty test cells."""
     path = Path(run_dir) / "metrics.csv"
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or list(rows[0].keys()) != METRICS_COLUMNS:
         raise DataError(f"{path}: expected columns {METRICS_COLUMNS}, got {list(rows[0].keys()) if rows else 'no rows'}")
-    return {c: [int(r[c]) if c == "epoch" else float(r[c]) for r in rows] for c in METRICS_COLUMNS}
+    cell = lambda c, v: int(v) if c == "epoch" else None if v == "" else float(v)  # noqa: E731
+    return {c: [cell(c, r[c]) for r in rows] for c in METRICS_COLUMNS}
 
 
 def append_metrics(run_dir, row: dict) -> None:

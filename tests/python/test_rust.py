@@ -181,3 +181,14 @@ def test_a_torchscript_module_that_wants_other_input_fails_in_one_line(binary, m
     for noise in ("Exception raised from", "frame #", "panicked", "Traceback"):
         assert noise not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_run_evaluated_only_at_the_end_reads_back_with_none_for_the_other_epochs(binary, mnist_dir, tmp_path):
+    run([binary, "train", "--recipe", "fast", "--engine", "direct", "--epochs", "2", "--limit-train", "1000",
+         "--threads", "1", "--data", mnist_dir, "--out", tmp_path])
+    m = L.read_metrics(tmp_path)
+    assert m["test_accuracy"][0] is None and m["test_loss"][0] is None and m["train_loss"][0] > 0
+    card = L.read_card(tmp_path / "lenet5.json")
+    assert m["test_accuracy"][1] == pytest.approx(card["metrics"]["test_accuracy"], rel=1e-12)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_accuracy"] is None for r in rows] == [True, False]
