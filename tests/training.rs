@@ -30,6 +30,17 @@ fn recipe() -> TrainConfig {
     }
 }
 
+/// A trainer for `config` on MNIST's own normalisation, with the shuffled order and no checkpoints.
+fn trainer(config: &TrainConfig, head: Head) -> Trainer<'_> {
+    Trainer {
+        config,
+        head,
+        background: DatasetKind::Mnist.normalization().background(),
+        batch_order: None,
+        checkpoint_every: None,
+    }
+}
+
 #[test]
 fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
     tch::set_num_threads(1);
@@ -44,13 +55,7 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         let before = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
         let config = recipe();
-        let trainer = Trainer {
-            config: &config,
-            head,
-            background: DatasetKind::Mnist.normalization().background(),
-            batch_order: None,
-            checkpoint_every: None,
-        };
+        let trainer = trainer(&config, head);
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
         let Outcome::Finished { history, test } = trainer
             .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
@@ -87,13 +92,7 @@ fn a_stop_at_an_epochs_last_batch_takes_effect_after_the_epoch_and_one_inside_it
     for (stop_at, epoch, batch, epochs_done) in [(10, 2, 0, 1), (13, 2, 3, 1)] {
         let vs = VarStore::new(Device::Cpu);
         let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
-        let trainer = Trainer {
-            config: &config,
-            head: Head::Softmax,
-            background: 0.0,
-            batch_order: None,
-            checkpoint_every: None,
-        };
+        let trainer = trainer(&config, Head::Softmax);
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
         let mut observer = StopAt { step: stop_at, asked: 0 };
         let Outcome::Stopped(state) = trainer
@@ -115,13 +114,7 @@ fn evaluating_only_at_the_end_tests_the_last_epoch_alone_and_trains_the_same_wei
         tch::manual_seed(config.seed);
         let vs = VarStore::new(Device::Cpu);
         let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
-        let trainer = Trainer {
-            config: &config,
-            head: Head::Softmax,
-            background: 0.0,
-            batch_order: None,
-            checkpoint_every: None,
-        };
+        let trainer = trainer(&config, Head::Softmax);
         let mut opt = trainer.optimizer(&net, &vs).unwrap();
         let Outcome::Finished { history, test } = trainer
             .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
