@@ -214,22 +214,20 @@ impl PackKey {
 }
 
 /// The direct engine's weights for one Python model, in its own layouts (a copy: the loops
-/// want the weights transposed and padded), with its threads. Python's `LeNet5` keeps one
-/// per process: a child forked from the process has none of its threads, so it makes its own.
+/// want the weights transposed and padded). Python's `LeNet5` keeps one per process: in a
+/// child forked while another thread of the parent held its lock, the lock stays held.
 #[pyclass(module = "lenet5._native", frozen)]
 struct DirectEngine {
     /// Locked for the whole of a forward pass, repack included, so that no pass reads weights
     /// half repacked: Python threads may call one model at once (the GIL is released while it
-    /// runs). A Mutex rather than a RwLock: each pass already spreads its batch over the
-    /// engine's threads. It is taken only with the GIL released, and the GIL is never taken
+    /// runs). A Mutex rather than a RwLock: each pass already spreads its batch over
+    /// OpenMP's team. It is taken only with the GIL released, and the GIL is never taken
     /// while it is held, so the two locks cannot deadlock.
     packed: Mutex<Option<Packed>>,
-    /// The process that made it.
-    pid: u32,
 }
 
 struct Packed {
-    /// The loops, their threads and their buffers for the backward pass.
+    /// The loops and their buffers for the backward pass.
     engine: DirectTraining,
     key: PackKey,
 }
@@ -238,7 +236,7 @@ struct Packed {
 impl DirectEngine {
     #[new]
     fn new() -> DirectEngine {
-        DirectEngine { packed: Mutex::new(None), pid: std::process::id() }
+        DirectEngine { packed: Mutex::new(None) }
     }
 }
 
@@ -251,12 +249,6 @@ impl DirectEngine {
         tensors: &[Tensor],
         work: impl FnOnce(&mut DirectTraining) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        anyhow::ensure!(
-            std::process::id() == self.pid,
-            "the direct engine's state was made in process {} and this is {} (a fork): make a new one",
-            self.pid,
-            std::process::id()
-        );
         // A pass that panicked leaves nothing half done that the key would not catch.
         let mut packed = self.packed.lock().unwrap_or_else(PoisonError::into_inner);
         if packed.as_ref().is_none_or(|p| p.key != key) {
@@ -278,16 +270,6 @@ impl DirectEngine {
     /// Logits of `x`.
     fn forward(&self, key: PackKey, tensors: &[Tensor], x: &Tensor) -> anyhow::Result<Tensor> {
         self.with_weights(key, tensors, |engine| engine.net_mut().forward(x))
-    }
-}
-
-impl Drop for DirectEngine {
-    fn drop(&mut self) {
-        if std::process::id() != self.pid {
-            // Made before a fork: its pool's threads never ran in this process. Leave the
-            // pool alone rather than signal threads that are not there.
-            std::mem::forget(self.packed.get_mut().unwrap_or_else(PoisonError::into_inner).take());
-        }
     }
 }
 

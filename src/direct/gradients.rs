@@ -213,7 +213,7 @@ impl DirectTraining {
                 let from = i * per_thread;
                 (pixels, start.range(from, from + pixels.len() / PIXELS), logits, scratch)
             });
-        let losses = net.on_threads(shares, |(pixels, start, logits, scratch)| {
+        let losses = team::run(shares.collect(), |(pixels, start, logits, scratch)| {
             share(net, by_output, pixels, start, logits, scratch)
         });
         let loss_sum: f64 = losses.into_iter().sum();

@@ -19,6 +19,7 @@ mod gradients;
 mod lanes;
 mod layers;
 pub mod peak;
+mod team;
 
 pub use gradients::{DirectTraining, Step};
 pub use lanes::instruction_set;
@@ -72,11 +73,8 @@ struct Weights {
 pub struct DirectNet {
     weights: Box<Weights>,
     pub config: ModelConfig,
-    /// Threads a batch is split across.
+    /// Threads a batch is split across: libtorch's OpenMP team (`team.rs`).
     threads: usize,
-    /// The `threads - 1` threads that take the shares after the first, kept from batch to
-    /// batch: starting threads costs a noticeable share of a small training step.
-    workers: Option<rayon::ThreadPool>,
 }
 
 /// How many values parameter `p` of [`PARAMETERS`] holds.
@@ -192,16 +190,8 @@ impl DirectNet {
 
     fn with_weights(weights: Box<Weights>, config: ModelConfig, threads: usize) -> Result<DirectNet> {
         let threads = threads.max(1);
-        let workers = match threads {
-            1 => None,
-            _ => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads - 1)
-                    .build()
-                    .context("starting the direct engine's threads")?,
-            ),
-        };
-        Ok(DirectNet { weights, config, threads, workers })
+        team::check(threads)?;
+        Ok(DirectNet { weights, config, threads })
     }
 
     /// Threads a batch is split across.
@@ -213,26 +203,6 @@ impl DirectNet {
     /// than [`MIN_IMAGES_PER_THREAD`].
     fn shares(&self, images: usize) -> usize {
         self.threads.min(images / MIN_IMAGES_PER_THREAD).max(1)
-    }
-
-    /// `work` on every share, the first on this thread and the others on the workers,
-    /// returning when all are done, with their results in the shares' order.
-    fn on_threads<S: Send, R: Send>(&self, shares: impl Iterator<Item = S>, work: impl Fn(S) -> R + Sync) -> Vec<R> {
-        let mut shares = shares.collect::<Vec<S>>().into_iter();
-        let Some(workers) = self.workers.as_ref().filter(|_| shares.len() > 1) else {
-            return shares.map(work).collect();
-        };
-        let first = shares.next().expect("more than one share");
-        let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(1 + shares.len()).collect();
-        let work = &work;
-        workers.in_place_scope(|scope| {
-            let (first_slot, slots) = results.split_first_mut().expect("a slot for the first share");
-            for (share, slot) in shares.zip(slots) {
-                scope.spawn(move |_| *slot = Some(work(share)));
-            }
-            *first_slot = Some(work(first));
-        });
-        results.into_iter().map(|r| r.expect("every share was computed")).collect()
     }
 
     /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)` on the CPU, as `LeNet5::forward`.
@@ -257,7 +227,7 @@ impl DirectNet {
         }
         let per_share = images.div_ceil(self.shares(images));
         let shares = pixels.chunks(per_share * PIXELS).zip(logits.chunks_mut(per_share * CLASSES));
-        self.on_threads(shares, |(inputs, outputs)| self.run_here(inputs, outputs));
+        team::run(shares.collect(), |(inputs, outputs)| self.run_here(inputs, outputs));
     }
 
     fn run_here(&self, pixels: &[f32], logits: &mut [f32]) {

@@ -130,9 +130,8 @@ impl Model {
                         format!("runs on the CPU, and {name} is on {:?}", vs.device())
                     ));
                 }
-                // The direct engine takes libtorch's threads for itself. libtorch keeps one:
-                // its idle OpenMP workers spin for milliseconds after each parallel op, and
-                // would compete for the cores.
+                // The direct engine takes libtorch's threads for itself (it runs on OpenMP's
+                // team all the same); libtorch's few small ops between its passes run on one.
                 let threads = match direct {
                     Some(d) => d.threads(),
                     None => tch::get_num_threads() as usize,

@@ -232,9 +232,9 @@ def _call_in_child(model, x, conn):
 def test_a_forked_worker_calls_a_model_after_the_direct_engine_ran_in_the_parent(test_set):
     model = lenet5.load(MODEL, engine="direct")
     x = test_set[0][:256]
-    assert torch.get_num_threads() >= 2, "the direct engine's pool needs two threads"
+    assert torch.get_num_threads() >= 2, "the parent must split the batch across OpenMP's team"
     with torch.no_grad():
-        expected = model(x)  # on the direct engine's threads, which a forked child lacks
+        expected = model(x)  # on OpenMP's team, whose threads a forked child lacks
         libtorch = lenet5.load(MODEL)(x)
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)

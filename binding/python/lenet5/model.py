@@ -183,9 +183,10 @@ class LeNet5(nn.Module):
         return [c1.weight, c1.bias, c2.weight, c2.bias, f1.weight, f1.bias, f2.weight, f2.bias, f3.weight, f3.bias]
 
     def _direct_engine(self):
-        """The direct engine's native state (packed weights, threads), or None for libtorch.
-        Made in the process that calls: a forked child (a DataLoader worker) makes its own,
-        since the parent's threads do not exist in it."""
+        """The direct engine's native state (its packed weights), or None for libtorch. Made
+        in the process that calls: a forked child (a DataLoader worker) makes its own, since a
+        lock another thread of the parent held at the fork stays held in the child. (In the
+        child, the engine computes on the calling thread alone: OpenMP's team is not forked.)"""
         if self._engine != "direct":
             return None
         pid = os.getpid()
@@ -241,7 +242,7 @@ class LeNet5(nn.Module):
         return f"arch={self.arch!r}, head={self.head!r}, engine={self.engine!r}"
 
     def __getstate__(self):
-        # The direct engine's threads and packed copy are made again at its first call.
+        # The direct engine's packed copy is made again at its first call.
         state = super().__getstate__().copy()
         state["_direct"] = state["_direct_pid"] = None
         return state
