@@ -1,5 +1,5 @@
 //! Link-time glue for libtorch: an rpath so binaries and tests run without LD_LIBRARY_PATH,
-//! libtorch linked unconditionally so its CUDA half is loaded on GPU machines, and the small
+//! the folder of libtorch's libraries (for loading its CUDA half where a GPU is), and the small
 //! C++ file of ATen calls that tch does not bind (src/training/aten_ops.cpp); and the Rust types
 //! of ONNX's protobuf messages (src/formats/onnx/onnx.proto), for NAME.onnx.
 
@@ -8,6 +8,7 @@ fn main() {
     // torch-sys (`links = "tch"`) tells its direct dependents where libtorch's libraries are.
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+        println!("cargo:rustc-env=LENET5_LIBTORCH_LIB={lib}");
         // The wheel's `torch/version.py` says which libtorch we build against, for `lenet5 info`.
         let version_py = std::path::Path::new(&lib).join("../version.py");
         let version = std::fs::read_to_string(&version_py)
@@ -33,11 +34,9 @@ fn main() {
             .compile("lenet5_aten_ops");
         println!("cargo:rerun-if-changed=src/training/aten_ops.cpp");
     }
-    // Nothing in our code references libtorch_cuda's symbols, so with --as-needed the linker
-    // would drop it and `Cuda::is_available()` would be false even on a GPU machine
-    // (tch-rs issues #907, #830). `-ltorch` pulls libtorch_cuda in through libtorch.so.
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    println!("cargo:rustc-link-arg=-ltorch");
+    // Nothing in our code references libtorch_cuda's symbols, so the linker (--as-needed)
+    // leaves it and the CUDA libraries under it out: `device::load_cuda` loads them at run
+    // time where there is a driver.
     println!("cargo:rerun-if-changed=build.rs");
 }
 

@@ -1,10 +1,55 @@
-//! Choosing where tensors live (`--device auto|cpu|cuda|cuda:N`) and reporting what this
-//! libtorch can see, for `lenet5 info`.
+//! Choosing where tensors live (`--device auto|cpu|cuda|cuda:N`), loading libtorch's CUDA
+//! half where there is a GPU, and reporting what this libtorch can see, for `lenet5 info`.
+
+use std::ffi::CString;
 
 use anyhow::{bail, Result};
 use tch::{Cuda, Device};
 
 use crate::setting;
+
+/// Loads libtorch's CUDA half (libtorch_cuda.so, with cuDNN, cuBLAS and the rest of the
+/// wheel's CUDA libraries) where an NVIDIA driver is. The binaries do not link it: linked,
+/// it was loaded on machines without a GPU too, more than half of every command's memory
+/// and a third of its start-up (docs/speed.md). Call it before anything asks libtorch about CUDA: libtorch settles
+/// whether it has CUDA once, at the first such question (`at::detail::getCUDAHooks`).
+/// Without a driver, or with a libtorch built without CUDA, it does nothing. The Python
+/// binding does not need it: `import torch` loads libtorch_cuda itself.
+pub fn load_cuda() -> Result<()> {
+    if !torch_cuda_path().exists() || !dlopen("libcuda.so.1", libc::RTLD_LAZY | libc::RTLD_LOCAL) {
+        return Ok(()); // a CPU-only libtorch, or no driver: no CUDA to be had
+    }
+    load_torch_cuda()
+}
+
+/// Where libtorch_cuda.so would be: beside the libtorch the binaries were built against.
+fn torch_cuda_path() -> std::path::PathBuf {
+    std::path::Path::new(option_env!("LENET5_LIBTORCH_LIB").unwrap_or("")).join("libtorch_cuda.so")
+}
+
+/// Loads libtorch_cuda.so into the process, whether or not there is a driver: its
+/// initialisers register libtorch's CUDA kernels and hooks ([`load_cuda`]).
+pub fn load_torch_cuda() -> Result<()> {
+    let path = torch_cuda_path();
+    if !dlopen(&path.to_string_lossy(), libc::RTLD_NOW | libc::RTLD_GLOBAL) {
+        // SAFETY: dlerror returns the calling thread's last dl error, a C string or NULL.
+        let why = unsafe { libc::dlerror() };
+        let why = match why.is_null() {
+            true => "unknown error".into(),
+            // SAFETY: non-NULL: a NUL-terminated string dlerror owns until the next dl call.
+            false => unsafe { std::ffi::CStr::from_ptr(why) }.to_string_lossy().into_owned(),
+        };
+        bail!("{}: cannot load libtorch's CUDA half, so CUDA is off: {why}", path.display());
+    }
+    Ok(())
+}
+
+/// Whether `dlopen(path, flags)` loaded the library.
+fn dlopen(path: &str, flags: libc::c_int) -> bool {
+    let path = CString::new(path).expect("a library path has no NUL");
+    // SAFETY: dlopen runs the library's initialisers, which is what loading it is for.
+    !unsafe { libc::dlopen(path.as_ptr(), flags) }.is_null()
+}
 
 /// Parses a `--device` value, refusing CUDA devices that libtorch cannot see.
 pub fn parse(spec: &str) -> Result<Device> {

@@ -5,6 +5,9 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    if let Err(err) = lenet5::device::load_cuda() {
+        eprintln!("warning: {err:#}");
+    }
     let args = cli::Cli::parse();
     let code = match cli::run(args) {
         Ok(()) => 0,
