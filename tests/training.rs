@@ -2,13 +2,13 @@
 //! chance to above 90% test accuracy (85% for the slower-learning classic variant with
 //! sigmoid outputs). Needs MNIST in data/mnist (scripts/setup).
 
-use lenet5::data::{self, DatasetKind};
-use lenet5::inference::evaluate::evaluate;
+use lenet5::data::{self, DatasetKind, Splits};
+use lenet5::inference::evaluate::{evaluate, Metrics};
 use lenet5::inference::Engine;
 use lenet5::model::{Arch, Head, LeNet5, ModelConfig};
 use lenet5::training::optim::{OptimizerConfig, OptimizerKind};
 use lenet5::training::schedule::ScheduleKind;
-use lenet5::training::{no_checkpoints, Evaluate, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
+use lenet5::training::{no_checkpoints, EpochMetrics, Evaluate, Outcome, TrainConfig, TrainState, Trainer, Unwatched};
 use tch::nn::{Module, VarStore};
 use tch::{Device, Tensor};
 
@@ -41,6 +41,16 @@ fn trainer(config: &TrainConfig, head: Head) -> Trainer<'_> {
     }
 }
 
+/// `trainer`'s whole run of `net` (its weights in `vs`) from a fresh state: the epochs'
+/// metrics and the final test.
+fn run_to_the_end(trainer: &Trainer, net: &LeNet5, vs: &VarStore, splits: &Splits) -> (Vec<EpochMetrics>, Metrics) {
+    let mut opt = trainer.optimizer(net, vs).unwrap();
+    match trainer.run(net, vs, &mut opt, splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints).unwrap() {
+        Outcome::Finished { history, test } => (history, test),
+        Outcome::Stopped(_) => panic!("nothing asked the run to stop"),
+    }
+}
+
 #[test]
 fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
     tch::set_num_threads(1);
@@ -56,13 +66,7 @@ fn a_few_thousand_images_lift_accuracy_from_chance_to_above_90_percent() {
         assert!(before < 0.2, "{arch:?}/{head:?}: an untrained model scored {before}");
         let config = recipe();
         let trainer = trainer(&config, head);
-        let mut opt = trainer.optimizer(&net, &vs).unwrap();
-        let Outcome::Finished { history, test } = trainer
-            .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
-            .unwrap()
-        else {
-            panic!("nothing asked the run to stop")
-        };
+        let (history, test) = run_to_the_end(&trainer, &net, &vs, &splits);
         let after = evaluate(&forward, head, &splits.test, 1000).unwrap().accuracy();
         assert!(after > bar, "{arch:?}/{head:?}: {after} after 3 epochs of 5,000 images");
         assert_eq!(history.len(), 3);
@@ -115,13 +119,7 @@ fn evaluating_only_at_the_end_tests_the_last_epoch_alone_and_trains_the_same_wei
         let vs = VarStore::new(Device::Cpu);
         let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
         let trainer = trainer(&config, Head::Softmax);
-        let mut opt = trainer.optimizer(&net, &vs).unwrap();
-        let Outcome::Finished { history, test } = trainer
-            .run(&net, &vs, &mut opt, &splits, TrainState::default(), &mut Unwatched, &mut no_checkpoints)
-            .unwrap()
-        else {
-            panic!("nothing asked the run to stop")
-        };
+        let (history, test) = run_to_the_end(&trainer, &net, &vs, &splits);
         let mut weights: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         weights.sort_by(|a, b| a.0.cmp(&b.0));
         (history, test, weights)
