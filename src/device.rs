@@ -11,8 +11,9 @@ use crate::setting;
 /// Loads libtorch's CUDA half (libtorch_cuda.so, with cuDNN, cuBLAS and the rest of the
 /// wheel's CUDA libraries) where an NVIDIA driver is. The binaries do not link it: linked,
 /// it was loaded on machines without a GPU too, more than half of every command's memory
-/// and a third of its start-up (docs/speed.md). Call it before anything asks libtorch about CUDA: libtorch settles
-/// whether it has CUDA once, at the first such question (`at::detail::getCUDAHooks`).
+/// and a third of its start-up (docs/speed.md). Call it before anything asks libtorch about
+/// CUDA: libtorch settles whether it has CUDA once, at the first such question
+/// (`at::detail::getCUDAHooks`).
 /// Without a driver, or with a libtorch built without CUDA, it does nothing. The Python
 /// binding does not need it: `import torch` loads libtorch_cuda itself.
 pub fn load_cuda() -> Result<()> {
