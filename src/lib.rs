@@ -12,6 +12,7 @@ pub mod model;
 pub mod serve;
 pub mod setting;
 pub mod training;
+pub mod values;
 
 /// The tch crate this was built with (kept in step with Cargo.toml's `=` pin).
 pub const TCH_VERSION: &str = "0.24.0";

@@ -151,7 +151,7 @@ impl DirectTraining {
     fn step_in(&mut self, vs: &VarStore, xs: &Tensor, ys: &Tensor, share: Share) -> Result<Step> {
         self.net.weights.load(vs)?;
         let batch = pixels_of(xs)?;
-        let pixels = floats(&batch);
+        let pixels = values::of(&batch);
         let images = pixels.len() / PIXELS;
         let labels = Vec::<i64>::try_from(ys.to_device(Device::Cpu).f_to_kind(Kind::Int64)?.view(-1))?;
         ensure!(labels.len() == images && images > 0, "a batch of {images} images has {} labels", labels.len());
@@ -175,7 +175,7 @@ impl DirectTraining {
     /// and keeps no batch's stages between calls.
     pub fn backward(&mut self, xs: &Tensor, d_logits: &Tensor) -> Result<Vec<Tensor>> {
         let batch = pixels_of(xs)?;
-        let pixels = floats(&batch);
+        let pixels = values::of(&batch);
         let images = pixels.len() / PIXELS;
         ensure!(
             d_logits.size() == [images as i64, CLASSES as i64],
@@ -186,7 +186,7 @@ impl DirectTraining {
         let d_logits = d_logits.f_to_kind(Kind::Float)?.f_contiguous()?;
         let gradient = match images {
             0 => vec![0f32; (0..PARAMETERS.len()).map(parameter_len).sum()], // no image, no gradient
-            _ => self.pass(pixels, Start::LogitGradient(floats(&d_logits)), DirectNet::share).2,
+            _ => self.pass(pixels, Start::LogitGradient(values::of(&d_logits)), DirectNet::share).2,
         };
         Ok(shaped(&gradient))
     }

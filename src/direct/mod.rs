@@ -14,6 +14,7 @@ use rten_simd::SimdUnaryOp;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::model::{Arch, ModelConfig, INPUT_SIZE, NUM_CLASSES, PARAMETERS};
+use crate::values;
 
 mod gradients;
 mod lanes;
@@ -158,7 +159,7 @@ impl Weights {
         }
         for (p, array) in self.arrays_mut().into_iter().enumerate() {
             let t = params[p].detach().f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
-            let values = floats(&t);
+            let values = values::of(&t);
             Weights::for_each_position(p, |k, at| array[at] = values[k]);
         }
         Ok(())
@@ -208,7 +209,7 @@ impl DirectNet {
     /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)` on the CPU, as `LeNet5::forward`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let batch = pixels_of(xs)?;
-        let pixels = floats(&batch);
+        let pixels = values::of(&batch);
         let mut logits = vec![0f32; pixels.len() / PIXELS * CLASSES];
         self.run(pixels, &mut logits);
         Ok(Tensor::from_slice(&logits).view([xs.size()[0], CLASSES as i64]))
@@ -301,7 +302,7 @@ impl DirectNet {
 }
 
 /// A normalised batch `(B, 1, 32, 32)` on the CPU as a contiguous float tensor (the input
-/// itself when it is one, else a converted copy), whose pixels [`floats`] reads in place.
+/// itself when it is one, else a converted copy), whose pixels [`values::of`] reads in place.
 fn pixels_of(xs: &Tensor) -> Result<Tensor> {
     ensure!(xs.device() == Device::Cpu, "the direct engine runs on the CPU; the input is on {:?}", xs.device());
     let size = xs.size();
@@ -310,18 +311,6 @@ fn pixels_of(xs: &Tensor) -> Result<Tensor> {
         "the input has shape {size:?}; expected [B, 1, {SIDE}, {SIDE}]"
     );
     Ok(xs.f_to_kind(Kind::Float)?.f_contiguous()?)
-}
-
-/// The values of a contiguous float tensor on the CPU, borrowed.
-fn floats(t: &Tensor) -> &[f32] {
-    assert!(t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous());
-    let n = t.numel();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: a contiguous float tensor holds `n` initialised f32 from its data pointer, and
-    // the borrow of `t` keeps its storage alive (and, as `&Tensor`, unchanged) meanwhile.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) }
 }
 
 #[cfg(test)]

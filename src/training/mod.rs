@@ -2,6 +2,7 @@
 //! and schedules, checkpoints, and the run folder that ties them together.
 
 pub mod checkpoint;
+mod fused;
 pub mod optim;
 pub mod recipe;
 pub mod run;

@@ -12,6 +12,8 @@ use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::check_setting;
+use crate::training::fused;
+use crate::values;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerKind {
@@ -284,8 +286,9 @@ impl Optimizer {
         }
     }
 
-    /// `optimizer.step()` with every parameter's gradient in one flat tensor, concatenated in
-    /// the parameters' order: what the direct engine gives a flattened optimizer.
+    /// `optimizer.step()` with every parameter's gradient in one flat float32 tensor on the
+    /// CPU, concatenated in the parameters' order: what the direct engine gives a flattened
+    /// optimizer.
     pub fn step_flat(&mut self, grad: Tensor) -> Result<()> {
         let Engine::Flat { params, state } = &mut self.engine else {
             anyhow::bail!("a flat gradient needs a flattened optimizer (Optimizer::flatten)");
@@ -296,20 +299,89 @@ impl Optimizer {
             grad.size(),
             params.numel()
         );
-        tch::no_grad(|| update(&self.config, self.hyper, &mut params.shallow_clone(), grad, state))
+        ensure!(
+            grad.kind() == Kind::Float && grad.device() == tch::Device::Cpu,
+            "a flat gradient of {:?} on {:?}; the flat optimizer steps float32 on the CPU",
+            grad.kind(),
+            grad.device()
+        );
+        let (c, h) = (&self.config, self.hyper);
+        let grad = grad.f_contiguous()?;
+        let mut params = params.shallow_clone();
+        let fresh = |field: &mut Option<Tensor>| field.get_or_insert_with(|| params.zeros_like()).shallow_clone();
+        match c.kind {
+            OptimizerKind::Sgd => {
+                let momentum = (h.momentum != 0.0).then(|| fused::Momentum {
+                    momentum: h.momentum as f32,
+                    one_minus_dampening: (1.0 - c.dampening) as f32,
+                    nesterov: c.nesterov,
+                    first: state.momentum_buffer.is_none(),
+                });
+                let mut buffer = momentum.map(|_| fresh(&mut state.momentum_buffer));
+                let rule = fused::Sgd {
+                    weight_decay: (c.weight_decay != 0.0).then_some(c.weight_decay as f32),
+                    momentum,
+                    neg_lr: -h.lr as f32,
+                };
+                fused::sgd(rule, values::of_mut(&mut params), values::of(&grad), buffer.as_mut().map(values::of_mut));
+            }
+            OptimizerKind::Adam | OptimizerKind::Adamw => {
+                let (beta1, beta2) = (h.momentum, c.betas.1);
+                let step_t = state.step.get_or_insert_with(|| Tensor::from(0f32));
+                let _ = step_t.f_add_scalar_(1i64)?;
+                // Python floats, as `adam` computes them.
+                let step = step_t.f_double_value(&[])?;
+                let bias_correction1 = 1.0 - beta1.powf(step);
+                let bias_correction2 = 1.0 - beta2.powf(step);
+                let decay = c.weight_decay != 0.0;
+                let rule = fused::Adam {
+                    decoupled_decay: (decay && c.kind == OptimizerKind::Adamw)
+                        .then_some((1.0 - h.lr * c.weight_decay) as f32),
+                    coupled_decay: (decay && c.kind == OptimizerKind::Adam).then_some(c.weight_decay as f32),
+                    lerp_weight: (1.0 - beta1) as f32,
+                    beta2: beta2 as f32,
+                    one_minus_beta2: (1.0 - beta2) as f32,
+                    bias_correction2_sqrt: bias_correction2.powf(0.5) as f32,
+                    eps: c.eps as f32,
+                    neg_step_size: (-(h.lr / bias_correction1)) as f32,
+                };
+                let (mut exp_avg, mut exp_avg_sq) = (fresh(&mut state.exp_avg), fresh(&mut state.exp_avg_sq));
+                let mut max = c.amsgrad.then(|| fresh(&mut state.max_exp_avg_sq));
+                fused::adam_moments(
+                    &rule,
+                    values::of_mut(&mut params),
+                    values::of(&grad),
+                    values::of_mut(&mut exp_avg),
+                    values::of_mut(&mut exp_avg_sq),
+                    max.as_mut().map(values::of_mut),
+                );
+                let roots = max.as_ref().unwrap_or(&exp_avg_sq).f_sqrt()?;
+                fused::adam_apply(&rule, values::of_mut(&mut params), values::of(&exp_avg), values::of(&roots));
+            }
+        }
+        Ok(())
     }
 
     /// Steps all the parameters as one flat tensor from now on (their state too): the same
-    /// algorithm and ops as [`Self::step`] param by param, each element getting the same
-    /// arithmetic, in a tenth of the libtorch calls, which for LeNet-5's small tensors cost
-    /// more than the arithmetic. For the direct engine, whose step is otherwise plain loops;
-    /// the libtorch engine keeps torch.optim's per-parameter loop, which it matches bit for bit.
+    /// algorithm and arithmetic as [`Self::step`] param by param, each element getting the
+    /// same bits, in one loop over the values (`fused.rs`) instead of a dozen libtorch calls,
+    /// which for LeNet-5's small tensors cost more than the arithmetic. For the direct engine
+    /// (float32 on the CPU), whose step is otherwise plain loops; the libtorch engine keeps
+    /// torch.optim's per-parameter loop, which it matches bit for bit.
     /// The parameters become views of one tensor (`set_data`: every shallow clone, the
     /// VarStore's included, sees it), so the step writes them in place.
     pub fn flatten(&mut self) -> Result<()> {
         let Engine::Torch(states) = &self.engine else {
             return Ok(()); // flat already, or libtorch's (which `step` refuses)
         };
+        for (name, p) in &self.params {
+            ensure!(
+                p.kind() == Kind::Float && p.device() == tch::Device::Cpu,
+                "{name} is {:?} on {:?}; the flat optimizer steps float32 on the CPU",
+                p.kind(),
+                p.device()
+            );
+        }
         let mut flat = ParamState::default();
         for (f, field) in STATE_FIELDS.into_iter().enumerate() {
             let present: Vec<&Tensor> = states.iter().filter_map(|state| state.fields()[f].1.as_ref()).collect();
@@ -599,7 +671,10 @@ mod tests {
                 if step == flatten_after {
                     opt.flatten().unwrap();
                 }
-                opt.hyper.momentum = config.momentum_like() - 0.01 * step as f64; // as one-cycle moves it
+                if config.momentum_like() != 0.0 {
+                    opt.hyper.momentum = config.momentum_like() - 0.01 * step as f64;
+                    // as one-cycle moves it
+                }
                 opt.step(grads.iter().map(Tensor::copy).collect()).unwrap();
             }
             (held, opt.state_tensors())
@@ -619,7 +694,19 @@ mod tests {
             weight_decay: 1e-3,
             ..OptimizerConfig::new(OptimizerKind::Sgd, 0.1)
         };
-        for (config, flatten_after) in [(adamw, 0), (adamw, 2), (sgd, 0), (sgd, 3)] {
+        // Each branch of the flat loops: Adam's coupled decay and a first beta under 0.5 (lerp's
+        // other form), AdamW without AMSGrad, SGD with dampening and without momentum.
+        let adam = OptimizerConfig {
+            weight_decay: 1e-3,
+            betas: (0.3, 0.99),
+            ..OptimizerConfig::new(OptimizerKind::Adam, 1e-2)
+        };
+        let plain_adamw = OptimizerConfig { amsgrad: false, ..adamw };
+        let damped = OptimizerConfig { nesterov: false, dampening: 0.2, ..sgd };
+        let plain_sgd = OptimizerConfig { momentum: 0.0, nesterov: false, weight_decay: 0.0, ..sgd };
+        let cases =
+            [(adamw, 0), (adamw, 2), (adam, 0), (plain_adamw, 1), (sgd, 0), (sgd, 3), (damped, 0), (plain_sgd, 0)];
+        for (config, flatten_after) in cases {
             let [(want, want_state), (got, got_state)] = per_parameter_and_flat(config, flatten_after, 5);
             for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                 assert!(w.equal(g), "{:?}, flattened after {flatten_after} steps: parameter {i} differs", config.kind);
