@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::INPUT_SIZE;
+use crate::values;
 
 /// Side of an MNIST image as stored in the IDX files.
 pub const IMAGE_SIZE: i64 = 28;
@@ -363,8 +364,32 @@ pub fn load_split(dir: &Path, prefix: &str, norm: Normalization) -> Result<Datas
 /// zero-padded by [`PAD`], then normalised, each step rounding as it always has (the data set
 /// was once held as these floats; a test checks the bits are the same).
 pub fn to_inputs(bytes: &Tensor, norm: Normalization) -> Tensor {
+    let images = bytes.size().ends_with(&[1, IMAGE_SIZE, IMAGE_SIZE]);
+    if images && bytes.device() == Device::Cpu && bytes.kind() == Kind::Uint8 {
+        return to_inputs_by_table(&bytes.contiguous(), norm);
+    }
     let padded = (bytes.to_kind(Kind::Float) / 255.0).constant_pad_nd([PAD, PAD, PAD, PAD]); // (B, 1, 32, 32)
     normalize_in_place(padded, norm)
+}
+
+/// [`to_inputs`] on the CPU in one pass: each byte looks its float up in a table of the 256
+/// that the same libtorch ops give (the padding's is byte 0's), instead of six ops' passes.
+fn to_inputs_by_table(bytes: &Tensor, norm: Normalization) -> Tensor {
+    let table = normalize_in_place(Tensor::arange(256, (Kind::Float, Device::Cpu)) / 255.0, norm);
+    let table = values::of::<f32>(&table);
+    let (side, image) = (INPUT_SIZE as usize, IMAGE_SIZE as usize);
+    let images = bytes.numel() / (image * image);
+    let mut inputs = Tensor::empty([images as i64, 1, INPUT_SIZE, INPUT_SIZE], (Kind::Float, Device::Cpu));
+    let pixels = values::of::<u8>(bytes).chunks_exact(image * image);
+    for (input, pixels) in values::of_mut::<f32>(&mut inputs).chunks_exact_mut(side * side).zip(pixels) {
+        input.fill(table[0]);
+        for (line, row) in input.chunks_exact_mut(side).skip(PAD as usize).zip(pixels.chunks_exact(image)) {
+            for (x, &byte) in line[PAD as usize..].iter_mut().zip(row) {
+                *x = table[byte as usize];
+            }
+        }
+    }
+    inputs
 }
 
 /// `(x - mean) / std`, elementwise, on pixels already scaled to [0, 1].

@@ -23,6 +23,7 @@ use crate::model::{Head, LeNet5, ModelConfig};
 use crate::training::optim::{Implementation, Optimizer, OptimizerConfig, OptimizerKind};
 use crate::training::recipe::Recipe;
 use crate::training::schedule::{Schedule, ScheduleKind, ScheduleState};
+use crate::values;
 
 /// A validated training recipe (the CLI's flags after checking), saved with the model.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -200,28 +201,32 @@ fn shift_by_indexing(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background
 }
 
 /// The same shift as plain loops over float32 pixels on the CPU, bit for bit (it only moves
-/// values and fills with `background` rounded to float32 as `Tensor::full` rounds it): libtorch's
-/// index kernel runs on the one thread the direct engine leaves it, while the engine's wait.
+/// values and fills with `background` rounded to float32 as `Tensor::full` rounds it): a row's
+/// pixels that stay in the image move as one copy, while libtorch's index kernel would take
+/// each pixel on the one thread the direct engine leaves it.
 fn shift_by_loops(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background: f64) -> Tensor {
     let size = xs.size();
-    let (h, w) = (size[2] as usize, size[3] as usize);
-    let pixels = Vec::<f32>::try_from(xs.contiguous().view(-1)).expect("float32 pixels on the CPU");
-    let offsets = |d: &Tensor| Vec::<i64>::try_from(d.view(-1)).expect("int64 offsets on the CPU");
-    let mut out = vec![background as f32; pixels.len()];
-    for ((image, shifted), (dy, dx)) in
-        pixels.chunks(h * w).zip(out.chunks_mut(h * w)).zip(offsets(dy).into_iter().zip(offsets(dx)))
-    {
-        // Output (y, x) reads input (y + dy - max, x + dx - max) where that lies in the image.
-        for y in 0..h {
-            let Some(from_y) = (y + dy as usize).checked_sub(max as usize).filter(|&r| r < h) else { continue };
-            for x in 0..w {
-                if let Some(from_x) = (x + dx as usize).checked_sub(max as usize).filter(|&c| c < w) {
-                    shifted[y * w + x] = image[from_y * w + from_x];
-                }
+    let (h, w, max) = (size[2] as usize, size[3] as usize, max as usize);
+    let xs = xs.contiguous();
+    let mut out = Tensor::full(size.as_slice(), background, (Kind::Float, Device::Cpu));
+    let (dy, dx) = (dy.contiguous(), dx.contiguous());
+    let offsets = values::of::<i64>(&dy).iter().zip(values::of::<i64>(&dx));
+    let images =
+        values::of::<f32>(&xs).chunks_exact(h * w).zip(values::of_mut::<f32>(&mut out).chunks_exact_mut(h * w));
+    for ((image, shifted), (&dy, &dx)) in images.zip(offsets) {
+        // Output (y, x) reads input (y + dy - max, x + dx - max) where that lies in the image:
+        // columns `from_x..to_x` of the output's rows.
+        let (dy, dx) = (dy as usize, dx as usize);
+        let (from_x, to_x) = (max.saturating_sub(dx), (w + max).saturating_sub(dx).min(w));
+        for (y, row) in shifted.chunks_exact_mut(w).enumerate() {
+            let Some(from_y) = (y + dy).checked_sub(max).filter(|&r| r < h) else { continue };
+            if from_x < to_x {
+                let start = from_y * w + from_x + dx - max;
+                row[from_x..to_x].copy_from_slice(&image[start..start + to_x - from_x]);
             }
         }
     }
-    Tensor::from_slice(&out).view(size.as_slice())
+    out
 }
 
 /// Where a run stands between two steps: with the model's weights and the optimizer's state,
