@@ -348,11 +348,12 @@ pub fn load_split(dir: &Path, prefix: &str, norm: Normalization) -> Result<Datas
     if let Some((i, &label)) = labels.data.iter().enumerate().find(|(_, &l)| l > 9) {
         bail!("{labels_name}: label {label} at index {i} is out of range 0..=9");
     }
-    let bytes = Tensor::empty([(n * rows * cols) as i64], (Kind::Uint8, Device::Cpu)); // every byte written next
-    let mut at = 0;
+    let mut bytes = Tensor::empty([(n * rows * cols) as i64], (Kind::Uint8, Device::Cpu)); // every byte written next
+    let mut rest = values::of_mut::<u8>(&mut bytes);
     images.body(&dims, |chunk| {
-        bytes.narrow(0, at, chunk.len() as i64).copy_(&Tensor::from_slice(chunk));
-        at += chunk.len() as i64;
+        let (to, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
+        to.copy_from_slice(chunk);
+        rest = tail;
     })?;
     Ok(Dataset {
         images: Images::Bytes(bytes.view([n as i64, 1, IMAGE_SIZE, IMAGE_SIZE]), norm),

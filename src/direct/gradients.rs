@@ -228,7 +228,7 @@ impl DirectTraining {
         let mut rest = &mut gradient[..];
         for (p, array) in total.iter().enumerate() {
             let (out, tail) = rest.split_at_mut(parameter_len(p));
-            Weights::for_each_position(p, |k, at| out[k] = array[at]); // into PyTorch's layout
+            Weights::to_torch(p, array, out);
             rest = tail;
         }
         (logits, loss_sum, gradient)

@@ -83,6 +83,35 @@ fn parameter_len(p: usize) -> usize {
     PARAMETERS[p].1.iter().product::<i64>() as usize
 }
 
+/// `to[c * to_row + r] = from[r * from_row + c]` for every `r < rows`, `c < cols`: a matrix
+/// transposed between row strides, in 8 x 8 tiles, so both sides move whole cache lines (the
+/// weights go in and the gradients out at every training step; value by value, fc1's
+/// transpose cost a cache miss per value).
+fn transpose(from: &[f32], from_row: usize, to: &mut [f32], to_row: usize, rows: usize, cols: usize) {
+    const TILE: usize = 8;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            if r0 + TILE <= rows && c0 + TILE <= cols {
+                let mut tile = [[0f32; TILE]; TILE];
+                for (r, line) in tile.iter_mut().enumerate() {
+                    line.copy_from_slice(&from[(r0 + r) * from_row + c0..][..TILE]);
+                }
+                for c in 0..TILE {
+                    let line: &mut [f32; TILE] =
+                        (&mut to[(c0 + c) * to_row + r0..][..TILE]).try_into().expect("8 values");
+                    *line = std::array::from_fn(|r| tile[r][c]);
+                }
+            } else {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        to[c * to_row + r] = from[r * from_row + c];
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Weights {
     fn zeroed() -> Box<Weights> {
         Box::new(Weights {
@@ -115,29 +144,34 @@ impl Weights {
         ]
     }
 
-    /// Visits each value of parameter `p` as (its index in PyTorch's layout, `PARAMETERS[p]`
-    /// flat; its position in the array here): conv2 is (in, ky, kx, out) here, the linear
-    /// layers (in, out) with rows padded to whole lanes, the rest as PyTorch. The transposed
-    /// ones go in 8 x 8 tiles, so both sides move a cache line at a time: the weights go in
-    /// and the gradients out at every training step, and value by value fc1's transpose cost
-    /// a cache miss per value.
-    fn for_each_position(p: usize, mut visit: impl FnMut(usize, usize)) {
-        const TILE: usize = 8;
-        let (outputs, inputs, row) = match PARAMETERS[p] {
-            ("conv2.weight", _) => (C3_MAPS, C1_MAPS * KERNEL * KERNEL, C3_MAPS),
-            ("fc1.weight", _) => (120, FLAT, F5_WIDE),
-            ("fc2.weight", _) => (84, 120, F6_WIDE),
-            ("fc3.weight", _) => (CLASSES, 84, CLASSES_WIDE),
-            _ => (1, parameter_len(p), 1), // the identity
-        };
-        for o0 in (0..outputs).step_by(TILE) {
-            for i0 in (0..inputs).step_by(TILE) {
-                for o in o0..(o0 + TILE).min(outputs) {
-                    for i in i0..(i0 + TILE).min(inputs) {
-                        visit(o * inputs + i, i * row + o);
-                    }
-                }
-            }
+    /// Where parameter `p` of [`PARAMETERS`] differs from PyTorch's layout: its (outputs,
+    /// inputs) stored transposed, as rows of `row` floats, one per input. conv2 is (in, ky,
+    /// kx, out) here and the linear layers (in, out) with rows padded to whole lanes; the rest
+    /// are as PyTorch (None).
+    fn transposed(p: usize) -> Option<(usize, usize, usize)> {
+        match PARAMETERS[p].0 {
+            "conv2.weight" => Some((C3_MAPS, C1_MAPS * KERNEL * KERNEL, C3_MAPS)),
+            "fc1.weight" => Some((120, FLAT, F5_WIDE)),
+            "fc2.weight" => Some((84, 120, F6_WIDE)),
+            "fc3.weight" => Some((CLASSES, 84, CLASSES_WIDE)),
+            _ => None,
+        }
+    }
+
+    /// Parameter `p`'s values in PyTorch's layout (`torch`) into its array here (the padding
+    /// untouched).
+    fn from_torch(p: usize, torch: &[f32], array: &mut [f32]) {
+        match Weights::transposed(p) {
+            Some((outputs, inputs, row)) => transpose(torch, inputs, array, row, outputs, inputs),
+            None => array[..torch.len()].copy_from_slice(torch), // a bias, padded
+        }
+    }
+
+    /// Parameter `p`'s array here into PyTorch's layout (`torch`): the gradients, each step.
+    fn to_torch(p: usize, array: &[f32], torch: &mut [f32]) {
+        match Weights::transposed(p) {
+            Some((outputs, inputs, row)) => transpose(array, row, torch, inputs, inputs, outputs),
+            None => torch.copy_from_slice(&array[..torch.len()]),
         }
     }
 
@@ -158,9 +192,15 @@ impl Weights {
             ensure!(t.size() == shape, "{name} has shape {:?}; expected {shape:?}", t.size());
         }
         for (p, array) in self.arrays_mut().into_iter().enumerate() {
-            let t = params[p].detach().f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
-            let values = values::of(&t);
-            Weights::for_each_position(p, |k, at| array[at] = values[k]);
+            let t = params[p];
+            let converted; // only where the values are not float32 in place on the CPU already
+            let t = if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+                t
+            } else {
+                converted = t.detach().f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+                &converted
+            };
+            Weights::from_torch(p, values::of(t), array);
         }
         Ok(())
     }

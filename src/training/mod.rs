@@ -207,23 +207,29 @@ fn shift_by_indexing(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background
 fn shift_by_loops(xs: &Tensor, dy: &Tensor, dx: &Tensor, max: i64, background: f64) -> Tensor {
     let size = xs.size();
     let (h, w, max) = (size[2] as usize, size[3] as usize, max as usize);
-    let xs = xs.contiguous();
-    let mut out = Tensor::full(size.as_slice(), background, (Kind::Float, Device::Cpu));
-    let (dy, dx) = (dy.contiguous(), dx.contiguous());
+    let (xs, dy, dx) = (xs.contiguous(), dy.contiguous(), dx.contiguous());
+    let background = background as f32;
+    let mut out = Tensor::empty(size.as_slice(), (Kind::Float, Device::Cpu)); // every pixel written next
     let offsets = values::of::<i64>(&dy).iter().zip(values::of::<i64>(&dx));
     let images =
         values::of::<f32>(&xs).chunks_exact(h * w).zip(values::of_mut::<f32>(&mut out).chunks_exact_mut(h * w));
     for ((image, shifted), (&dy, &dx)) in images.zip(offsets) {
         // Output (y, x) reads input (y + dy - max, x + dx - max) where that lies in the image:
-        // columns `from_x..to_x` of the output's rows.
+        // columns `from_x..to_x` of the output's rows; the rest is background.
         let (dy, dx) = (dy as usize, dx as usize);
-        let (from_x, to_x) = (max.saturating_sub(dx), (w + max).saturating_sub(dx).min(w));
+        let to_x = (w + max).saturating_sub(dx).min(w);
+        let from_x = max.saturating_sub(dx).min(to_x);
         for (y, row) in shifted.chunks_exact_mut(w).enumerate() {
-            let Some(from_y) = (y + dy).checked_sub(max).filter(|&r| r < h) else { continue };
+            let Some(from_y) = (y + dy).checked_sub(max).filter(|&r| r < h) else {
+                row.fill(background);
+                continue;
+            };
+            row[..from_x].fill(background);
             if from_x < to_x {
                 let start = from_y * w + from_x + dx - max;
                 row[from_x..to_x].copy_from_slice(&image[start..start + to_x - from_x]);
             }
+            row[to_x..].fill(background);
         }
     }
     out
