@@ -189,7 +189,8 @@ def test_train_starts_from_a_named_recipe_and_keywords_override_it(test_set, tmp
     # The recipe's changes hold where no keyword overrode them; the keywords win where one did.
     overridden = {"epochs", "batch_size"}
     assert overridden <= named["changes"].keys()
-    assert {k: used[k] for k in named["changes"] if k not in overridden} == {k: v for k, v in named["changes"].items() if k not in overridden}
+    kept = {k: v for k, v in named["changes"].items() if k not in overridden}
+    assert {k: used[k] for k in kept} == kept
     assert (used["epochs"], used["batch_size"]) == (3, 50)
     assert [row["test_accuracy"] is not None for row in history] == [False, False, True]  # tested once, at the end
     assert model.card["metrics"]["test_accuracy"] == history[-1]["test_accuracy"]
