@@ -381,8 +381,9 @@ impl Gradients<'_> {
 
 /// libtorch's intra-op threads, lent to the direct engine for a run and given back when it
 /// ends. The engine's passes run on OpenMP's team all the same (`direct/team.rs`); libtorch's
-/// own ops between them (the optimizer's flat step, the loss) are small, and on one thread
-/// they skip the team's start and barriers, which made the fast recipe's command quicker.
+/// own ops between them (the loss's bookkeeping, the optimizer's square root) are small, and
+/// on one thread they skip the team's start and barriers, which made the fast recipe's
+/// command quicker.
 struct LentThreads(i32);
 
 impl LentThreads {

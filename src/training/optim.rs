@@ -327,12 +327,7 @@ impl Optimizer {
             }
             OptimizerKind::Adam | OptimizerKind::Adamw => {
                 let (beta1, beta2) = (h.momentum, c.betas.1);
-                let step_t = state.step.get_or_insert_with(|| Tensor::from(0f32));
-                let _ = step_t.f_add_scalar_(1i64)?;
-                // Python floats, as `adam` computes them.
-                let step = step_t.f_double_value(&[])?;
-                let bias_correction1 = 1.0 - beta1.powf(step);
-                let bias_correction2 = 1.0 - beta2.powf(step);
+                let (step_size, bias_correction2_sqrt) = count_step(state, h, beta2)?;
                 let decay = c.weight_decay != 0.0;
                 let rule = fused::Adam {
                     decoupled_decay: (decay && c.kind == OptimizerKind::Adamw)
@@ -341,9 +336,9 @@ impl Optimizer {
                     lerp_weight: (1.0 - beta1) as f32,
                     beta2: beta2 as f32,
                     one_minus_beta2: (1.0 - beta2) as f32,
-                    bias_correction2_sqrt: bias_correction2.powf(0.5) as f32,
+                    bias_correction2_sqrt: bias_correction2_sqrt as f32,
                     eps: c.eps as f32,
-                    neg_step_size: (-(h.lr / bias_correction1)) as f32,
+                    neg_step_size: -step_size as f32,
                 };
                 let (mut exp_avg, mut exp_avg_sq) = (fresh(&mut state.exp_avg), fresh(&mut state.exp_avg_sq));
                 let mut max = c.amsgrad.then(|| fresh(&mut state.max_exp_avg_sq));
@@ -541,13 +536,24 @@ fn sgd(c: &OptimizerConfig, h: Hyper, p: &mut Tensor, grad: Tensor, state: &mut 
     add_(p, &grad, -h.lr)
 }
 
+/// Adam's step counter (`state["step"]`, a float32 tensor) moved on by one, and what the
+/// step takes from it as Python floats (`step_t.item()`, `beta ** step`,
+/// `bias_correction2 ** 0.5`, libm's pow): the step size and the square root of the second
+/// moment's bias correction. `h.momentum` is beta1.
+fn count_step(state: &mut ParamState, h: Hyper, beta2: f64) -> Result<(f64, f64)> {
+    let step_t = state.step.get_or_insert_with(|| Tensor::from(0f32));
+    let _ = step_t.f_add_scalar_(1i64)?;
+    let step = step_t.f_double_value(&[])?;
+    let (bias_correction1, bias_correction2) = (1.0 - h.momentum.powf(step), 1.0 - beta2.powf(step));
+    Ok((h.lr / bias_correction1, bias_correction2.powf(0.5)))
+}
+
 /// `torch.optim.Adam`'s `_single_tensor_adam` for one parameter (AdamW: decoupled decay).
 fn adam(c: &OptimizerConfig, h: Hyper, p: &mut Tensor, grad: Tensor, state: &mut ParamState) -> Result<()> {
     let (beta1, beta2) = (h.momentum, c.betas.1);
-    let step_t = state.step.get_or_insert_with(|| Tensor::from(0f32));
+    let (step_size, bias_correction2_sqrt) = count_step(state, h, beta2)?;
     let exp_avg = state.exp_avg.get_or_insert_with(|| p.zeros_like());
     let exp_avg_sq = state.exp_avg_sq.get_or_insert_with(|| p.zeros_like());
-    let _ = step_t.f_add_scalar_(1i64)?;
     let mut grad = grad;
     if c.weight_decay != 0.0 {
         if c.kind == OptimizerKind::Adamw {
@@ -559,12 +565,6 @@ fn adam(c: &OptimizerConfig, h: Hyper, p: &mut Tensor, grad: Tensor, state: &mut
     let _ = exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
     let _ = exp_avg_sq.f_mul_scalar_(beta2)?;
     addcmul_(exp_avg_sq, &grad, &grad, 1.0 - beta2)?;
-    // Python floats: `step_t.item()`, `beta ** step`, `bias_correction2 ** 0.5` (libm's pow).
-    let step = step_t.f_double_value(&[])?;
-    let bias_correction1 = 1.0 - beta1.powf(step);
-    let bias_correction2 = 1.0 - beta2.powf(step);
-    let step_size = h.lr / bias_correction1;
-    let bias_correction2_sqrt = bias_correction2.powf(0.5);
     let second = if c.amsgrad {
         let max = state.max_exp_avg_sq.get_or_insert_with(|| p.zeros_like());
         let _ = max.f_maximum_out(max, exp_avg_sq)?;
