@@ -150,7 +150,7 @@ def sample_result(bench, started: str, cpu: str = "Intel(R) Xeon(R) CPU @ 2.20GH
     runs = sample_runs(bench)
     m = {"cpu": cpu, "logical_cpus": 4, "usable_cpus": 2, "cpu_capability": "AVX2", "torch": "2.11.0",
          "onnxruntime": "1.32.0", "libtorch_rust": "2.11.0", "threads": 2, "device": "cpu", "load_average_at_start": 0.1}
-    prov = {**m, "machine": bench.machine_slug(cpu, 2), "date": started[:10], "started_utc": started,
+    prov = {**m, "machine": bench.machine_slug(cpu, m["cpu_capability"], 2), "date": started[:10], "started_utc": started,
             "git_commit": "0123456789abcdef", "git_dirty": False, "lenet5": "0.1.0", "command": "scripts/bench"}
     settings = {"quick": quick, "reps": 2, "reps_time_to_99": 2, "reps_startup": 2}
     return {"format": "lenet5-bench-results", "format_version": 2, "provenance": prov, "settings": settings,
@@ -159,11 +159,14 @@ def sample_result(bench, started: str, cpu: str = "Intel(R) Xeon(R) CPU @ 2.20GH
             "peak": bench.peak_summary(runs["peak"]["direct"])}
 
 
-def test_the_machine_is_named_by_cpu_model_and_cores(bench):
-    assert bench.machine_slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", 2) == "intel-xeon-platinum-8481c-2c"
-    assert bench.machine_slug("AMD EPYC 7B13", 2) == "amd-epyc-7b13-2c"
-    assert bench.machine_slug("AMD EPYC 9B45 128-Core Processor", 4) == "amd-epyc-9b45-4c"
-    assert bench.machine_slug("Intel(R) Xeon(R) CPU @ 2.20GHz", 2, "NVIDIA H100 80GB HBM3") == "intel-xeon-2c-nvidia-h100-80gb"
+def test_the_machine_is_named_by_cpu_model_vectors_and_cores(bench):
+    slug = bench.machine_slug
+    assert slug("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "AVX512", 2) == "intel-xeon-platinum-8481c-avx512-2c"
+    assert slug("AMD EPYC 7B13", "AVX2", 2) == "amd-epyc-7b13-avx2-2c"
+    assert slug("AMD EPYC 9B45 128-Core Processor", "AVX512", 4) == "amd-epyc-9b45-avx512-4c"
+    assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz", "AVX2", 2, "NVIDIA H100 80GB HBM3") == "intel-xeon-avx2-2c-nvidia-h100-80gb"
+    # Two VMs that name their CPU only "AMD EPYC", a Zen 3 and a Zen 4, on one day: two files.
+    assert slug("AMD EPYC", "AVX2", 2) != slug("AMD EPYC", "AVX512", 2)
 
 
 def test_the_tables_come_from_the_newest_file_with_ratios_against_the_best_peer(bench, tmp_path):
@@ -173,18 +176,18 @@ def test_the_tables_come_from_the_newest_file_with_ratios_against_the_best_peer(
     for result in (newer, older):
         bench.write_results(tmp_path, result["provenance"], result["settings"], result["rows"], result["stages_median_us"],
                             result["peak"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["amd-epyc-7b13-2c-2026-01-02.json", "intel-xeon-2c-2026-03-04.json"]
-    assert bench.newest_results(tmp_path) == tmp_path / "intel-xeon-2c-2026-03-04.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["amd-epyc-7b13-avx2-2c-2026-01-02.json", "intel-xeon-avx2-2c-2026-03-04.json"]
+    assert bench.newest_results(tmp_path) == tmp_path / "intel-xeon-avx2-2c-2026-03-04.json"
 
     page = README
     text = f"# front\n\nbefore\n\n{bench.TABLE_BEGIN}\nold table\n{bench.TABLE_END}\n\nafter\n"
     got = bench.render_page(page, text, tmp_path)
     assert got.startswith("# front\n\nbefore\n\n") and got.endswith("\n\nafter\n") and "old table" not in got
     table = got.split(bench.TABLE_BEGIN)[1].split(bench.TABLE_END)[0]
-    assert "**intel-xeon-2c**" in table and "2026-03-04" in table and "commit `0123456789`" in table
+    assert "**intel-xeon-avx2-2c**" in table and "2026-03-04" in table and "commit `0123456789`" in table
     assert "Intel(R) Xeon(R) CPU @ 2.20GHz" in table and "amd" not in table
     # Links relative to the page: the results file, and the page with every row.
-    assert f"]({os.path.relpath(tmp_path / 'intel-xeon-2c-2026-03-04.json', ROOT)})" in table and "](docs/speed.md)" in table
+    assert f"]({os.path.relpath(tmp_path / 'intel-xeon-avx2-2c-2026-03-04.json', ROOT)})" in table and "](docs/speed.md)" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(bench.SUMMARY_ROWS)
     # Training images/s: Rust 31,500 (the median of 30,000 and 33,000) against the best peer,
@@ -239,7 +242,7 @@ def test_a_results_file_says_where_and_from_what_it_came(bench, tmp_path):
          "libtorch_rust": "2.11.0", "threads": 2, "device": "cpu", "load_average_at_start": 0.1}
     started = bench.datetime.datetime(2026, 3, 4, 10, 0, tzinfo=bench.datetime.UTC)
     prov = bench.provenance(m, fake, started)
-    assert prov["machine"] == "amd-epyc-7b13-2c" and prov["date"] == "2026-03-04"
+    assert prov["machine"] == "amd-epyc-7b13-avx2-2c" and prov["date"] == "2026-03-04"
     assert prov["started_utc"] == "2026-03-04T10:00:00+00:00" and prov["finished_utc"] > prov["started_utc"]
     assert prov["lenet5"] == "9.8.7" and prov["torch"] == "2.11.0" and prov["command"].startswith("scripts/bench")
     assert prov["cpu"] == "AMD EPYC 7B13" and prov["usable_cpus"] == 2 and prov["threads"] == 2
