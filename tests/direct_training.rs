@@ -120,3 +120,31 @@ fn what_the_direct_engine_cannot_do_is_refused_with_the_flag_to_change() {
         "{err}"
     );
 }
+
+/// The direct engine borrows libtorch's threads while a model runs on it, and every model
+/// gives them back, in whichever order they go: switching back to libtorch or dropping the
+/// model restores libtorch's count, and a second model made meanwhile still gets every thread.
+#[test]
+fn libtorchs_threads_come_back_when_the_last_direct_model_lets_go() {
+    use lenet5::direct::LentThreads;
+    use lenet5::inference::Model;
+    let _turn = TRAINING.lock().unwrap();
+    tch::set_num_threads(2);
+    let model = |engine: Engine| {
+        let vs = VarStore::new(Device::Cpu);
+        let net = LeNet5::new(&vs.root(), ModelConfig { arch: Arch::Modern, head: Head::Softmax });
+        Model::native(vs, net, None).with_engine(engine).unwrap()
+    };
+    let mut first = model(Engine::Direct);
+    assert_eq!(tch::get_num_threads(), 1, "lent to the direct engine");
+    assert_eq!(LentThreads::available(), 2, "what the engine may use while libtorch has lent them");
+    let second = model(Engine::Direct);
+    first.set_engine(Engine::Direct).unwrap(); // again: no second loan
+    drop(first);
+    assert_eq!(tch::get_num_threads(), 1, "the second model still holds them");
+    drop(second);
+    assert_eq!(tch::get_num_threads(), 2, "the last one gave them back");
+    let mut switched = model(Engine::Direct);
+    switched.set_engine(Engine::Libtorch).unwrap();
+    assert_eq!(tch::get_num_threads(), 2, "back to libtorch, libtorch's threads back");
+}

@@ -26,6 +26,7 @@ pub use gradients::{DirectTraining, Step};
 pub use lanes::instruction_set;
 use lanes::*;
 use layers::*;
+pub use team::LentThreads;
 
 const SIDE: usize = INPUT_SIZE as usize;
 const KERNEL: usize = 5;

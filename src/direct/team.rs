@@ -132,6 +132,46 @@ unsafe extern "C" fn member<S: Send, R: Send>(team: *mut c_void) {
     }
 }
 
+/// libtorch's intra-op threads, lent to the direct engine while any holder lives and given
+/// back when the last one is dropped. The engine's passes run on OpenMP's team all the same;
+/// libtorch's own ops between them (a training step's loss bookkeeping, the optimizer's square
+/// root) are small, and on one thread they skip the team's start and barriers. Counted, so that
+/// two models lending at once, dropped in either order, give back the count from before the
+/// first, and an engine made while they are lent still gets every thread ([`Self::available`]).
+pub struct LentThreads(());
+
+/// How many holders there are, and libtorch's thread count before the first.
+static LENT: Mutex<(usize, i32)> = Mutex::new((0, 0));
+
+impl LentThreads {
+    pub fn lend() -> LentThreads {
+        let mut lent = LENT.lock().unwrap_or_else(|e| e.into_inner());
+        if lent.0 == 0 {
+            lent.1 = tch::get_num_threads();
+            tch::set_num_threads(1);
+        }
+        lent.0 += 1;
+        LentThreads(())
+    }
+
+    /// The threads the direct engine may split a batch across: libtorch's count, or what it
+    /// was before it was lent.
+    pub fn available() -> usize {
+        let lent = LENT.lock().unwrap_or_else(|e| e.into_inner());
+        (if lent.0 > 0 { lent.1 } else { tch::get_num_threads() }).max(1) as usize
+    }
+}
+
+impl Drop for LentThreads {
+    fn drop(&mut self) {
+        let mut lent = LENT.lock().unwrap_or_else(|e| e.into_inner());
+        lent.0 -= 1;
+        if lent.0 == 0 {
+            tch::set_num_threads(lent.1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;

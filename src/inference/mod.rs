@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tch::nn::{Module, VarStore};
 use tch::{CModule, Device, Tensor};
 
-use crate::direct::DirectNet;
+use crate::direct::{DirectNet, LentThreads};
 use crate::formats::card::ModelCard;
 use crate::formats::weights::{detect, first_line, load_state_dict, read_tensors, Format, KeyMap};
 use crate::model::{Arch, Head, LeNet5, ModelConfig};
@@ -33,8 +33,9 @@ crate::named_values!(Engine { Libtorch => "libtorch", Direct => "direct" });
 #[expect(clippy::large_enum_variant, reason = "one per model, moved rarely: a box would buy nothing")]
 enum Runner {
     /// Our LeNet-5; `direct` holds its weights in the direct engine's layouts while that
-    /// engine runs it (a Model's weights do not change after loading).
-    Native { vs: VarStore, net: LeNet5, direct: Option<DirectNet> },
+    /// engine runs it (a Model's weights do not change after loading), and libtorch's threads
+    /// lent to it.
+    Native { vs: VarStore, net: LeNet5, direct: Option<(DirectNet, LentThreads)> },
     /// A TorchScript module, run as it is.
     Script(CModule),
 }
@@ -54,7 +55,8 @@ pub struct Model {
 pub struct NativeParts {
     pub vs: VarStore,
     pub net: LeNet5,
-    pub direct: Option<DirectNet>,
+    /// The direct engine, and libtorch's threads lent to it until it is dropped.
+    pub direct: Option<(DirectNet, LentThreads)>,
 }
 
 impl Model {
@@ -130,14 +132,9 @@ impl Model {
                         format!("runs on the CPU, and {name} is on {:?}", vs.device())
                     ));
                 }
-                // The direct engine takes libtorch's threads for itself (it runs on OpenMP's
-                // team all the same); libtorch's few small ops between its passes run on one.
-                let threads = match direct {
-                    Some(d) => d.threads(),
-                    None => tch::get_num_threads() as usize,
-                };
-                *direct = Some(DirectNet::new(vs, net.config, threads)?);
-                tch::set_num_threads(1);
+                if direct.is_none() {
+                    *direct = Some((DirectNet::new(vs, net.config, LentThreads::available())?, LentThreads::lend()));
+                }
             }
         }
         Ok(())
@@ -146,7 +143,7 @@ impl Model {
     /// Logits `(B, 10)` for a normalised batch `(B, 1, 32, 32)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match &self.runner {
-            Runner::Native { direct: Some(direct), .. } => direct.forward(xs),
+            Runner::Native { direct: Some((direct, _)), .. } => direct.forward(xs),
             Runner::Native { net, .. } => Ok(net.forward(xs)),
             Runner::Script(module) => module
                 .forward_ts(&[xs])

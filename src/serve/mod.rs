@@ -30,7 +30,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::data::handwriting::{self, Gray, Prepared};
 use crate::data::{self, DatasetKind, Normalization};
-use crate::direct::DirectNet;
+use crate::direct::{DirectNet, LentThreads};
 use crate::explain::conv::{self, Matrix, Preset};
 use crate::inference::{Engine, LoadOptions, Model, NativeParts};
 use crate::model::{Head, LeNet5, INPUT_SIZE};
@@ -125,6 +125,8 @@ struct TestImages {
 /// Everything the handlers read: the model, its card and the test set. Shared, never changed.
 pub struct App {
     direct: DirectNet,
+    /// libtorch's threads, lent to `direct` while the server runs.
+    _lent: LentThreads,
     head: Head,
     torch: Mutex<TorchModel>,
     card: Value,
@@ -156,7 +158,7 @@ impl App {
         let norm = card.as_ref().map(|c| c.input.normalization).unwrap_or_else(|| dataset.normalization());
         let classes = card.as_ref().map(|c| c.classes.clone()).unwrap_or_else(|| dataset.class_names());
         let test = TestImages::load(&classifier, dataset, config.data.as_deref(), norm).map_err(|e| format!("{e:#}"));
-        let Some(NativeParts { vs, net, direct: Some(direct) }) = classifier.into_parts() else {
+        let Some(NativeParts { vs, net, direct: Some((direct, lent)) }) = classifier.into_parts() else {
             anyhow::bail!("{}: serve runs LeNet-5 weights in the direct engine", config.model.display());
         };
         // A model without a card is described by the card `export` would write for it.
@@ -173,6 +175,7 @@ impl App {
         Ok(App {
             head: net.config.head,
             direct,
+            _lent: lent,
             torch: Mutex::new(TorchModel { _vs: vs, net }),
             card: serde_json::to_value(card).context("the card as JSON")?,
             filters,

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::check_setting;
 use crate::data::{Dataset, Splits};
-use crate::direct::DirectTraining;
+use crate::direct::{DirectTraining, LentThreads};
 use crate::inference::evaluate::{evaluate, Metrics};
 use crate::inference::Engine;
 use crate::model::{Head, LeNet5, ModelConfig};
@@ -379,27 +379,6 @@ impl Gradients<'_> {
     }
 }
 
-/// libtorch's intra-op threads, lent to the direct engine for a run and given back when it
-/// ends. The engine's passes run on OpenMP's team all the same (`direct/team.rs`); libtorch's
-/// own ops between them (the loss's bookkeeping, the optimizer's square root) are small, and
-/// on one thread they skip the team's start and barriers, which made the fast recipe's
-/// command quicker.
-struct LentThreads(i32);
-
-impl LentThreads {
-    fn lend() -> LentThreads {
-        let threads = tch::get_num_threads();
-        tch::set_num_threads(1);
-        LentThreads(threads)
-    }
-}
-
-impl Drop for LentThreads {
-    fn drop(&mut self) {
-        tch::set_num_threads(self.0);
-    }
-}
-
 /// What drives one training run, besides the model and the data.
 pub struct Trainer<'a> {
     pub config: &'a TrainConfig,
@@ -489,7 +468,7 @@ impl Trainer<'_> {
                 }
                 opt.flatten()?;
                 let config = ModelConfig { head: self.head, ..model.config };
-                let direct = DirectTraining::new(vs, config, tch::get_num_threads() as usize)?;
+                let direct = DirectTraining::new(vs, config, LentThreads::available())?;
                 (Gradients::Direct(direct), Some(LentThreads::lend()))
             }
         };
