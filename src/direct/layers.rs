@@ -2,12 +2,17 @@
 //! subsampling and activations, and the dense layers, on the layouts of [`Weights`].
 
 use super::*;
-/// C1 maps computed together, so each input vector loaded serves two of them.
+/// C1 maps computed together eight floats wide: in conv1's backward pass, and its forward
+/// pass in AVX2.
 pub(super) const C1_GROUP: usize = 2;
 
 /// C1 before its activation, into `maps` (every value written): each output row accumulates
 /// 25 shifted input rows, 32 wide. (Into a place rather than returned: the training pass
-/// keeps C1, and a returned 21 KB array was copied there.)
+/// keeps C1, and a returned 21 KB array was copied there.) Each input vector loaded serves
+/// several maps, enough of them for 12 running sums: an FMA's result is ready about four
+/// cycles after it starts, and a core starts two a cycle, so fewer than eight independent
+/// sums leave its FMA units idle (AVX-512 rows are two vectors: all six maps at once; AVX2's
+/// four: two maps, as 16 registers allow).
 #[inline(always)]
 pub(super) fn conv1<L: Lanes>(
     w: &Weights,
@@ -16,9 +21,13 @@ pub(super) fn conv1<L: Lanes>(
 ) {
     const MOST: usize = C1_WIDE / LANES; // vectors per row, at the narrowest lanes
     let vectors = C1_WIDE / L::WIDTH;
-    for c0 in (0..C1_MAPS).step_by(C1_GROUP) {
+    let group = if vectors <= 2 { C1_MAPS } else { C1_GROUP };
+    for c0 in (0..C1_MAPS).step_by(group) {
         for y in 0..C1_SIDE {
-            let mut acc: [[L; MOST]; C1_GROUP] = std::array::from_fn(|g| [L::splat(w.conv1_bias[c0 + g]); MOST]);
+            let mut acc = [[L::splat(0.0); MOST]; C1_MAPS];
+            for (g, a) in acc[..group].iter_mut().enumerate() {
+                *a = [L::splat(w.conv1_bias[c0 + g]); MOST];
+            }
             for ky in 0..KERNEL {
                 let input = &image[y + ky];
                 for kx in 0..KERNEL {
@@ -29,7 +38,7 @@ pub(super) fn conv1<L: Lanes>(
                             L::splat(0.0)
                         }
                     });
-                    for (g, a) in acc.iter_mut().enumerate() {
+                    for (g, a) in acc[..group].iter_mut().enumerate() {
                         let k = L::splat(w.conv1[c0 + g][ky][kx]);
                         for (a, &x) in a[..vectors].iter_mut().zip(&xs) {
                             *a = a.mul_add(k, x);
@@ -37,7 +46,7 @@ pub(super) fn conv1<L: Lanes>(
                     }
                 }
             }
-            for (g, a) in acc.into_iter().enumerate() {
+            for (g, a) in acc[..group].iter().enumerate() {
                 for (j, a) in a[..vectors].iter().enumerate() {
                     a.store(&mut maps[c0 + g][y][j * L::WIDTH..]);
                 }
