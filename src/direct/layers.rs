@@ -9,10 +9,10 @@ pub(super) const C1_GROUP: usize = 2;
 /// C1 before its activation, into `maps` (every value written): each output row accumulates
 /// 25 shifted input rows, 32 wide. (Into a place rather than returned: the training pass
 /// keeps C1, and a returned 21 KB array was copied there.) Each input vector loaded serves
-/// several maps, enough of them for 12 running sums: an FMA's result is ready about four
-/// cycles after it starts, and a core starts two a cycle, so fewer than eight independent
-/// sums leave its FMA units idle (AVX-512 rows are two vectors: all six maps at once; AVX2's
-/// four: two maps, as 16 registers allow).
+/// several maps, for at least eight running sums: an FMA's result is ready about four cycles
+/// after it starts, and a core starts two a cycle, so fewer independent sums leave its FMA
+/// units idle. AVX-512 rows are two vectors: all six maps at once, 12 sums; AVX2's are four:
+/// two maps, 8 sums, as its 16 registers allow.
 #[inline(always)]
 pub(super) fn conv1<L: Lanes>(
     w: &Weights,
