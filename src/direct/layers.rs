@@ -7,52 +7,97 @@ use super::*;
 pub(super) const C1_GROUP: usize = 2;
 
 /// C1 before its activation, into `maps` (every value written): each output row accumulates
-/// 25 shifted input rows, 32 wide. (Into a place rather than returned: the training pass
-/// keeps C1, and a returned 21 KB array was copied there.) Each input vector loaded serves
-/// several maps, for at least eight running sums: an FMA's result is ready about four cycles
-/// after it starts, and a core starts two a cycle, so fewer independent sums leave its FMA
-/// units idle. AVX-512 rows are two vectors: all six maps at once, 12 sums; AVX2's are four:
-/// two maps, 8 sums, as its 16 registers allow.
+/// 25 shifted input rows, 32 wide ([`conv1_row`]). (Into a place rather than returned: the
+/// training pass keeps C1, and a returned 21 KB array was copied there.)
 #[inline(always)]
 pub(super) fn conv1<L: Lanes>(
     w: &Weights,
     image: &[[f32; IMAGE_WIDE]; SIDE],
     maps: &mut Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
 ) {
-    const MOST: usize = C1_WIDE / LANES; // vectors per row, at the narrowest lanes
-    let vectors = C1_WIDE / L::WIDTH;
-    let group = if vectors <= 2 { C1_MAPS } else { C1_GROUP };
+    let group = conv1_group::<L>();
     for c0 in (0..C1_MAPS).step_by(group) {
         for y in 0..C1_SIDE {
-            let mut acc = [[L::splat(0.0); MOST]; C1_MAPS];
-            for (g, a) in acc[..group].iter_mut().enumerate() {
-                *a = [L::splat(w.conv1_bias[c0 + g]); MOST];
-            }
-            for ky in 0..KERNEL {
-                let input = &image[y + ky];
-                for kx in 0..KERNEL {
-                    let xs: [L; MOST] = std::array::from_fn(|j| {
-                        if j < vectors {
-                            L::load(&input[kx + j * L::WIDTH..])
-                        } else {
-                            L::splat(0.0)
-                        }
-                    });
-                    for (g, a) in acc[..group].iter_mut().enumerate() {
-                        let k = L::splat(w.conv1[c0 + g][ky][kx]);
-                        for (a, &x) in a[..vectors].iter_mut().zip(&xs) {
-                            *a = a.mul_add(k, x);
-                        }
-                    }
-                }
-            }
-            for (g, a) in acc[..group].iter().enumerate() {
-                for (j, a) in a[..vectors].iter().enumerate() {
+            for (g, a) in conv1_row::<L>(w, image, c0, y)[..group].iter().enumerate() {
+                for (j, a) in a[..C1_WIDE / L::WIDTH].iter().enumerate() {
                     a.store(&mut maps[c0 + g][y][j * L::WIDTH..]);
                 }
             }
         }
     }
+}
+
+/// S2 of the modern variant straight from C1's rows in lanes, for inference (training keeps
+/// C1 for its backward pass): rows `2y` and `2y + 1` of each map max-pooled and ReLU'd as
+/// [`max_pool_c1`] does them from [`conv1`]'s maps, the same values, without C1's 21 KB
+/// stored and read back.
+#[inline(always)]
+pub(super) fn conv1_max_pooled<L: Lanes>(
+    w: &Weights,
+    image: &[[f32; IMAGE_WIDE]; SIDE],
+    s2: &mut Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+) {
+    let group = conv1_group::<L>();
+    for c0 in (0..C1_MAPS).step_by(group) {
+        for y in 0..S2_SIDE {
+            let (top, bottom) = (conv1_row::<L>(w, image, c0, 2 * y), conv1_row::<L>(w, image, c0, 2 * y + 1));
+            for (g, (top, bottom)) in top.iter().zip(&bottom).take(group).enumerate() {
+                let mut row = [0f32; C1_WIDE / 2];
+                for (p, row) in row.chunks_exact_mut(L::WIDTH).enumerate() {
+                    let pair = |k: usize| top[2 * p + k].max_keeping_nan(bottom[2 * p + k]);
+                    let (evens, odds) = L::deinterleave(pair(0), pair(1));
+                    evens.max_keeping_nan(odds).max_keeping_nan(L::splat(0.0)).store(row);
+                }
+                s2[c0 + g][y].copy_from_slice(&row[..S2_SIDE]);
+            }
+        }
+    }
+}
+
+/// How many C1 maps [`conv1_row`] computes at once: each input vector loaded serves several
+/// maps, for at least eight running sums, since an FMA's result is ready about four cycles
+/// after it starts and a core starts two a cycle, so fewer independent sums leave its FMA
+/// units idle. AVX-512 rows are two vectors: all six maps at once, 12 sums; AVX2's are four:
+/// [`C1_GROUP`] maps, 8 sums, as its 16 registers allow.
+#[inline(always)]
+fn conv1_group<L: Lanes>() -> usize {
+    if C1_WIDE / L::WIDTH <= 2 {
+        C1_MAPS
+    } else {
+        C1_GROUP
+    }
+}
+
+/// Row `y` of C1 maps `c0..c0 + conv1_group()` before the activation, in lanes (the first
+/// `C1_WIDE / L::WIDTH` vectors of each). Every output sums its bias and 25 products in the
+/// same order, whatever the lanes.
+#[inline(always)]
+fn conv1_row<L: Lanes>(
+    w: &Weights,
+    image: &[[f32; IMAGE_WIDE]; SIDE],
+    c0: usize,
+    y: usize,
+) -> [[L; C1_WIDE / LANES]; C1_MAPS] {
+    const MOST: usize = C1_WIDE / LANES; // vectors per row, at the narrowest lanes
+    let (vectors, group) = (C1_WIDE / L::WIDTH, conv1_group::<L>());
+    let mut acc = [[L::splat(0.0); MOST]; C1_MAPS];
+    for (g, a) in acc[..group].iter_mut().enumerate() {
+        *a = [L::splat(w.conv1_bias[c0 + g]); MOST];
+    }
+    for ky in 0..KERNEL {
+        let input = &image[y + ky];
+        for kx in 0..KERNEL {
+            let xs: [L; MOST] =
+                array_of(|j| if j < vectors { L::load(&input[kx + j * L::WIDTH..]) } else { L::splat(0.0) });
+            for (g, a) in acc[..group].iter_mut().enumerate() {
+                let k = L::splat(w.conv1[c0 + g][ky][kx]);
+                for (a, &x) in a[..vectors].iter_mut().zip(&xs) {
+                    *a = a.mul_add(k, x);
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// Row `y` of C3 before its activation, with full connections, for maps `half..half +

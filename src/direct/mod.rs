@@ -320,12 +320,14 @@ impl DirectNet {
     fn image<L: Lanes>(&self, image: &[[f32; IMAGE_WIDE]; SIDE]) -> [f32; CLASSES_WIDE] {
         let w = &*self.weights;
         let arch = self.config.arch;
-        let mut c1 = [[[0.0; C1_WIDE]; C1_SIDE]; C1_MAPS];
-        conv1::<L>(w, image, &mut c1);
         let mut s2 = [[[0.0; S2_SIDE]; S2_SIDE]; C1_MAPS];
         match arch {
-            Arch::Modern => max_pool_c1::<L>(&c1, &mut s2),
-            Arch::Classic => subsample(arch, &mut c1, &mut s2),
+            Arch::Modern => conv1_max_pooled::<L>(w, image, &mut s2),
+            Arch::Classic => {
+                let mut c1 = [[[0.0; C1_WIDE]; C1_SIDE]; C1_MAPS];
+                conv1::<L>(w, image, &mut c1);
+                subsample(arch, &mut c1, &mut s2);
+            }
         }
         let mut s4 = [[[0.0; S4_SIDE]; S4_SIDE]; C3_MAPS];
         match arch {
@@ -448,13 +450,15 @@ mod tests {
     }
 
     /// S2 from `c1` and S4 from `s2` in the modern variant, as the lanes compute them
-    /// ([`max_pool_c1`], [`conv2_max_pooled`]) and as [`subsample`] does one value at a time.
+    /// ([`max_pool_c1`], [`conv2_max_pooled`]) and as [`subsample`] does one value at a time;
+    /// and S2 from `image`, fused ([`conv1_max_pooled`]) and not.
     #[inline(always)]
     fn pooled_both_ways<L: Lanes>(
         w: &Weights,
         c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
         s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
-    ) -> [[Vec<u32>; 2]; 2] {
+        image: &[[f32; IMAGE_WIDE]; SIDE],
+    ) -> [[Vec<u32>; 2]; 3] {
         let mut pooled_c1 = [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS];
         max_pool_c1::<L>(c1, &mut pooled_c1);
         let (mut s4, mut c3) = ([[[0f32; S4_SIDE]; S4_SIDE]; C3_MAPS], [[[0f32; C3_SIDE]; C3_SIDE]; C3_MAPS]);
@@ -463,7 +467,15 @@ mod tests {
         let (mut s2_loop, mut s4_loop) = ([[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS], [[[0f32; S4_SIDE]; S4_SIDE]; C3_MAPS]);
         subsample(Arch::Modern, &mut c1.clone(), &mut s2_loop);
         subsample(Arch::Modern, &mut c3, &mut s4_loop);
-        [[canonical(&pooled_c1), canonical(&s2_loop)], [canonical(&s4), canonical(&s4_loop)]]
+        let (mut fused, mut c1_of_image, mut s2_of_c1) = ([[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS], c1.clone(), *s2);
+        conv1_max_pooled::<L>(w, image, &mut fused);
+        conv1::<L>(w, image, &mut c1_of_image);
+        max_pool_c1::<L>(&c1_of_image, &mut s2_of_c1);
+        [
+            [canonical(&pooled_c1), canonical(&s2_loop)],
+            [canonical(&s4), canonical(&s4_loop)],
+            [canonical(&fused), canonical(&s2_of_c1)],
+        ]
     }
 
     #[test]
@@ -477,40 +489,51 @@ mod tests {
         draw(s2.as_flattened_mut().as_flattened_mut(), &[0.0, 1.0, 2.0, 1.0, 0.0, 3.0], 2);
         s2[2][7][3] = f32::NAN; // the C3 positions (3..=7, 0..=3) read it, in every map
         let mut w = Weights::zeroed();
-        let [_, _, conv2, bias, ..] = w.arrays_mut();
+        let [conv1, conv1_bias, conv2, bias, ..] = w.arrays_mut();
         draw(conv2, &[-1.0, 0.0, 1.0], 3);
         draw(bias, &[-2.0, 0.0, 1.0], 4);
-        let check = |lanes: &str, [s2, s4]: [[Vec<u32>; 2]; 2]| {
+        // conv1 the same way, on a small-integer image with a NaN pixel (read by C1 rows 8..=12).
+        draw(conv1, &[-1.0, 0.0, 1.0], 5);
+        draw(conv1_bias, &[-1.0, 0.0, 0.5], 6);
+        let mut image = Box::new([[0f32; IMAGE_WIDE]; SIDE]);
+        for (y, row) in image.iter_mut().enumerate() {
+            draw(&mut row[..SIDE], &[0.0, 1.0, -1.0, 2.0], 7 + y as u32);
+        }
+        image[12][9] = f32::NAN;
+        let check = |lanes: &str, [s2, s4, fused]: [[Vec<u32>; 2]; 3]| {
             assert!(s2[0] == s2[1], "{lanes}: S2 is not the loop's maxima");
             assert!(s4[0] == s4[1], "{lanes}: S4 is not the loop's maxima");
+            assert!(fused[0] == fused[1], "{lanes}: S2 fused with conv1 is not S2 of conv1's maps");
         };
-        check("portable lanes", pooled_both_ways::<Portable>(&w, &c1, &s2));
+        check("portable lanes", pooled_both_ways::<Portable>(&w, &c1, &s2, &image));
         #[cfg(target_arch = "x86_64")]
         {
-            type Pooled = [[Vec<u32>; 2]; 2];
+            type Pooled = [[Vec<u32>; 2]; 3];
             #[target_feature(enable = "avx2,fma")]
             unsafe fn in_avx2(
                 w: &Weights,
                 c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
                 s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+                image: &[[f32; IMAGE_WIDE]; SIDE],
             ) -> Pooled {
-                pooled_both_ways::<avx2::Avx2>(w, c1, s2)
+                pooled_both_ways::<avx2::Avx2>(w, c1, s2, image)
             }
             #[target_feature(enable = "avx512f,avx2,fma")]
             unsafe fn in_avx512(
                 w: &Weights,
                 c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>,
                 s2: &Maps<C1_MAPS, S2_SIDE, S2_SIDE>,
+                image: &[[f32; IMAGE_WIDE]; SIDE],
             ) -> Pooled {
-                pooled_both_ways::<avx512::Avx512>(w, c1, s2)
+                pooled_both_ways::<avx512::Avx512>(w, c1, s2, image)
             }
             if has_avx2() {
                 // SAFETY: the CPU has AVX2 and FMA.
-                check("AVX2", unsafe { in_avx2(&w, &c1, &s2) });
+                check("AVX2", unsafe { in_avx2(&w, &c1, &s2, &image) });
             }
             if has_avx512() {
                 // SAFETY: the CPU has AVX-512.
-                check("AVX-512", unsafe { in_avx512(&w, &c1, &s2) });
+                check("AVX-512", unsafe { in_avx512(&w, &c1, &s2, &image) });
             }
         }
     }
