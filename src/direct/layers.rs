@@ -18,9 +18,10 @@ pub(super) fn conv1<L: Lanes>(
     let group = conv1_group::<L>();
     for c0 in (0..C1_MAPS).step_by(group) {
         for y in 0..C1_SIDE {
-            for (g, a) in conv1_row::<L>(w, image, c0, y)[..group].iter().enumerate() {
+            let rows = conv1_row::<L>(w, image, c0, y);
+            for (map, a) in maps[c0..c0 + group].iter_mut().zip(&rows) {
                 for (j, a) in a[..C1_WIDE / L::WIDTH].iter().enumerate() {
-                    a.store(&mut maps[c0 + g][y][j * L::WIDTH..]);
+                    a.store(&mut map[y][j * L::WIDTH..]);
                 }
             }
         }
@@ -41,14 +42,14 @@ pub(super) fn conv1_max_pooled<L: Lanes>(
     for c0 in (0..C1_MAPS).step_by(group) {
         for y in 0..S2_SIDE {
             let (top, bottom) = (conv1_row::<L>(w, image, c0, 2 * y), conv1_row::<L>(w, image, c0, 2 * y + 1));
-            for (g, (top, bottom)) in top.iter().zip(&bottom).take(group).enumerate() {
+            for (out, (top, bottom)) in s2[c0..c0 + group].iter_mut().zip(top.iter().zip(&bottom)) {
                 let mut row = [0f32; C1_WIDE / 2];
                 for (p, row) in row.chunks_exact_mut(L::WIDTH).enumerate() {
                     let pair = |k: usize| top[2 * p + k].max_keeping_nan(bottom[2 * p + k]);
                     let (evens, odds) = L::deinterleave(pair(0), pair(1));
                     evens.max_keeping_nan(odds).max_keeping_nan(L::splat(0.0)).store(row);
                 }
-                s2[c0 + g][y].copy_from_slice(&row[..S2_SIDE]);
+                out[y].copy_from_slice(&row[..S2_SIDE]);
             }
         }
     }
