@@ -43,13 +43,7 @@ pub(super) fn conv1_max_pooled<L: Lanes>(
         for y in 0..S2_SIDE {
             let (top, bottom) = (conv1_row::<L>(w, image, c0, 2 * y), conv1_row::<L>(w, image, c0, 2 * y + 1));
             for (out, (top, bottom)) in s2[c0..c0 + group].iter_mut().zip(top.iter().zip(&bottom)) {
-                let mut row = [0f32; C1_WIDE / 2];
-                for (p, row) in row.chunks_exact_mut(L::WIDTH).enumerate() {
-                    let pair = |k: usize| top[2 * p + k].max_keeping_nan(bottom[2 * p + k]);
-                    let (evens, odds) = L::deinterleave(pair(0), pair(1));
-                    evens.max_keeping_nan(odds).max_keeping_nan(L::splat(0.0)).store(row);
-                }
-                out[y].copy_from_slice(&row[..S2_SIDE]);
+                pooled_row::<L>(|v| top[v].max_keeping_nan(bottom[v]), &mut out[y]);
             }
         }
     }
@@ -189,18 +183,22 @@ pub(super) fn conv2_max_pooled<L: Lanes>(
 pub(super) fn max_pool_c1<L: Lanes>(c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &mut Maps<C1_MAPS, S2_SIDE, S2_SIDE>) {
     for (out, map) in s2.iter_mut().zip(c1) {
         for (y, out) in out.iter_mut().enumerate() {
-            let mut row = [0f32; C1_WIDE / 2];
-            for (p, row) in row.chunks_exact_mut(L::WIDTH).enumerate() {
-                let pair = |k: usize| {
-                    let at = (2 * p + k) * L::WIDTH;
-                    L::load(&map[2 * y][at..]).max_keeping_nan(L::load(&map[2 * y + 1][at..]))
-                };
-                let (evens, odds) = L::deinterleave(pair(0), pair(1));
-                evens.max_keeping_nan(odds).max_keeping_nan(L::splat(0.0)).store(row);
-            }
-            out.copy_from_slice(&row[..S2_SIDE]);
+            let at = |v: usize| v * L::WIDTH;
+            pooled_row::<L>(|v| L::load(&map[2 * y][at(v)..]).max_keeping_nan(L::load(&map[2 * y + 1][at(v)..])), out);
         }
     }
+}
+
+/// An S2 row into `out` from `vertical(v)`, vector `v` of the larger of two C1 rows: each
+/// pair of columns' maximum by deinterleaving, then ReLU.
+#[inline(always)]
+fn pooled_row<L: Lanes>(vertical: impl Fn(usize) -> L, out: &mut [f32; S2_SIDE]) {
+    let mut row = [0f32; C1_WIDE / 2];
+    for (p, row) in row.chunks_exact_mut(L::WIDTH).enumerate() {
+        let (evens, odds) = L::deinterleave(vertical(2 * p), vertical(2 * p + 1));
+        evens.max_keeping_nan(odds).max_keeping_nan(L::splat(0.0)).store(row);
+    }
+    out.copy_from_slice(&row[..S2_SIDE]);
 }
 
 /// The activation and 2x2 subsampling of S2 and S4, from the first `2 S` columns of each
