@@ -183,8 +183,8 @@ pub(super) fn conv2_max_pooled<L: Lanes>(
 pub(super) fn max_pool_c1<L: Lanes>(c1: &Maps<C1_MAPS, C1_SIDE, C1_WIDE>, s2: &mut Maps<C1_MAPS, S2_SIDE, S2_SIDE>) {
     for (out, map) in s2.iter_mut().zip(c1) {
         for (y, out) in out.iter_mut().enumerate() {
-            let at = |v: usize| v * L::WIDTH;
-            pooled_row::<L>(|v| L::load(&map[2 * y][at(v)..]).max_keeping_nan(L::load(&map[2 * y + 1][at(v)..])), out);
+            let (top, bottom) = (&map[2 * y], &map[2 * y + 1]);
+            pooled_row::<L>(|v| L::load(&top[v * L::WIDTH..]).max_keeping_nan(L::load(&bottom[v * L::WIDTH..])), out);
         }
     }
 }

@@ -467,7 +467,8 @@ mod tests {
         let (mut s2_loop, mut s4_loop) = ([[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS], [[[0f32; S4_SIDE]; S4_SIDE]; C3_MAPS]);
         subsample(Arch::Modern, &mut c1.clone(), &mut s2_loop);
         subsample(Arch::Modern, &mut c3, &mut s4_loop);
-        let (mut fused, mut c1_of_image, mut s2_of_c1) = ([[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS], *c1, *s2);
+        let (mut fused, mut s2_of_c1) = ([[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS], [[[0f32; S2_SIDE]; S2_SIDE]; C1_MAPS]);
+        let mut c1_of_image = [[[0f32; C1_WIDE]; C1_SIDE]; C1_MAPS];
         conv1_max_pooled::<L>(w, image, &mut fused);
         conv1::<L>(w, image, &mut c1_of_image);
         max_pool_c1::<L>(&c1_of_image, &mut s2_of_c1);
