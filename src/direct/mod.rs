@@ -304,22 +304,19 @@ impl DirectNet {
         self.run_with::<avx512::Avx512>(pixels, logits)
     }
 
-    /// Each image's logits, with the variant chosen once outside the loop over images rather
-    /// than in it: chosen inside, the classic variant's set-up (address tables for its
-    /// gathers, hoisted to before the loop) ran on every call, a tenth of one image's time.
+    /// Each image's logits, the variant chosen once, outside [`DirectNet::each_image`]'s loop
+    /// over images: chosen inside, the classic variant's set-up (address tables for its
+    /// gathers, hoisted to before the loop) ran on every call, a tenth of one image's time in
+    /// the modern variant.
     #[inline(always)]
     fn run_with<L: Lanes>(&self, pixels: &[f32], logits: &mut [f32]) {
-        // Each arm's loop sees its variant as a constant.
         match self.config.arch {
             Arch::Modern => self.each_image::<L>(Arch::Modern, pixels, logits),
             Arch::Classic => self.each_image::<L>(Arch::Classic, pixels, logits),
         }
     }
 
-    /// Each image's logits in variant `arch`. [`DirectNet::run_with`] chooses the variant
-    /// outside this loop rather than in it: chosen inside, the classic variant's set-up
-    /// (address tables for its gathers, hoisted to before the loop) ran on every call, a
-    /// tenth of one image's time in the modern variant.
+    /// Each image's logits in variant `arch`, a constant in each of `run_with`'s arms.
     #[inline(always)]
     fn each_image<L: Lanes>(&self, arch: Arch, pixels: &[f32], logits: &mut [f32]) {
         let mut image = [[0f32; IMAGE_WIDE]; SIDE];
